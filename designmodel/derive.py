@@ -80,8 +80,13 @@ class Derivation:
         return st.P not in self.mean.free_symbols
 
     def one_line(self) -> str:
-        """The mean update in one line of plain text."""
-        return f"S_t = {_plain(self.mean)}"
+        """The mean update in one line of plain text (the Kalman family by its named steps)."""
+        if self.family != "kalman":
+            return f"S_t = {_plain(self.mean)}"
+        defs = "; ".join(f"{_plain(s.symbol)} = {_plain(s.expr)}" for s in self.steps
+                         if s.symbol not in (S_NEW, P_NEW, Y, VAR))
+        new = next(s for s in self.steps if s.symbol == S_NEW)
+        return f"S_t = {_plain(new.expr)}  [{defs}]"
 
     def to_markdown(self) -> str:
         """The derivation as Markdown with LaTeX."""
@@ -245,7 +250,10 @@ def recognize_sigmoid(gain, logit) -> sp.Expr:
 
 
 def _plain(expr) -> str:
-    return str(expr).replace("**", "^")
+    text = str(expr).replace("**", "^")
+    for tex, plain in ((r"\bar{S}_t", "S^-_t"), (r"\bar{P}_t", "P^-_t"), (r"\beta_t", "beta_t")):
+        text = text.replace(tex, plain)
+    return text
 
 
 __all__ = ["derive", "Derivation", "Step", "reset_gain", "gain_logit", "recognize_sigmoid",

@@ -9,7 +9,6 @@ explicit sympy Matrix at a concrete (K, V), which is how proofs and numeric chec
 from __future__ import annotations
 
 import sympy as sp
-from sympy.matrices.expressions.diagonal import DiagMatrix
 
 K, V = sp.symbols("K V", integer=True, positive=True)
 
@@ -48,8 +47,22 @@ class PerKey(sp.MatrixExpr):
         return "[%s]_key" % printer._print(self.expr)
 
 
-class Diag(DiagMatrix):
-    """diag(x) of a K-vector x."""
+class Diag(sp.MatrixExpr):
+    """diag(x) of a K-vector x (symmetric, so its own transpose)."""
+
+    def __new__(cls, vector):
+        return sp.Basic.__new__(cls, vector)
+
+    @property
+    def shape(self):
+        n = self.args[0].shape[0]
+        return (n, n)
+
+    def _entry(self, i, j, **kwargs):
+        return sp.KroneckerDelta(i, j) * self.args[0]._entry(i, 0)
+
+    def _eval_transpose(self):
+        return self
 
     def _latex(self, printer):
         return r"\operatorname{diag}\left(%s\right)" % printer._print(self.args[0])
@@ -72,7 +85,7 @@ class QuadraticForm(sp.Expr):
 
     def _sympystr(self, printer):
         x, m, y = (printer._print(a) for a in self.args)
-        return f"{x}'{m}{y}" if self.args[1] != sp.Identity(K) else f"{x}'{y}"
+        return f"{x}'({m}){y}" if self.args[1] != sp.Identity(K) else f"{x}'{y}"
 
     def evaluate(self):
         """(x^T M y)[0, 0] once x, M, y are explicit."""
@@ -85,9 +98,14 @@ def per_key_symbols(expr):
     return [s for s in expr.free_symbols if isinstance(s, Input) and s.per == "key"]
 
 
-def indexed(x, i) -> sp.Symbol:
-    """The m-th entry of a per-key input, as a plain symbol named like `g[m]`."""
-    return sp.Symbol(f"{x.name}[{i}]", **x.assumptions0)
+def indexed(x, i) -> sp.Indexed:
+    """The m-th entry of a per-key input, `g[m]` (an Indexed, so symbolic sums can expand it)."""
+    return sp.IndexedBase(x.name, **_base_assumptions(x))[i]
+
+
+def _base_assumptions(x) -> dict:
+    keep = ("real", "positive", "nonnegative", "nonpositive")
+    return {a: v for a, v in x.assumptions0.items() if a in keep and v}
 
 
 def per_key(expr, n=K):
@@ -113,7 +131,7 @@ def explicit(expr, values: dict, key_dim: int, value_dim: int):
     """
     sized = {b: b.subs({K: key_dim, V: value_dim}) for b in BASE}
     e = sp.sympify(expr).subs({K: key_dim, V: value_dim})
-    e = e.xreplace({sized[b]: sp.ImmutableMatrix(m) for b, m in values.items() if b in sized})
+    e = e.xreplace({sized[b]: sp.ImmutableMatrix(m) for b, m in values.items() if b in sized and m is not None})
     e = e.replace(lambda n: isinstance(n, QuadraticForm), lambda n: n.evaluate())
     if isinstance(e, sp.MatrixExpr) or isinstance(e, sp.MatrixBase):
         e = sp.Matrix(e.as_explicit())

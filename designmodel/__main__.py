@@ -1,0 +1,6 @@
+"""`python -m designmodel ...` runs the command line."""
+import sys
+
+from designmodel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Command line: designmodel derive | zoo | check.
+
+Every user error (a bad spec, a missing file) is printed as one line `error: part: problem`
+with exit status 2, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from designmodel.spec import SpecError
+
+
+def _parse_filter(text: str | None):
+    """`exact`, `reset` or `reset:C` (C a number) from the command line."""
+    from designmodel.spec import reset
+    if text is None:
+        return None
+    if text.startswith("reset:"):
+        try:
+            return reset(float(text.split(":", 1)[1]))
+        except ValueError:
+            raise SpecError("filter", f"reset:C takes a number, got {text!r}") from None
+    return text
+
+
+def cmd_derive(args) -> int:
+    """Print the derivation as Markdown, with its sympy proofs on request."""
+    from designmodel.derive import derive
+    d = derive(args.spec, filter=_parse_filter(args.filter))
+    text = d.to_markdown()
+    if args.prove:
+        from designmodel.proofs import applicable
+        text += "\n## Proofs (sympy)\n\n" + "\n".join(f"- {p}" for p in applicable(d)) + "\n"
+    if args.save:
+        from designmodel.specfile import save
+        save(d.spec, args.save)
+    print(text, end="")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    """List the zoo with each model's update, and draw the relation graph."""
+    from designmodel import zoo
+    from designmodel.derive import derive
+    from designmodel.graph import relation_svg, relation_text
+    for name in zoo.NAMES:
+        d = derive(name)
+        print(f"{name:20s} {d.structure.one_line()}")
+        print(f"{'':20s} {d.one_line()}")
+    print()
+    print(relation_text(zoo.relations()))
+    if args.graph:
+        from designmodel.atomic import write_text
+        write_text(args.graph, relation_svg(zoo.relations()))
+        print(f"\nwrote {args.graph}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Derive, prove, and check the float64 references (and kernels where available)."""
+    from designmodel.check import check
+    rows = check(args.spec, seed=args.seed)
+    width = max(len(r[0]) for r in rows)
+    for what, ok, detail in rows:
+        print(f"{what:{width}s}  {'pass' if ok else ('FAIL' if ok is False else 'skip')}  {detail}")
+    return 0 if all(ok is not False for _, ok, _ in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `designmodel` command."""
+    p = argparse.ArgumentParser(prog="designmodel", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("derive", help="derive a spec's filter and print it as Markdown")
+    d.add_argument("spec", help="a zoo name, a .py file defining `model`, or a .toml spec")
+    d.add_argument("--filter", help="exact, reset, or reset:C (default: the spec's own)")
+    d.add_argument("--prove", action="store_true", help="append the sympy proofs that apply")
+    d.add_argument("--save", metavar="FILE.toml", help="also save the spec as TOML")
+    d.set_defaults(func=cmd_derive)
+    z = sub.add_parser("zoo", help="list the built-in models and how they relate")
+    z.add_argument("--graph", metavar="FILE.svg", help="also draw the relation graph as SVG")
+    z.set_defaults(func=cmd_zoo)
+    c = sub.add_parser("check", help="derive, prove and check a spec numerically")
+    c.add_argument("spec")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the `designmodel` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
