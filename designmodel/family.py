@@ -45,9 +45,10 @@ class Structure:
 
     def mean_signature(self) -> tuple:
         """What decides the mean update's form; two models with equal signatures are the same
-        layer up to the parameterization of their per-token scalars."""
+        layer up to the parameterization of their per-token scalars (reading out the variance
+        as well does not change the layer)."""
         noise = self.process_noise if self.family == "kalman" else None
-        return (self.family, self.decay, noise, self.timing, self.variance)
+        return (self.family, self.decay, noise, self.timing)
 
 
 def classify(spec: DesignModel) -> Structure:

@@ -96,7 +96,14 @@ def Constant(name: str, per: str = "head", domain: str = "real") -> Input:
     return Input(name, per=per, domain=domain, per_token=False)
 
 
-class sigmoid(sp.Function):
+class _Elementary(sp.Function):
+    """A function defined by its exp form, which is also how sympy evaluates it numerically."""
+
+    def _eval_evalf(self, prec):
+        return self.rewrite(sp.exp)._eval_evalf(prec)
+
+
+class sigmoid(_Elementary):
     """The logistic function 1 / (1 + exp(-x))."""
 
     def fdiff(self, argindex=1):
@@ -112,7 +119,7 @@ class sigmoid(sp.Function):
         return r"\sigma\left(%s\right)" % printer._print(self.args[0])
 
 
-class softplus(sp.Function):
+class softplus(_Elementary):
     """log(1 + exp(x))."""
 
     def fdiff(self, argindex=1):
@@ -125,7 +132,7 @@ class softplus(sp.Function):
         return self.args[0].is_real
 
 
-class logsigmoid(sp.Function):
+class logsigmoid(_Elementary):
     """log(sigmoid(x)) = -softplus(-x), the usual gate parameterization (always <= 0)."""
 
     def fdiff(self, argindex=1):
