@@ -1,0 +1,1 @@
+"""Kernels emitted by designmodel for the zoo (committed, reproducible)."""
