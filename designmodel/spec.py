@@ -18,6 +18,7 @@ sympy traceback.
 """
 from __future__ import annotations
 
+import keyword
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +70,10 @@ class Input(sp.Symbol):
     """
 
     def __new__(cls, name: str, per: str = "head", domain: str = "real", per_token: bool = True):
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise SpecError("inputs", f"input name {name!r} is not an identifier")
+        if name in FUNCTIONS or name.startswith("__") or name == "state":
+            raise SpecError("inputs", f"input name {name!r} is reserved (a function or the state)")
         if per not in PER:
             raise SpecError("inputs", f"input {name}: per must be one of {PER}, got {per!r}")
         if domain not in DOMAINS:
@@ -185,11 +188,17 @@ def _bounds_or_error(part: str, what: str, expr: sp.Expr) -> Bounds:
         return bounds(expr)
     except ValueError as err:
         raise SpecError(part, f"{what} {expr}: {err}") from None
+    except TypeError:  # sympy could not order the ends (numbers too extreme to compare)
+        raise SpecError(part, f"{what} {expr}: its range cannot be decided") from None
 
 
 def _require(part: str, what: str, expr: sp.Expr, ok, wanted: str) -> None:
     b = _bounds_or_error(part, what, expr)
-    if not ok(b):
+    try:
+        good = bool(ok(b))
+    except TypeError:  # sympy could not order the ends (numbers too extreme to compare)
+        raise SpecError(part, f"{what} {expr}: its range cannot be decided") from None
+    if not good:
         used = ", ".join(f"{s.name} in {s.bounds}" for s in inputs_of(expr)) or "constant"
         raise SpecError(part, f"{what} {expr} must be {wanted}, but can be anywhere in {b} "
                               f"(inputs: {used})")
@@ -268,8 +277,9 @@ class Transition:
     map: Any = None
 
     def __post_init__(self):
-        if self.map is not None:
+        if self.map is not None:  # keep only the decay the map defines: equal maps, equal specs
             object.__setattr__(self, "decay", _decay_of_map(self.map))
+            object.__setattr__(self, "map", None)
         object.__setattr__(self, "decay", _sympify("transition", self.decay))
         if not (isinstance(self.noise, str) and self.noise == "stationary"):
             object.__setattr__(self, "noise", _sympify("transition", self.noise))
@@ -401,6 +411,14 @@ class DesignModel:
     description: str = ""
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError("spec", f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.description, str):
+            raise SpecError("spec", f"description must be a string, got {self.description!r}")
+        for dim in ("key_dim", "value_dim"):
+            n = getattr(self, dim)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise SpecError("spec", f"{dim} must be a positive integer, got {n!r}")
         for part, value, kinds in (("prior", self.prior, Prior), ("transition", self.transition, Transition),
                                    ("observation", self.observation, (Write, Regression)),
                                    ("readout", self.readout, Readout)):
@@ -438,6 +456,11 @@ class DesignModel:
         self._validate_filter()
 
     def _validate_symbols(self):
+        names = [s.name for s in self.inputs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SpecError("inputs", f"two different inputs are named {', '.join(twice)}: "
+                                      "an input has one layout and one domain")
         _check_symbols("transition", self.transition.decay)
         if not isinstance(self.transition.noise, str):
             _check_symbols("transition", self.transition.noise)
@@ -478,9 +501,9 @@ class DesignModel:
             if m.free_symbols:
                 raise SpecError("prior", "an explicit full covariance must be numeric; "
                                          "pass a name for one supplied at run time")
-            if m != m.T:
+            if any(m[i, j] - m[j, i] != 0 for i in range(m.rows) for j in range(i)):
                 raise SpecError("prior", "full covariance is not symmetric")
-            if not m.is_positive_semidefinite:
+            if not _positive_semidefinite(m):
                 raise SpecError("prior", "full covariance is not positive semidefinite")
         if self.transition.noise == "stationary" and cov.kind != "isotropic":
             raise SpecError("transition", "stationary noise p0 (I - F F^T) needs an isotropic prior")
@@ -525,6 +548,14 @@ class DesignModel:
                                           "(the innovation variance c|k|^2 + r must stay > 0)")
             _require("filter", "innovation variance c + r", sp.simplify(c + self.observation.noise),
                      lambda b: b.positive, "> 0")
+
+
+def _positive_semidefinite(m: sp.MatrixBase) -> bool:
+    """Eigenvalues >= 0, up to float64 rounding (an exact check is far too slow at K = 128)."""
+    import torch
+    a = torch.tensor([[float(x) for x in m.row(i)] for i in range(m.rows)], dtype=torch.float64)
+    eig = torch.linalg.eigvalsh(a)
+    return bool(eig.min() >= -1e-12 * max(1.0, float(eig.abs().max())))
 
 
 def _covariance_exprs(cov: Covariance) -> list[sp.Expr]:

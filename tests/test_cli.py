@@ -58,3 +58,11 @@ def test_module_entry_point_unknown_spec_exits_2():
     p = subprocess.run([sys.executable, "-m", "designmodel", "derive", "no_such_model"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: spec:")
+
+
+def test_derive_toml_spec_like_a_python_spec(tmp_path, capsys):
+    toml = tmp_path / "gdn.toml"
+    assert main(["derive", "gated_deltanet", "--save", str(toml)]) == 0
+    first = capsys.readouterr().out
+    assert main(["derive", str(toml)]) == 0
+    assert capsys.readouterr().out == first

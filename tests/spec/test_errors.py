@@ -169,3 +169,47 @@ def test_cli_prints_one_line_error_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: transition:") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_two_inputs_with_one_name():
+    with raises("inputs", "two different inputs are named g"):
+        DesignModel(transition=Transition(decay=exp(g)),
+                    observation=Regression(noise=Input("g", domain="positive")))
+
+
+def test_reserved_and_invalid_input_names():
+    for name in ("exp", "sigmoid", "__class__", "state"):
+        with raises("inputs", "reserved"):
+            Input(name)
+    with raises("inputs", "not an identifier"):
+        Input("lambda")
+
+
+def test_top_level_fields_are_checked():
+    with raises("spec", "key_dim must be a positive integer"):
+        DesignModel(key_dim="64")
+    with raises("spec", "value_dim must be a positive integer"):
+        DesignModel(value_dim=-3)
+    with raises("spec", "name"):
+        DesignModel(name=3)
+
+
+def test_numbers_too_extreme_to_order_are_refused_not_crashed():
+    with raises("transition", "cannot be decided"):
+        DesignModel(transition=Transition(decay=exp(sp.Integer(2) ** -4000)))
+
+
+def test_full_covariance_check_is_fast_at_real_key_sizes():
+    import time
+    a = sp.randMatrix(128, 128, min=-3, max=3, seed=1)
+    spd = a * a.T + sp.eye(128)
+    t = time.perf_counter()
+    DesignModel(prior=Prior(covariance=full(spd)), key_dim=128, observation=Regression(noise=1))
+    assert time.perf_counter() - t < 20
+    with raises("prior", "not positive semidefinite"):
+        DesignModel(prior=Prior(covariance=full(spd - 1000 * sp.eye(128))), observation=Regression(noise=1))
+
+
+def test_float_and_rational_entries_are_symmetric():
+    m = sp.Matrix([[2, sp.Rational(1, 2)], [0.5, 1]])
+    DesignModel(prior=Prior(covariance=full(m)), observation=Regression(noise=1))
