@@ -118,8 +118,9 @@ class sigmoid(_Elementary):
     def _eval_is_positive(self):
         return self.args[0].is_real
 
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\sigma\left(%s\right)" % printer._print(self.args[0])
+        return tex if exp is None else f"{tex}^{{{exp}}}"
 
 
 class softplus(_Elementary):

@@ -66,3 +66,11 @@ def test_derive_toml_spec_like_a_python_spec(tmp_path, capsys):
     first = capsys.readouterr().out
     assert main(["derive", str(toml)]) == 0
     assert capsys.readouterr().out == first
+
+
+def test_markdown_prints_powers_of_the_custom_functions():
+    from designmodel.spec import DesignModel, Input, Readout, Regression, Transition, sigmoid
+    x = Input("x")
+    d = derive(DesignModel("sig", transition=Transition(decay=sigmoid(x), noise=0.1),
+                           observation=Regression(noise=1), readout=Readout(variance=True)))
+    assert r"\sigma\left(x\right)^{2}" in d.to_markdown()
