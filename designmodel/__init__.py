@@ -9,3 +9,4 @@ if (_root / "codegen" / "__init__.py").is_file() and str(_root) not in __path__:
     __path__.append(str(_root))
 
 __version__ = "0.1.0"
+from designmodel.codegen.compiler import compile  # noqa: E402,F401,A001  (designmodel.compile)

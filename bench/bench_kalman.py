@@ -1,0 +1,275 @@
+"""Forward of the Bayesian Layer kernels (kalman family): correctness, stress and speed (GPU).
+
+    python bench/bench_kalman.py                 # checks, stress grid, timings, a table last
+    python bench/bench_kalman.py --quick         # first shape only, fewer checks
+
+(1) Correctness: ours (fp32 and bf16 inputs) against the float64 step-by-step filter
+(designmodel.reference.recurrent, on the CPU) for rls, bayesian_layer, bayesian_layer_diag,
+with variance, initial state and final state. (2) Stress: alpha in {0.01, 1}, r in {1e-4, 1e2},
+sigma in {0, 1}, keys normalized or not; T = 65536 with no decay and r = 1e-4: no NaN or inf.
+(3) Speed, in one run, at the BENCH.md shapes (bf16, keys L2-normalized, g = logsigmoid(x + 4)):
+ours against fla 0.6.0's chunk_gated_delta_rule forward and against `kalman_chunked` below, a
+plain-PyTorch chunked version of the same filter in fp32 (MATH.md 6.3), timed with
+triton.testing.do_bench(return_mode='median') after a warm-up call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def kalman_chunked(q, k, v, g, r, sigma, p0=1.0, scale=None, S0=None, P0=None, chunk=64,
+                   output_variance=False):
+    """(o [B, T, H, V], S [B, H, K, V], P [B, H, K, K], var [B, T, H] or None), float32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    f = torch.float32
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v = (x.to(f).transpose(1, 2) for x in (q, k, v))               # [B, H, T, D]
+    q = q * scale
+    per_key = g is not None and g.dim() == 4
+    if g is None:
+        g = torch.zeros(B, T, H, device=dev)
+    g = g.to(f).transpose(1, 2)                                         # [B, H, T(, K)]
+    r = r.to(f).transpose(1, 2)
+    sigma = torch.zeros_like(r) if sigma is None else sigma.to(f).transpose(1, 2)
+    S = torch.zeros(B, H, K, V, device=dev, dtype=f) if S0 is None else S0.to(f).clone()
+    if P0 is None:
+        P = p0 * torch.eye(K, device=dev, dtype=f).expand(B, H, K, K).clone()
+    else:
+        P = P0.to(f).clone()
+    o = torch.empty(B, H, T, V, device=dev, dtype=f)
+    var = torch.empty(B, H, T, device=dev, dtype=f) if output_variance else None
+    eye = torch.eye(K, device=dev, dtype=f)
+    for s in range(0, T, chunk):
+        e_ = slice(s, min(s + chunk, T))
+        C = e_.stop - s
+        Q, Kc, Vc, rc, sc = q[:, :, e_], k[:, :, e_], v[:, :, e_], r[:, :, e_], sigma[:, :, e_]
+        gc = g[:, :, e_].cumsum(2)
+        if not per_key:
+            gc = gc[..., None]                                          # [B, H, C, 1]
+        low = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+        diff = gc[:, :, :, None] - gc[:, :, None, :]                    # [B, H, C, C, 1|K]
+        Gam = diff.masked_fill(~low[..., None], float("-inf")).exp()     # ratios <= 1
+        # e_t = sum_{j<=t} Gamma_tj^2 sigma_j
+        e = ((Gam * Gam) * sc[:, :, None, :, None]).sum(3)             # [B, H, C, 1|K]
+        a = gc.exp()
+        Kh, Qh = Kc * a, Q * a
+        # (K K^T) o C, C_tj = Gamma_tj e_j (t >= j), symmetric
+        lowm = torch.einsum("bhtm,bhjm,bhtjm->bhtj", Kc, Kc * e, Gam)
+        KC = lowm + lowm.mT - torch.diag_embed(lowm.diagonal(dim1=-2, dim2=-1))
+        KhP = Kh @ P
+        S_in = KhP @ Kh.mT + KC + torch.diag_embed(rc)
+        Lc = torch.linalg.cholesky(S_in)
+        d = Lc.diagonal(dim1=-2, dim2=-1)
+        L, D = Lc / d[..., None, :], d * d
+        U = a * KhP + e * Kc                                            # [B, H, C, K]
+        A = torch.einsum("bhtm,bhjm,bhtjm->bhtj", Q, U, Gam)            # Gamma o (Q U^T), tril
+        AL = torch.linalg.solve_triangular(L, A.mT, upper=False, unitriangular=True).mT
+        Bm = AL.tril() / D[..., None, :]
+        E = torch.linalg.solve_triangular(L, Vc - Kh @ S, upper=False, unitriangular=True)
+        o[:, :, e_] = Qh @ S + Bm @ E
+        if output_variance:
+            var[:, :, e_] = ((Qh @ P) * Qh).sum(-1) + (Q * Q * e).sum(-1) - (Bm * Bm * D[..., None, :]).sum(-1)
+        aC = a[:, :, -1]                                                # [B, H, 1|K]
+        Uh = U * (gc[:, :, -1:] - gc).exp()                             # rows Gamma_Ci u_i
+        Y = torch.linalg.solve_triangular(L, Uh, upper=False, unitriangular=True)
+        Z = Y / D[..., None]
+        S = aC[..., None] * S + Z.mT @ E
+        P = aC[..., :, None] * P * aC[..., None, :] + torch.diag_embed(e[:, :, -1].expand(B, H, K)) - Y.mT @ Z
+        P = 0.5 * (P + P.mT)
+    o = o.transpose(1, 2)
+    return o, S, P, None if var is None else var.transpose(1, 2)
+
+
+SHAPES = [(4, 4096, 16, 128), (8, 2048, 32, 64), (1, 16384, 16, 128), (2, 65536, 8, 128)]
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def draw(model, B, T, H, K, V, dev, seed=0, alpha=None, r=None, sigma=None, unit_keys=True):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+    if not unit_keys:
+        k = k * (0.25 + 4 * torch.rand(B, T, H, 1, generator=g))
+    v = torch.randn(B, T, H, V, generator=g)
+    gshape = (B, T, H, K) if model == "bayesian_layer_diag" else (B, T, H)
+    x = {}
+    x["r"] = torch.full((B, T, H), r) if r is not None else 0.05 + torch.rand(B, T, H, generator=g)
+    if model != "rls":
+        x["g"] = (torch.full(gshape, math.log(alpha)) if alpha is not None
+                  else F.logsigmoid(torch.randn(*gshape, generator=g) + 4))
+        x["sigma"] = torch.full((B, T, H), sigma) if sigma is not None else 0.1 * torch.rand(B, T, H, generator=g)
+    return [t.to(dev) for t in (q, k, v)], {n: t.to(dev) for n, t in x.items()}
+
+
+def ours(model, q, k, v, x, **kw):
+    from designmodel import ops
+    return getattr(ops, model)(q, k, v, **x, **kw)
+
+
+def check_correctness(dev, rows):
+    from dataclasses import replace
+    from designmodel.derive import derive
+    from designmodel.reference import recurrent
+    B, T, H, K, V = 1, 300, 2, 128, 64
+    for model in ("rls", "bayesian_layer", "bayesian_layer_diag"):
+        (q, k, v), x = draw(model, B, T, H, K, V, "cpu", seed=1)
+        gen = torch.Generator().manual_seed(2)
+        S0 = torch.randn(B, H, K, V, generator=gen)
+        a = torch.randn(B, H, K, K, generator=gen)
+        P0 = a @ a.mT / K + 0.5 * torch.eye(K)
+        d = derive(model)
+        d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows)
+            except Exception as e:  # reported, not fatal: the timings still run
+                rows.append(("check", model, str(dtype), False, repr(e)[:300]))
+                print(f"check {model} {dtype}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows):
+    from designmodel.reference import recurrent
+    if True:
+        if True:
+            qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+            ref = recurrent(d, qq.double() * K ** -0.5, kk.double(), vv.double(),
+                            {**{n: t.double() for n, t in x.items()}, "p0": torch.ones(H, dtype=torch.float64)},
+                            initial_state=S0.double(), initial_covariance=P0.double())
+            o, (S, P), var = ours(model, qq.to(dev), kk.to(dev), vv.to(dev), {n: t.to(dev) for n, t in x.items()},
+                                  initial_state=(S0.to(dev), P0.to(dev)), output_final_state=True, output_variance=True)
+            errs = dict(o=rel(o, ref.o), S=rel(S, ref.state), P=rel(P, ref.covariance), var=rel(var, ref.variance))
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            ok = all(e <= tol for e in errs.values())
+            rows.append(("check", model, str(dtype).split(".")[-1], ok, errs))
+            print(f"check {model:20s} {str(dtype):15s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+                  + ("  ok" if ok else f"  FAIL (> {tol})"), flush=True)
+
+
+def stress(dev, rows, long_T=65536):
+    B, T, H, K = 1, 1024, 4, 128
+    bad = []
+    n = 0
+    for alpha in (0.01, 1.0):
+        for r in (1e-4, 1e2):
+            for sigma in (0.0, 1.0):
+                for unit in (True, False):
+                    for model in ("bayesian_layer", "bayesian_layer_diag"):
+                        (q, k, v), x = draw(model, B, T, H, K, K, dev, seed=3, alpha=alpha, r=r, sigma=sigma, unit_keys=unit)
+                        q, k, v = (t.bfloat16() for t in (q, k, v))
+                        o, (S, P), var = ours(model, q, k, v, x, output_final_state=True, output_variance=True)
+                        n += 1
+                        if not all(torch.isfinite(t).all() for t in (o, S, P, var)):
+                            bad.append((model, alpha, r, sigma, unit))
+    (q, k, v), x = draw("rls", 1, long_T, 2, K, K, dev, seed=4, r=1e-4)
+    o, (S, P), var = ours("rls", q.bfloat16(), k.bfloat16(), v.bfloat16(), x, output_final_state=True, output_variance=True)
+    long_ok = all(torch.isfinite(t).all().item() for t in (o, S, P, var))
+    sym = ((P - P.mT).abs().max() / P.abs().max()).item()
+    rows.append(("stress", n, bad, long_ok, sym))
+    print(f"stress grid: {n} cases, non-finite in {bad or 'none'}; T={long_T} rls r=1e-4: "
+          f"{'finite' if long_ok else 'NON-FINITE'}, |P - P^T| / |P| = {sym:.1e}", flush=True)
+
+
+def bench(fn):
+    import triton
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, return_mode="median")
+
+
+def timings(shapes, rows, variants, with_torch=True):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    for si, (B, T, H, D) in enumerate(shapes):
+        (q, k, v), x = draw("bayesian_layer", B, T, H, D, D, "cuda", seed=5)
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+        beta = torch.sigmoid(torch.randn(B, T, H, device="cuda"))
+        t_fla = bench(lambda: chunk_gated_delta_rule(q, k, v, g=x["g"], beta=beta))
+        t_fla2 = bench(lambda: chunk_gated_delta_rule(q, k, v, g=x["g"], beta=beta))
+        res = {"fla_gdn": t_fla, "fla_gdn_again": t_fla2}
+        o_ref = None
+        if with_torch and si == 0:
+            o_ref = kalman_chunked(q, k, v, x["g"], x["r"], x["sigma"])[0]
+            res["torch_chunked"] = bench(lambda: kalman_chunked(q, k, v, x["g"], x["r"], x["sigma"]))
+        for name, (model, cfg) in variants.items():
+            xx = x
+            if model == "bayesian_layer_diag":
+                xx = {**x, "g": x["g"][..., None].expand(B, T, H, D).contiguous()}
+            elif model == "rls":
+                xx = {"r": x["r"]}
+            fn = lambda: ours(model, q, k, v, xx, check_domain=False, config=cfg)
+            try:
+                res[name] = bench(fn)
+                if o_ref is not None and model != "rls":
+                    res[name + "_err_vs_torch"] = rel(fn()[0], o_ref)
+            except Exception as e:  # a variant that fails to compile is reported, not fatal
+                print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(("time", (B, T, H, D), res))
+        print(f"time {(B, T, H, D)}: " + ", ".join(f"{n} {t:.3f}" for n, t in res.items()), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
+    args = ap.parse_args(argv)
+    import triton
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    rows = []
+    t0 = time.time()
+    check_correctness("cuda", rows)
+    print(f"[{time.time() - t0:.0f}s]", flush=True)
+    try:
+        stress("cuda", rows, long_T=65536)
+    except Exception as e:
+        print(f"stress: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"[{time.time() - t0:.0f}s]", flush=True)
+    variants = {
+        "ours_bl": ("bayesian_layer", None),
+        "ours_bl_w4": ("bayesian_layer", {"covariance": {"num_warps": 4}}),
+        "ours_bl_meantf32": ("bayesian_layer", {"mean": {"precision": "tf32"}}),
+        "ours_bl_ieee": ("bayesian_layer", {"covariance": {"precision": "ieee"}}),
+        "ours_diag": ("bayesian_layer_diag", None),
+        "ours_rls": ("rls", None),
+    }
+    timings(SHAPES[:1], rows, variants)
+    print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if not args.quick:
+        timings(SHAPES[1:], rows, {"ours_bl": variants["ours_bl"]}, with_torch=False)
+    with open(args.json, "w") as f:
+        json.dump(rows, f, default=str, indent=1)
+    print("\n| shape | what | ms | ours / fla_gdn | torch_chunked / ours |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if row[0] != "time":
+            continue
+        shape, res = row[1], row[2]
+        for n, t in res.items():
+            if n.endswith("_err_vs_torch"):
+                continue
+            ratio = f"{t / res['fla_gdn']:.2f}" if n.startswith("ours") else ""
+            tr = f"{res['torch_chunked'] / t:.1f}" if n.startswith("ours") and "torch_chunked" in res else ""
+            print(f"| {shape} | {n} | {t:.3f} | {ratio} | {tr} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

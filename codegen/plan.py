@@ -1,0 +1,353 @@
+"""From a derivation to kernel stages: what is computed per token, per chunk and per state.
+
+The planner reads the derivation's dataflow graph (`Derivation.dataflow`, networkx): a
+quantity that no path from the memory S_{t-1} reaches depends on the token alone and is
+computed *per token*, inline, by every kernel that needs it (the log-decay, the reset gain:
+a few flops from the inputs, cheaper to recompute than to store). Quantities that couple the
+tokens of one chunk but not the state are computed *per chunk* and stored (the reset
+family's W and U, the per-key intra-chunk attention A); the memory itself is carried *per
+state* by a sequential pass over chunks (MATH.md sections 6.1 and 6.2).
+
+The plan is plain data: the templates under templates/ branch on it, and it holds the
+per-token expressions already printed as Triton for each broadcasting context.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy as sp
+
+from designmodel import structure as st
+from designmodel.spec import inputs_of
+
+from .printer import triton_code
+
+CHUNK = 64        # tokens per chunk (BT)
+SUB_CHUNK = 16    # tokens per sub-chunk (BC): blocks of the triangular solve, per-key decay ratios
+
+# Names the kernels and launchers use themselves; a spec input may not take them. An input
+# is a kernel argument of its own name and a register block b_<name>, so names of kernel
+# locals (bos, boc), register stems (b_gc, b_k0, ...) and the prefixes of indices (i_),
+# offsets (o_), masks (m_), pointers (p_) and blocks (b_) are reserved too.
+RESERVED = frozenset({
+    "q", "k", "v", "o", "h", "w", "u", "A", "v_new", "h0", "ht", "T", "H", "K", "V", "N",
+    "B", "BT", "BC", "BK", "BV", "NT", "NS", "scale", "initial_state", "output_final_state",
+    "cu_seqlens", "chunk_indices", "chunk_offsets", "config", "check_domain", "tl", "triton",
+    "torch", "math", "os", "softplus", "logsigmoid", "bos", "boc", "vn", "ld", "glast", "kr",
+    "ks", "gs", "row", "col", "knorm2", "RCP_LN2", "CHUNK", "SUB_CHUNK", "FAMILY", "INPUTS",
+    "DOMAIN_TEXT", "forward", "check_inputs", "default_config", "prepare_chunks",
+    "HAS_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN",
+})
+_RESERVED_PATTERN = re.compile(r"^(_.*|[iomp]_.*|b_.*|(q|k|v|gc|gn|gain|kn|A|Aq|Ai|T)\d*)$")
+
+
+def reserved(name: str) -> bool:
+    """True when an input may not be called `name` (the kernels use it)."""
+    return name in RESERVED or bool(_RESERVED_PATTERN.match(name))
+
+FAMILIES = ("write", "reset", "kalman")
+
+
+class PlanError(ValueError):
+    """A derivation these kernels cannot implement."""
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """One input of the layer as the kernels read it."""
+
+    name: str
+    per: str          # "head" or "key"
+    per_token: bool
+    domain: str
+
+    @property
+    def shape(self) -> str:
+        """The tensor shape the op expects, in words."""
+        return {(True, "head"): "[B, T, H]", (True, "key"): "[B, T, H, K]",
+                (False, "head"): "[H]", (False, "key"): "[H, K]"}[(self.per_token, self.per)]
+
+    @property
+    def ndim(self) -> int:
+        return {(True, "head"): 3, (True, "key"): 4, (False, "head"): 1, (False, "key"): 2}[
+            (self.per_token, self.per)]
+
+    @property
+    def domain_check(self) -> str | None:
+        """A torch expression over `x` that is True where the input lies outside its domain."""
+        return {
+            "real": None,
+            "positive": "~(x > 0)",
+            "nonnegative": "~(x >= 0)",
+            "unit": "~((x > 0) & (x < 1))",
+            "logdecay": "~(x <= 0)",
+        }[self.domain]
+
+    @property
+    def pad_value(self) -> str:
+        """What a masked load reads past the end of a sequence: a point inside the domain, so
+        that the printed expressions stay finite on padding rows (they are masked anyway)."""
+        return {"real": "0.", "positive": "1.", "nonnegative": "1.", "unit": "0.5",
+                "logdecay": "-1."}[self.domain]
+
+    @property
+    def domain_text(self) -> str:
+        return {"real": "finite", "positive": "> 0", "nonnegative": ">= 0",
+                "unit": "in (0, 1)", "logdecay": "<= 0 (a log-decay)"}[self.domain]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A per-token scalar of the derivation, printed for each broadcasting context."""
+
+    name: str                 # "log_decay" or "gain"
+    expr: sp.Expr
+    inputs: tuple[str, ...]   # names of the inputs it reads
+    per_key: bool             # varies along the key dimension
+    uses_key_norm: bool       # reads |k_t|^2
+    code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK])
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One kernel of the forward pass."""
+
+    name: str
+    grid: str
+    stage: str        # "per chunk" or "per state"
+    computes: str
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the templates need to know about one design model."""
+
+    model: str
+    family: str                     # write or reset
+    decay: str                      # none, constant, scalar, per_key
+    timing: str                     # posterior (inclusive tril) or prior (strict)
+    unit_keys: bool
+    inputs: tuple[InputPlan, ...]   # every input the kernels read, sorted by name
+    log_decay: Quantity | None
+    gain: Quantity | None
+    per_token: tuple[str, ...]      # quantities computed inline, per token
+    per_chunk: tuple[str, ...]      # quantities stored once per chunk
+    per_state: tuple[str, ...]      # quantities carried across chunks
+    kernels: tuple[KernelPlan, ...]
+    chunk: int = CHUNK
+    sub_chunk: int = SUB_CHUNK
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    # kalman family only: observation noise r, process noise sigma, prior variance p0
+    noise: Quantity | None = None
+    process_noise: Quantity | None = None
+    prior: Quantity | None = None
+
+    @property
+    def has_decay(self) -> bool:
+        return self.decay != "none"
+
+    @property
+    def per_key_decay(self) -> bool:
+        return self.decay == "per_key"
+
+    @property
+    def inclusive(self) -> bool:
+        """Posterior readout: token t's own write is read (tril); prior: it is not (stril)."""
+        return self.timing == "posterior"
+
+    @property
+    def stores_attention(self) -> bool:
+        """The intra-chunk attention A is stored per chunk (per-key decay) rather than
+        recomputed by the output kernel from Q K^T."""
+        return self.per_key_decay
+
+    @property
+    def nsub(self) -> int:
+        return self.chunk // self.sub_chunk
+
+    def inputs_of(self, *quantities: str) -> tuple[InputPlan, ...]:
+        """The inputs read by the named per-token quantities, sorted by name."""
+        names = set()
+        for qname in quantities:
+            qty = getattr(self, qname)
+            if qty is not None:
+                names.update(qty.inputs)
+        return tuple(i for i in self.inputs if i.name in names)
+
+
+# --- building a plan ------------------------------------------------------------------------
+
+def _names(inputs, context: str, key_norm: str = "b_knorm2") -> dict:
+    """How each input symbol is read in a context: "rows" ([BT] blocks) or "rows_keys"
+    ([BT, BK] blocks, per-head inputs broadcast along the keys)."""
+    out = {st.KEY_NORM2: key_norm if context == "rows" else f"{key_norm}[:, None]"}
+    for s in inputs:
+        reg = f"b_{s.name}"
+        if context == "rows":
+            out[s] = reg
+        elif s.per == "key":
+            out[s] = reg if s.per_token else f"{reg}[None, :]"
+        else:
+            out[s] = f"{reg}[:, None]" if s.per_token else reg
+    return out
+
+
+def _quantity(name: str, expr) -> Quantity | None:
+    expr = sp.sympify(expr)
+    if name == "log_decay" and expr == 0:
+        return None
+    used = inputs_of(expr)
+    per_key = any(s.per == "key" for s in used)
+    code = {"rows_keys": triton_code(expr, _names(used, "rows_keys"))}
+    if not per_key:
+        code["rows"] = triton_code(expr, _names(used, "rows"))
+    return Quantity(name=name, expr=expr, inputs=tuple(s.name for s in used), per_key=per_key,
+                    uses_key_norm=st.KEY_NORM2 in expr.free_symbols, code=code)
+
+
+def token_quantities(derivation) -> list[str]:
+    """Dataflow nodes that depend on the token alone: no path from the memory reaches them."""
+    g = derivation.dataflow
+    state = str(st.S)
+    from_state = nx.descendants(g, state) | {state} if state in g else set()
+    return sorted(n for n, data in g.nodes(data=True)
+                  if data.get("scalar") and data.get("meaning") != "input" and n not in from_state)
+
+
+def plan(derivation) -> Plan:
+    """The kernel plan of a write- or reset-family derivation."""
+    s = derivation.structure
+    name = derivation.spec.name
+    if s.family == "kalman":
+        return plan_kalman(derivation)
+    if s.family not in FAMILIES:
+        raise PlanError(f"{name}: the {s.family} family has no chunked kernels here "
+                        f"(write and reset only)")
+    if s.variance:
+        raise PlanError(f"{name}: the predictive variance is not read out by the write/reset "
+                        "kernels; drop Readout(variance=True)")
+    used = inputs_of(derivation.scalars["log_decay"])
+    if s.family == "reset":
+        used += inputs_of(derivation.scalars["gain"])
+    inputs = sorted({i for i in used}, key=lambda i: i.name)
+    for i in inputs:
+        if reserved(i.name):
+            raise PlanError(f"{name}: input name {i.name!r} is reserved by the kernels; rename it")
+    log_decay = _quantity("log_decay", derivation.scalars["log_decay"])
+    gain = _quantity("gain", derivation.scalars["gain"]) if s.family == "reset" else None
+    if gain is not None and gain.per_key:
+        raise PlanError(f"{name}: the reset gain must be one number per head and token")
+
+    # What the dataflow says is per token; the template-level names of those quantities.
+    token_nodes = token_quantities(derivation)
+    per_token = ["log_decay"] if log_decay is not None else []
+    if gain is not None:
+        per_token.append("gain")
+    per_chunk, kernels = [], []
+    bh = "B * H"
+    if s.family == "reset":
+        per_chunk += ["W = T_ (K o a)", "U = T_ V"]
+        if s.decay == "per_key":
+            per_chunk.append("A = tril(Q K^T o Gamma)")
+        kernels.append(KernelPlan(
+            "chunk_reset_kernel", f"(NT, {bh})", "per chunk",
+            "T_ = (I + stril(diag(beta) (K K^T o Gamma)))^-1 diag(beta), W = T_ (K o a), U = T_ V"
+            + ("; A = tril(Q K^T o Gamma)" if s.decay == "per_key" else ""),
+            ("q", "k", "v", *[i.name for i in inputs]) if s.decay == "per_key" else ("k", "v", *[i.name for i in inputs]),
+            ("w", "u", "A") if s.decay == "per_key" else ("w", "u")))
+        kernels.append(KernelPlan(
+            "chunk_state_kernel", f"(NV, {bh})", "per state",
+            "V_n = U - W S; S' = a_C S + (K o (a_C / a))^T V_n",
+            ("k", "w", "u", *(log_decay.inputs if log_decay else ()), "h0"), ("h", "v_new", "ht")))
+    else:
+        if s.decay == "per_key":
+            per_chunk.append("A = tril(Q K^T o Gamma)")
+            kernels.append(KernelPlan(
+                "chunk_attention_kernel", f"(NT, {bh})", "per chunk",
+                "A = tril(Q K^T o Gamma), per-key decay ratios over sub-chunks",
+                ("q", "k", *log_decay.inputs), ("A",)))
+        kernels.append(KernelPlan(
+            "chunk_state_kernel", f"(NK * NV, {bh})", "per state",
+            "S' = a_C S + (K o (a_C / a))^T V",
+            ("k", "v", *(log_decay.inputs if log_decay else ()), "h0"), ("h", "ht")))
+    values = "v_new" if s.family == "reset" else "v"
+    kernels.append(KernelPlan(
+        "chunk_output_kernel", f"(NV, NT, {bh})", "per chunk",
+        f"O = (Q o a) S + tril(Q K^T o Gamma) {values}",
+        ("q", "k", values, "h", *(["A"] if s.decay == "per_key" else []),
+         *(log_decay.inputs if log_decay else ())), ("o",)))
+    notes = [f"dataflow nodes computed per token: {', '.join(token_nodes) or 'none'}"]
+    return Plan(model=name, family=s.family, decay=s.decay, timing=s.timing,
+                unit_keys=s.unit_keys, inputs=tuple(InputPlan(i.name, i.per, i.per_token, i.domain)
+                                                    for i in inputs),
+                log_decay=log_decay, gain=gain, per_token=tuple(per_token),
+                per_chunk=tuple(per_chunk), per_state=("S (the memory, [K, V] per head)",),
+                kernels=tuple(kernels), notes=tuple(notes))
+
+
+def plan_kalman(derivation) -> Plan:
+    """The kernel plan of a kalman-family derivation (MATH.md 6.3).
+
+    The covariance P is value-independent: one program per (sequence, head) carries it across
+    the chunks (the Riccati recursion) and stores, per chunk, everything the mean needs; the
+    mean then passes across chunks like the reset family's, reading out as it goes.
+    """
+    s = derivation.structure
+    name = derivation.spec.name
+    spec = derivation.spec
+    if spec.prior.covariance.kind != "isotropic":
+        raise PlanError(f"{name}: the kalman kernels take an isotropic prior p0 I (or an initial "
+                        f"covariance at run time), not a {spec.prior.covariance.kind} prior")
+    exprs = {"log_decay": derivation.scalars["log_decay"], "noise": derivation.scalars["noise"],
+             "process_noise": derivation.scalars["process_noise"],
+             "prior": spec.prior.covariance.value}
+    used = [i for e in exprs.values() for i in inputs_of(sp.sympify(e))]
+    inputs = sorted(set(used), key=lambda i: i.name)
+    for i in inputs:
+        if reserved(i.name):
+            raise PlanError(f"{name}: input name {i.name!r} is reserved by the kernels; rename it")
+    log_decay = _quantity("log_decay", exprs["log_decay"])
+    noise = _quantity("noise", exprs["noise"])
+    pnoise = _quantity("process_noise", exprs["process_noise"])
+    if pnoise is not None and pnoise.expr == 0:
+        pnoise = None
+    prior = _quantity("prior", exprs["prior"])
+    if noise.per_key:
+        raise PlanError(f"{name}: the observation noise r must be one number per head and token")
+    if any(i.per_token for i in inputs_of(sp.sympify(exprs["prior"]))) or prior.per_key:
+        raise PlanError(f"{name}: the prior variance p0 must be a constant per head")
+    per_key = s.decay == "per_key" or (pnoise is not None and pnoise.per_key)
+    per_token = [n for n, q in (("log_decay", log_decay), ("noise", noise),
+                                ("process_noise", pnoise)) if q is not None]
+    bh = "N * H"
+    kernels = (
+        KernelPlan("chunk_covariance_kernel", f"({bh})", "per state",
+                   "S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, "
+                   "Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; "
+                   "P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)",
+                   ("q", "k", "v", *[i.name for i in inputs], "P0"),
+                   ("w", "u", "z", "Bm", "var", "Pt")),
+        KernelPlan("chunk_mean_kernel", f"(NV, {bh})", "per state",
+                   "E = U_v - W S; O = (Q o a) S + B E; S' = a_C S + Z^T E",
+                   ("q", "w", "u", "z", "Bm", *(log_decay.inputs if log_decay else ()), "S0"),
+                   ("o", "St")),
+    )
+    notes = [f"dataflow nodes computed per token: {', '.join(token_quantities(derivation)) or 'none'}",
+             "decay and process noise per key: the decayed grams loop over the chunk's columns"
+             if per_key else "scalar decay: the decayed grams are matrix products times Gamma"]
+    return Plan(model=name, family="kalman", decay=s.decay, timing=s.timing, unit_keys=s.unit_keys,
+                inputs=tuple(InputPlan(i.name, i.per, i.per_token, i.domain) for i in inputs),
+                log_decay=log_decay, gain=None, per_token=tuple(per_token),
+                per_chunk=("W = L^-1 (K o a)", "U_v = L^-1 V", "Z = D^-1 L^-1 U^",
+                           "B = tril(A L^-T) D^-1"),
+                per_state=("P (the covariance, [K, K] per head; sequential, value-independent)",
+                           "S (the mean, [K, V] per head)"),
+                kernels=kernels, notes=tuple(notes), noise=noise, process_noise=pnoise, prior=prior)
+
+
+__all__ = ["Plan", "InputPlan", "Quantity", "KernelPlan", "PlanError", "plan", "token_quantities", "plan_kalman",
+           "CHUNK", "SUB_CHUNK", "RESERVED", "reserved"]

@@ -1,0 +1,165 @@
+"""sympy -> Triton expressions.
+
+A derivation's per-token scalars (the log-decay, the reset gain c / (c |k|^2 + r), ...) are
+sympy expressions over the spec's inputs. `TritonPrinter` prints them as Triton code over
+register blocks: every input symbol is replaced by the name of the block that holds it
+(`b_g`, `b_beta[:, None]`, ...), chosen by the caller, and the functions of the spec
+language map to `tl.*` calls or to the small numerically stable helpers that every
+generated module defines (`softplus`, `logsigmoid`).
+
+    >>> from designmodel.spec import Input, sigmoid
+    >>> a = Input("a")
+    >>> triton_code(sp.log(sigmoid(a)), {a: "b_a"})
+    'logsigmoid(b_a)'
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.precedence import precedence
+from sympy.printing.pycode import PythonCodePrinter
+
+from designmodel.spec import logsigmoid, sigmoid, softplus
+
+# Helpers every generated module defines (see templates/common/helpers.py.j2).
+HELPERS = ("softplus", "logsigmoid")
+
+
+class TritonPrinter(PythonCodePrinter):
+    """Print a scalar sympy expression as a Triton expression over register blocks.
+
+    names: maps each free symbol to the code that reads it (a register block, possibly
+    broadcast, e.g. "b_beta[:, None]"). A symbol without a name is an error: a kernel must
+    never see a stray symbol.
+    """
+
+    printmethod = "_tritoncode"
+    language = "Triton"
+
+    _kf = {
+        "exp": "tl.exp",
+        "log": "tl.log",
+        "sqrt": "tl.sqrt",
+        "Abs": "tl.abs",
+        "sigmoid": "tl.sigmoid",
+        "softplus": "softplus",
+        "logsigmoid": "logsigmoid",
+    }
+
+    def __init__(self, names: dict, settings=None):
+        super().__init__(settings or {})
+        self.names = {sym: code for sym, code in names.items()}
+
+    # --- leaves ---------------------------------------------------------------------------
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        raise ValueError(f"no register block for symbol {expr} (known: "
+                         f"{', '.join(sorted(str(s) for s in self.names))})")
+
+    _print_Dummy = _print_Symbol
+
+    def _print_Integer(self, expr):
+        return f"{float(expr.p)!r}"
+
+    def _print_Rational(self, expr):
+        return repr(float(expr.p) / float(expr.q))
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_One(self, expr):
+        return "1.0"
+
+    def _print_Zero(self, expr):
+        return "0.0"
+
+    def _print_NegativeOne(self, expr):
+        return "-1.0"
+
+    def _print_Exp1(self, expr):
+        return repr(float(sp.E))
+
+    def _print_Pi(self, expr):
+        return repr(float(sp.pi))
+
+    # --- functions --------------------------------------------------------------------------
+    def _print_Function(self, expr):
+        name = type(expr).__name__
+        if name in self._kf:
+            return f"{self._kf[name]}({', '.join(self._print(a) for a in expr.args)})"
+        raise ValueError(f"{name} has no Triton translation")
+
+    def _print_exp(self, expr):
+        return f"tl.exp({self._print(expr.args[0])})"
+
+    def _print_log(self, expr):
+        arg = expr.args[0]
+        # log(sigmoid(x)) and log(exp(x)) have stable closed forms.
+        if isinstance(arg, sigmoid):
+            return f"logsigmoid({self._print(arg.args[0])})"
+        if isinstance(arg, sp.exp):
+            return self._print(arg.args[0])
+        return f"tl.log({self._print(arg)})"
+
+    def _print_sigmoid(self, expr):
+        return f"tl.sigmoid({self._print(expr.args[0])})"
+
+    def _print_softplus(self, expr):
+        return f"softplus({self._print(expr.args[0])})"
+
+    def _print_logsigmoid(self, expr):
+        return f"logsigmoid({self._print(expr.args[0])})"
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.args
+        if base == sp.E:
+            return f"tl.exp({self._print(e)})"
+        b = self.parenthesize(base, precedence(expr), strict=False)
+        if e.is_Integer and 0 < e <= 4:
+            return " * ".join([b] * int(e)) if e > 1 else b
+        if e.is_Integer and -4 <= e < 0:
+            return f"1.0 / ({' * '.join([b] * int(-e))})"
+        if e == sp.S.Half:
+            return f"tl.sqrt({self._print(base)})"
+        if e == -sp.S.Half:
+            return f"1.0 / tl.sqrt({self._print(base)})"
+        # x**e = exp(e log x); the bounds checks of the spec keep x > 0 here.
+        return f"tl.exp({self._print(e)} * tl.log({self._print(base)}))"
+
+    def _print_Abs(self, expr):
+        return f"tl.abs({self._print(expr.args[0])})"
+
+    def _print_Max(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"tl.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, expr):
+        out = self._print(expr.args[0])
+        for a in expr.args[1:]:
+            out = f"tl.minimum({out}, {self._print(a)})"
+        return out
+
+    def _print_Piecewise(self, expr):
+        raise ValueError("piecewise expressions have no Triton translation")
+
+
+def _fold_numbers(expr):
+    """Every symbol-free subexpression (sqrt(2), log(3), ...) as one float constant."""
+    if expr.is_number and not expr.is_Number:
+        return sp.Float(sp.N(expr, 17))
+    if not expr.args or expr.is_Atom:
+        return expr
+    return expr.func(*[_fold_numbers(a) for a in expr.args])
+
+
+def triton_code(expr, names: dict) -> str:
+    """`expr` as Triton code, each symbol read through `names`."""
+    return TritonPrinter(names).doprint(_fold_numbers(sp.sympify(expr)))
+
+
+__all__ = ["TritonPrinter", "triton_code", "HELPERS"]

@@ -1,0 +1,4 @@
+"""deltanet: generated chunked forward kernels (reset family)."""
+from .kernels import forward
+
+__all__ = ["forward"]

@@ -1,0 +1,4 @@
+"""gated_deltanet: generated chunked forward kernels (reset family)."""
+from .kernels import forward
+
+__all__ = ["forward"]

@@ -1,0 +1,4 @@
+"""linear_attention: generated chunked forward kernels (write family)."""
+from .kernels import forward
+
+__all__ = ["forward"]

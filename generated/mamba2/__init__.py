@@ -1,0 +1,4 @@
+"""mamba2: generated chunked forward kernels (write family)."""
+from .kernels import forward
+
+__all__ = ["forward"]

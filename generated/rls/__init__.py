@@ -1,0 +1,4 @@
+"""rls: generated chunked forward kernels (kalman family)."""
+from .kernels import forward
+
+__all__ = ["forward"]

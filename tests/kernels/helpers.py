@@ -1,0 +1,66 @@
+"""Inputs and the float64 comparison shared by the kernel tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from designmodel.reference import recurrent
+
+from .conftest import DEVICE
+
+
+def input_value(i, B, T, H, K, gen) -> torch.Tensor:
+    """A random value of input `i` (an InputPlan or spec Input) inside its domain, float32."""
+    shape = {(True, "head"): (B, T, H), (True, "key"): (B, T, H, K),
+             (False, "head"): (H,), (False, "key"): (H, K)}[(i.per_token, i.per)]
+    x = torch.randn(*shape, generator=gen)
+    return {"real": x, "positive": F.softplus(x) + 0.1, "nonnegative": F.softplus(x),
+            "unit": torch.sigmoid(x + 1.0), "logdecay": F.logsigmoid(x + 3.0)}[i.domain]
+
+
+def make_inputs(spec_inputs, B, T, H, K, V, seed=0, unit_keys=True):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    k = F.normalize(k, dim=-1) if unit_keys else 0.4 * k
+    v = torch.randn(B, T, H, V, generator=gen)
+    ins = {i.name: input_value(i, B, T, H, K, gen) for i in spec_inputs}
+    return q, k, v, ins
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|."""
+    return ((x.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def compare(derivation, run, B, T, H, K, V, dtype=torch.float32, initial_state=True,
+            cu_seqlens=None, seed=0, extra_inputs=None):
+    """Run `run(q, k, v, inputs, initial_state, cu_seqlens)` on `dtype` inputs and the float64
+    reference on the same (rounded) values; return (error of o, error of the final state)."""
+    spec = derivation.spec
+    q, k, v, ins = make_inputs(spec.inputs, B, T, H, K, V, seed=seed,
+                               unit_keys=derivation.structure.unit_keys)
+    ins.update(extra_inputs or {})
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    S0 = torch.randn(N, H, K, V, generator=gen) if initial_state else None
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    # per-token gates stay float32 (as fla's ops take them); q, k, v in the tested dtype
+    o, state = run(*(x.to(DEVICE) for x in (q, k, v)),
+                   {n: x.to(DEVICE) for n, x in ins.items()},
+                   None if S0 is None else S0.to(DEVICE),
+                   None if cu is None else cu.to(DEVICE))
+    scale = K ** -0.5
+    k_ref = k.double()
+    if derivation.structure.unit_keys:
+        # rounding to bf16 moves a unit key off the sphere by up to 2^-9; the reference
+        # (which checks unit keys) takes the renormalized key
+        k_ref = k_ref / k_ref.norm(dim=-1, keepdim=True)
+    ref = recurrent(derivation, q.double() * scale, k_ref, v.double(),
+                    {n: x.double() for n, x in ins.items()},
+                    initial_state=None if S0 is None else S0.double(),
+                    cu_seqlens=None if cu is None else cu.long())
+    assert o.shape == (B, T, H, V) and o.dtype == dtype
+    assert state.shape == (N, H, K, V) and state.dtype == torch.float32
+    return relative_error(o, ref.o), relative_error(state, ref.state)

@@ -1,0 +1,45 @@
+"""On a GPU: each zoo op against the float64 filter in bf16, and against fla 0.6.0 when installed."""
+import pytest
+import torch
+
+from designmodel import ops
+from designmodel.derive import derive
+
+from .helpers import compare
+
+MODELS = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["two_pass", "fused"])
+@pytest.mark.parametrize("model", MODELS)
+def test_zoo_op_on_gpu_matches_float64_filter(model, path):
+    op = getattr(ops, model)
+
+    def run(q, k, v, inputs, initial_state, cu_seqlens):
+        inputs = {n: x for n, x in inputs.items() if n != "gamma"}
+        return op(q, k, v, **inputs, initial_state=initial_state, output_final_state=True,
+                  cu_seqlens=cu_seqlens, config={"path": path})
+
+    extra = {"gamma": ops.retnet_gamma(4)} if model == "retnet" else None
+    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 2e-2)):   # tf32 dots on the GPU
+        err_o, err_s = compare(derive(model), run, 2, 300, 4, 64, 64, dtype=dtype, extra_inputs=extra)
+        assert err_o <= tol and err_s <= tol, (dtype, err_o, err_s)
+        err_o, err_s = compare(derive(model), run, 1, 300, 4, 64, 32, dtype=dtype, extra_inputs=extra,
+                               cu_seqlens=[0, 100, 129, 300])
+        assert err_o <= tol and err_s <= tol, (dtype, "varlen", err_o, err_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", MODELS)
+def test_zoo_op_on_gpu_matches_fla(model):
+    pytest.importorskip("fla")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from bench_fwd import fla_op, inputs, our_op, rel
+    q, k, v, x, h0 = inputs(model, 2, 1000, 4, 128)
+    with torch.no_grad():
+        o, s = our_op(model)(q, k, v, x, h0, True)
+        fo, fs = fla_op(model)(q, k, v, x, h0, True)
+    assert rel(o, fo) <= 2e-2 and rel(s, fs) <= 2e-2
