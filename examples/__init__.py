@@ -1,0 +1,1 @@
+"""Worked examples of designmodel (each runnable as `python3 -m examples.<name>.run`)."""
