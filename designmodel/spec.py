@@ -110,6 +110,7 @@ class sigmoid(_Elementary):
     """The logistic function 1 / (1 + exp(-x))."""
 
     def fdiff(self, argindex=1):
+        """d sigmoid(x)/dx = sigmoid(x)(1 - sigmoid(x))."""
         return sigmoid(self.args[0]) * (1 - sigmoid(self.args[0]))
 
     def _eval_rewrite_as_exp(self, x, **kwargs):
@@ -127,6 +128,7 @@ class softplus(_Elementary):
     """log(1 + exp(x))."""
 
     def fdiff(self, argindex=1):
+        """d softplus(x)/dx = sigmoid(x)."""
         return sigmoid(self.args[0])
 
     def _eval_rewrite_as_exp(self, x, **kwargs):
@@ -140,6 +142,7 @@ class logsigmoid(_Elementary):
     """log(sigmoid(x)) = -softplus(-x), the usual gate parameterization (always <= 0)."""
 
     def fdiff(self, argindex=1):
+        """d logsigmoid(x)/dx = 1 - sigmoid(x)."""
         return 1 - sigmoid(self.args[0])
 
     def _eval_rewrite_as_exp(self, x, **kwargs):

@@ -94,6 +94,7 @@ class QuadraticForm(sp.Expr):
 
 
 def per_key_symbols(expr):
+    """The per-key inputs an expression uses."""
     from designmodel.spec import Input
     return [s for s in expr.free_symbols if isinstance(s, Input) and s.per == "key"]
 

@@ -124,3 +124,12 @@ def test_limit_proof_fails_for_a_non_stationary_prior(monkeypatch):
         return dataclasses.replace(out, transition=Transition(decay=out.transition.decay))
     monkeypatch.setattr(proofs, "stationary_version", no_noise)
     assert not proofs.weak_evidence_limit(spec, tokens=2, key_dim=2).holds
+
+
+def test_custom_function_derivatives_match_their_exp_forms():
+    """The kernels' backward will print these derivatives; check them against sympy's own."""
+    from designmodel.spec import logsigmoid, softplus
+    x = sp.Symbol("x", real=True)
+    for f in (sigmoid, softplus, logsigmoid):
+        exact = sp.diff(f(x).rewrite(sp.exp), x)
+        assert sp.simplify((sp.diff(f(x), x) - exact).rewrite(sp.exp)) == 0
