@@ -120,6 +120,11 @@ SWEEP = {
         {"attention": dict(BK=16, num_warps=4, num_stages=2)},
         {"attention": dict(BK=32, num_warps=8, num_stages=2)},
         {"attention": dict(BK=64, num_warps=8, num_stages=2)},
+        {"attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)},
+        {"attention": dict(rows=True, BK=32, num_warps=8, num_stages=2)},
+        {"attention": dict(rows=True, BK=32, num_warps=4, num_stages=2)},
+        {"attention": dict(rows=True, BK=16, num_warps=8, num_stages=2)},
+        {"attention": dict(rows=True, BK=16, num_warps=4, num_stages=3)},
     ],
     "reset": _FUSED + [
         {"path": "two_pass"},
@@ -128,6 +133,10 @@ SWEEP = {
         {"reset": dict(BK=32, BV=32, num_warps=4, num_stages=2)},
         {"reset": dict(BK=64, BV=64, num_warps=8, num_stages=2)},
         {"reset": dict(BK=128, BV=128, num_warps=8, num_stages=2)},
+        {"reset": dict(BK=32, BV=32, num_warps=2, num_stages=2)},
+        {"reset": dict(BK=32, BV=32, num_warps=1, num_stages=2)},
+        {"reset": dict(BK=64, BV=64, num_warps=1, num_stages=2)},
+        {"reset": dict(BK=32, BV=32, num_warps=1, num_stages=1)},
     ],
 }
 
@@ -138,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-models", default="gla,deltanet,gated_deltanet")
+    ap.add_argument("--sweep-filter", default="", help="sweep only the configurations whose JSON holds one of these comma-separated texts")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new work after this many seconds")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_fwd.json"))
@@ -164,6 +174,7 @@ def main(argv=None) -> int:
             except Exception as err:  # noqa: BLE001
                 fla, row["fla_error"] = None, f"{type(err).__name__}: {err}"
             ours, ours_checked = our_op(model, check_domain=False), our_op(model)
+            fo = fs = None
             with torch.no_grad():
                 o, s = ours(q, k, v, x, h0, True)
                 if fla is not None:
@@ -188,13 +199,21 @@ def main(argv=None) -> int:
                 for cfg in SWEEP[family]:
                     if any(name not in kernels for name in cfg if name != "path"):
                         continue
+                    if not any(f in json.dumps(cfg) for f in args.sweep_filter.split(",")):
+                        continue
                     if model in ("gla", "kda") and cfg.get("path") == "fused":
                         continue  # per-key decay: two passes (see FUSED_MIN_WAVES)
+                    errs = {}
                     try:
-                        ms = bench(lambda: our_op(model, check_domain=False, config=cfg)(q, k, v, x, None, False))
+                        fn = our_op(model, check_domain=False, config=cfg)
+                        if fo is not None:  # the variant's outputs against fla's, as for the default
+                            with torch.no_grad():
+                                o2, s2 = fn(q, k, v, x, h0, True)
+                            errs = dict(err_o=rel(o2, fo), err_state=rel(s2, fs))
+                        ms = bench(lambda: fn(q, k, v, x, None, False))
                     except Exception as err:  # noqa: BLE001
                         ms = f"{type(err).__name__}: {str(err)[:120]}"
-                    sweeps.append(dict(model=model, shape=shape, config=cfg, ms=ms))
+                    sweeps.append(dict(model=model, shape=shape, config=cfg, ms=ms, **errs))
                     print("sweep", json.dumps(sweeps[-1]), flush=True)
             del q, k, v, x, h0
             torch.cuda.empty_cache()

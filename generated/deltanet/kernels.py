@@ -458,7 +458,9 @@ def default_config(K, V):
     return {
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
-        "reset": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # one warp: the forward substitution's reductions stay inside the warp, and more chunks
+        # run side by side (bench/RESULTS.md: 0.33 ms with 4 warps, about 0.18 ms with 1)
+        "reset": dict(BK=_block(K, 32), BV=_block(V, 32), num_warps=1, num_stages=2),
         "state": dict(BK=_block(K, 256), BV=_block(V, 32), num_warps=4, num_stages=2),
         "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
     }

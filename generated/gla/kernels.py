@@ -180,6 +180,92 @@ def chunk_attention_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def chunk_attention_rows_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
+    the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
+    sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
+    Grid: (BT // BC, NT, B * H).
+    """
+    i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    o_r = tl.arange(0, BT)
+    # the whole chunk's rows (for the decay before a sub-chunk) and this program's rows
+    o_tc = i_t * BT + o_r
+    m_tc = o_tc < T
+    o_ti = i_t * BT + i_i * BC + o_c
+    m_ti = o_ti < T
+    p_A = A + ((bos + o_ti[:, None]) * H + i_h) * BT + o_c[None, :]
+    # off-diagonal blocks j < i
+    for i_j in range(0, i_i):
+        o_tj = i_t * BT + i_j * BC + o_c
+        m_tj = o_tj < T
+        b_Aij = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            # [BK] cumulative log2-decay at the start of sub-chunks i and j
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ld, 0.), axis=0)
+            b_gsj = tl.sum(tl.where((o_r < i_j * BC)[:, None], b_ld, 0.), axis=0)
+            # [BC, BK] rows of sub-chunk i: queries and cumulative log2-decay
+            b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ld, axis=0)
+            # [BC, BK] rows of sub-chunk j: keys, cumulative log2-decay, r at its end
+            b_k = tl.load(k + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_tj[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcj = b_gsj[None, :] + tl.cumsum(b_ld, axis=0)
+            b_gn = b_gsj + tl.sum(b_ld, axis=0)
+            b_Aij = tl.dot(b_q * tl.exp2(b_gci - b_gn[None, :]), tl.trans(b_k * tl.exp2(b_gn[None, :] - b_gcj)), b_Aij)
+        tl.store(p_A + i_j * BC, b_Aij.to(A.dtype.element_ty), mask=m_ti[:, None])
+    # the diagonal block
+    b_Aii = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        # cumulative log2-decay within the sub-chunk (the ratios need no offset)
+        b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
+        b_Aii += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp2(tl.minimum(b_gc[:, None, :] - b_gc[None, :, :], 0.)), axis=2)
+    tl.store(p_A + i_i * BC, tl.where(o_c[:, None] >= o_c[None, :], b_Aii, 0.).to(A.dtype.element_ty), mask=m_ti[:, None])
+    # zeros above the diagonal blocks
+    for i_j in range(i_i + 1, BT // BC):
+        tl.store(p_A + i_j * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_ti[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_state_kernel(
     k,
     v,
@@ -568,11 +654,19 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     # per chunk: the intra-chunk attention A = tril(Q K^T o Gamma)
     A = v.new_empty(B, T, H, BT, dtype=torch.float32)
     _launch = _cfg["attention"]
-    chunk_attention_kernel[(NT, B * H)](
-        q, k, g, A, cu_seqlens, chunk_indices, T,
-        H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
+    if _launch.get("rows", False):
+        # one program per row sub-chunk of each chunk
+        chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
+            q, k, g, A, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
+    else:
+        chunk_attention_kernel[(NT, B * H)](
+            q, k, g, A, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
     if _path == "fused":
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]

@@ -64,3 +64,31 @@ def test_scale_defaults_to_inverse_sqrt_key_dim():
     o1, _ = ops.linear_attention(q, k, v)
     o2, _ = ops.linear_attention(q, k, v, scale=0.25)
     torch.testing.assert_close(o1, o2, rtol=1e-6, atol=1e-6)
+
+
+def run_op_config(model, config):
+    op = getattr(ops, model)
+
+    def run(q, k, v, inputs, initial_state, cu_seqlens):
+        inputs = {n: x for n, x in inputs.items() if n != "gamma"}
+        return op(q, k, v, **inputs, initial_state=initial_state, output_final_state=True,
+                  cu_seqlens=cu_seqlens, config=config)
+    return run
+
+
+# Kernel variants beside the defaults, at the same tolerances
+VARIANTS = [
+    ("gla", {"path": "two_pass", "attention": {"rows": True}}),
+    ("gla", {"path": "fused", "attention": {"rows": True, "BK": 16}}),
+]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("model,config", VARIANTS)
+def test_zoo_op_variant_matches_float64_filter(model, config, case):
+    B, T, H, K, V, h0, cu, dtype = CASES[case]
+    err_o, err_s = compare(derive(model), run_op_config(model, config), B, T, H, K, V, dtype=dtype,
+                           initial_state=h0, cu_seqlens=cu)
+    tol = TOLERANCE[dtype]
+    assert err_o <= tol, f"{model} {config} {case}: output relative error {err_o:.2e} > {tol}"
+    assert err_s <= tol, f"{model} {config} {case}: final state relative error {err_s:.2e} > {tol}"
