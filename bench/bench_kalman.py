@@ -1,7 +1,8 @@
 """Forward of the Bayesian Layer kernels (kalman family): correctness, stress and speed (GPU).
 
     python bench/bench_kalman.py                 # checks, stress grid, timings, a table last
-    python bench/bench_kalman.py --quick         # first shape only, fewer checks
+    python bench/bench_kalman.py --quick --budget 500   # bayesian_layer first, fewest compiles,
+                                                        # optional stages while 500 s last
 
 (1) Correctness: ours (fp32 and bf16 inputs) against the float64 step-by-step filter
 (designmodel.reference.recurrent, on the CPU) for rls, bayesian_layer, bayesian_layer_diag,
@@ -125,12 +126,13 @@ def ours(model, q, k, v, x, **kw):
     return getattr(ops, model)(q, k, v, **x, **kw)
 
 
-def check_correctness(dev, rows):
+def check_correctness(dev, rows, cases=(("rls", (torch.float32, torch.bfloat16)), ("bayesian_layer", (torch.float32, torch.bfloat16)),
+                                         ("bayesian_layer_diag", (torch.float32, torch.bfloat16)))):
     from dataclasses import replace
     from designmodel.derive import derive
     from designmodel.reference import recurrent
     B, T, H, K, V = 1, 300, 2, 128, 64
-    for model in ("rls", "bayesian_layer", "bayesian_layer_diag"):
+    for model, dtypes in cases:
         (q, k, v), x = draw(model, B, T, H, K, V, "cpu", seed=1)
         gen = torch.Generator().manual_seed(2)
         S0 = torch.randn(B, H, K, V, generator=gen)
@@ -138,7 +140,7 @@ def check_correctness(dev, rows):
         P0 = a @ a.mT / K + 0.5 * torch.eye(K)
         d = derive(model)
         d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             try:
                 _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows)
             except Exception as e:  # reported, not fatal: the timings still run
@@ -164,7 +166,7 @@ def _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows):
                   + ("  ok" if ok else f"  FAIL (> {tol})"), flush=True)
 
 
-def stress(dev, rows, long_T=65536):
+def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_diag")):
     B, T, H, K = 1, 1024, 4, 128
     bad = []
     n = 0
@@ -172,10 +174,14 @@ def stress(dev, rows, long_T=65536):
         for r in (1e-4, 1e2):
             for sigma in (0.0, 1.0):
                 for unit in (True, False):
-                    for model in ("bayesian_layer", "bayesian_layer_diag"):
+                    for model in models:
                         (q, k, v), x = draw(model, B, T, H, K, K, dev, seed=3, alpha=alpha, r=r, sigma=sigma, unit_keys=unit)
                         q, k, v = (t.bfloat16() for t in (q, k, v))
-                        o, (S, P), var = ours(model, q, k, v, x, output_final_state=True, output_variance=True)
+                        try:
+                            o, (S, P), var = ours(model, q, k, v, x, output_final_state=True, output_variance=True)
+                        except Exception as e:  # a variant that does not launch is reported per case
+                            bad.append((model, alpha, r, sigma, unit, type(e).__name__))
+                            continue
                         n += 1
                         if not all(torch.isfinite(t).all() for t in (o, S, P, var)):
                             bad.append((model, alpha, r, sigma, unit))
@@ -226,33 +232,90 @@ def timings(shapes, rows, variants, with_torch=True):
         print(f"time {(B, T, H, D)}: " + ", ".join(f"{n} {t:.3f}" for n, t in res.items()), flush=True)
 
 
+def breakdown(shape, rows, reps=5):
+    """Per-kernel device time of ours_bl (torch profiler), ms per call."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T, H, D = shape
+    (q, k, v), x = draw("bayesian_layer", B, T, H, D, D, "cuda", seed=5)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    fn = lambda: ours("bayesian_layer", q, k, v, x, check_domain=False)
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+    res = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.)
+        if t:
+            res[e.key[:40]] = t / reps / 1000.
+    rows.append(("breakdown", shape, res))
+    print(f"breakdown {shape}: " + ", ".join(f"{n} {t:.3f}" for n, t in sorted(res.items(), key=lambda a: -a[1])), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="bayesian_layer and rls only, fewest compiles")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
     args = ap.parse_args(argv)
     import triton
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     rows = []
     t0 = time.time()
-    check_correctness("cuda", rows)
-    print(f"[{time.time() - t0:.0f}s]", flush=True)
-    try:
-        stress("cuda", rows, long_T=65536)
-    except Exception as e:
-        print(f"stress: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(f"[{time.time() - t0:.0f}s]", flush=True)
-    variants = {
-        "ours_bl": ("bayesian_layer", None),
-        "ours_bl_w4": ("bayesian_layer", {"covariance": {"num_warps": 4}}),
-        "ours_bl_meantf32": ("bayesian_layer", {"mean": {"precision": "tf32"}}),
-        "ours_bl_ieee": ("bayesian_layer", {"covariance": {"precision": "ieee"}}),
-        "ours_diag": ("bayesian_layer_diag", None),
-        "ours_rls": ("rls", None),
-    }
-    timings(SHAPES[:1], rows, variants)
-    print(f"[{time.time() - t0:.0f}s]", flush=True)
-    if not args.quick:
+    left = lambda: args.budget - (time.time() - t0)
+    if args.quick:
+        # each specialization of the Riccati kernel compiles for about 90 s on an H100 host:
+        # the fewest that cover a check (K = 128, variance, initial state) before the timings,
+        # the rest while the budget lasts
+        check_correctness("cuda", rows, cases=(("bayesian_layer", (torch.float32,)),))
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        timings(SHAPES[:1], rows, {"ours_bl": ("bayesian_layer", None)})
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        try:
+            breakdown(SHAPES[0], rows)
+        except Exception as e:
+            print(f"breakdown: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        timings([SHAPES[2]], rows, {"ours_bl": ("bayesian_layer", None)}, with_torch=False)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        for cases in ((("bayesian_layer", (torch.bfloat16,)),), (("rls", (torch.float32,)),)):
+            if left() > 120:
+                check_correctness("cuda", rows, cases=cases)
+                print(f"[{time.time() - t0:.0f}s]", flush=True)
+        for shape in (SHAPES[1], SHAPES[3]):
+            if left() > 120:
+                timings([shape], rows, {"ours_bl": ("bayesian_layer", None)}, with_torch=False)
+                print(f"[{time.time() - t0:.0f}s]", flush=True)
+        if left() > 150:
+            try:
+                stress("cuda", rows, long_T=65536, models=("bayesian_layer",))
+            except Exception as e:
+                print(f"stress: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    else:
+        check_correctness("cuda", rows)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        try:
+            stress("cuda", rows, long_T=65536)
+        except Exception as e:
+            print(f"stress: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        variants = {
+            "ours_bl": ("bayesian_layer", None),
+            "ours_bl_cov_w4": ("bayesian_layer", {"covariance": {"num_warps": 4}}),
+            "ours_bl_cov_tf32": ("bayesian_layer", {"covariance": {"precision": "tf32"}}),
+            "ours_bl_gain_w8": ("bayesian_layer", {"gain": {"num_warps": 8}}),
+            "ours_bl_meantf32": ("bayesian_layer", {"mean": {"precision": "tf32"}}),
+            "ours_diag": ("bayesian_layer_diag", None),
+            "ours_rls": ("rls", None),
+        }
+        timings(SHAPES[:1], rows, variants)
+        try:
+            breakdown(SHAPES[0], rows)
+        except Exception as e:
+            print(f"breakdown: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
         timings(SHAPES[1:], rows, {"ours_bl": variants["ours_bl"]}, with_torch=False)
     with open(args.json, "w") as f:
         json.dump(rows, f, default=str, indent=1)

@@ -293,8 +293,11 @@ def plan_kalman(derivation) -> Plan:
     """The kernel plan of a kalman-family derivation (MATH.md 6.3).
 
     The covariance P is value-independent: one program per (sequence, head) carries it across
-    the chunks (the Riccati recursion) and stores, per chunk, everything the mean needs; the
-    mean then passes across chunks like the reset family's, reading out as it goes.
+    the chunks (the Riccati recursion). With scalar decay that kernel does only what needs P
+    (S_in, its blocked LDL, Z = D^-1 L^-1 U^, P') and stores L, D and U per chunk; a kernel
+    parallel over chunks then computes W, U_v, B and the variance. With per-key decay one
+    kernel still does both. The mean then passes across chunks like the reset family's,
+    reading out as it goes.
     """
     s = derivation.structure
     name = derivation.spec.name
@@ -324,13 +327,29 @@ def plan_kalman(derivation) -> Plan:
     per_token = [n for n, q in (("log_decay", log_decay), ("noise", noise),
                                 ("process_noise", pnoise)) if q is not None]
     bh = "N * H"
-    kernels = (
-        KernelPlan("chunk_covariance_kernel", f"({bh})", "per state",
-                   "S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, "
-                   "Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; "
-                   "P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)",
-                   ("q", "k", "v", *[i.name for i in inputs], "P0"),
-                   ("w", "u", "z", "Bm", "var", "Pt")),
+    if per_key:
+        kernels = (
+            KernelPlan("chunk_covariance_kernel", f"({bh})", "per state",
+                       "S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, "
+                       "Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; "
+                       "P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)",
+                       ("q", "k", "v", *[i.name for i in inputs], "P0"),
+                       ("w", "u", "z", "Bm", "var", "Pt")),
+        )
+    else:
+        # only what needs P stays sequential; the rest is recomputed per chunk in parallel
+        kernels = (
+            KernelPlan("chunk_riccati_kernel", f"({bh})", "per state",
+                       "S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T (blocked, 16-row blocks); "
+                       "U; Z = D^-1 L^-1 U^; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)",
+                       ("q", "k", *[i.name for i in inputs], "P0"),
+                       ("z", "L", "D", "U", "var", "Pt")),
+            KernelPlan("chunk_gain_kernel", f"(NT, {bh})", "per chunk",
+                       "W = L^-1 K^, U_v = L^-1 V, B = tril(A L^-T) D^-1, variance",
+                       ("q", "k", "v", *[i.name for i in inputs], "L", "D", "U", "var"),
+                       ("w", "u", "Bm", "var")),
+        )
+    kernels = kernels + (
         KernelPlan("chunk_mean_kernel", f"(NV, {bh})", "per state",
                    "E = U_v - W S; O = (Q o a) S + B E; S' = a_C S + Z^T E",
                    ("q", "w", "u", "z", "Bm", *(log_decay.inputs if log_decay else ()), "S0"),

@@ -18,7 +18,8 @@ Gamma_tj = a_t / a_j <= 1, e_t = accumulated process noise since the chunk start
     per chunk   W = L^-1 (K o a), U_v = L^-1 V, Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1
     per state   P (the covariance, [K, K] per head; sequential, value-independent); S (the mean, [K, V] per head)
 Kernels, in launch order:
-    chunk_covariance_kernel  grid (N * H)    S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)
+    chunk_riccati_kernel     grid (N * H)    S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T (blocked, 16-row blocks); U; Z = D^-1 L^-1 U^; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)
+    chunk_gain_kernel        grid (NT, N * H) W = L^-1 K^, U_v = L^-1 V, B = tril(A L^-T) D^-1, variance
     chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; O = (Q o a) S + B E; S' = a_C S + Z^T E
 """
 import torch
@@ -93,7 +94,7 @@ def chunk_riccati_kernel(
     BK: tl.constexpr,
     BC: tl.constexpr,
     HAS_INITIAL_COV: tl.constexpr,
-    STORE_FINAL_COV: tl.constexpr,
+    STORE_FINAL_COV: tl.constexpr,   # unused: _Pt always holds P
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -110,8 +111,12 @@ def chunk_riccati_kernel(
     Stores per chunk Z = D^-1 Y (for the mean kernel), U, D, and L as blocks (the inverse of
     each diagonal block on the diagonal, L itself below it) for chunk_gain_kernel, and
     q^^T P q^ into the variance when asked. One program per sequence and head carries P
-    ([K, K], float32, BK >= K) over the chunks. Padding rows get k = 0, r = 1, no decay and
-    no process noise, so they leave P untouched. Grid: (N * H,).
+    ([K, K], float32) over the chunks in _Pt (L1/L2-resident, its last value is the final
+    covariance), read and updated as four [BK/2, BK/2] quarters P_xy (x, y in a, b: the
+    halves of the key dimension), so that no copy of P stays in registers and each dot
+    splits one quarter for tf32x3 at a time (about 16 KB of shared memory at K = 128).
+    Padding rows get k = 0, r = 1, no decay and no process noise, so they leave P
+    untouched. Grid: (N * H,).
     """
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -120,28 +125,47 @@ def chunk_riccati_kernel(
         T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     else:
         bos = i_n.to(tl.int64) * T
+    BKH: tl.constexpr = BK // 2 if BK >= 32 else 16
     o_s = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_kk = m_k[:, None] & m_k[None, :]
-    m_I = (o_k[:, None] == o_k[None, :]) & m_kk
+    o_ka = tl.arange(0, BKH)
+    o_kb = BKH + tl.arange(0, BKH)
+    m_ka = o_ka < K
+    m_kb = o_kb < K
     m_sl = o_s[:, None] >= o_s[None, :]
     m_sd = o_s[:, None] == o_s[None, :]
 
-    # [BK, BK] the covariance P
+    # the covariance P lives in _Pt ([K, K] per sequence and head, float32; its final value is
+    # the output): read by quarters where a dot needs it, so no copy of P stays in registers
+    p_P = _Pt + i_nh.to(tl.int64) * K * K
+    p_Paa = p_P + o_ka[:, None] * K + o_ka[None, :]
+    m_Paa = m_ka[:, None] & m_ka[None, :]
+    p_Pab = p_P + o_ka[:, None] * K + o_kb[None, :]
+    m_Pab = m_ka[:, None] & m_kb[None, :]
+    p_Pba = p_P + o_kb[:, None] * K + o_ka[None, :]
+    m_Pba = m_kb[:, None] & m_ka[None, :]
+    p_Pbb = p_P + o_kb[:, None] * K + o_kb[None, :]
+    m_Pbb = m_kb[:, None] & m_kb[None, :]
     if HAS_INITIAL_COV:
-        b_P = tl.load(_P0 + i_nh.to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :], mask=m_kk, other=0.).to(tl.float32)
+        p_P0 = _P0 + i_nh.to(tl.int64) * K * K
+        tl.store(p_Paa, tl.load(p_P0 + o_ka[:, None] * K + o_ka[None, :], mask=m_Paa, other=0.).to(tl.float32), mask=m_Paa)
+        tl.store(p_Pab, tl.load(p_P0 + o_ka[:, None] * K + o_kb[None, :], mask=m_Pab, other=0.).to(tl.float32), mask=m_Pab)
+        tl.store(p_Pba, tl.load(p_P0 + o_kb[:, None] * K + o_ka[None, :], mask=m_Pba, other=0.).to(tl.float32), mask=m_Pba)
+        tl.store(p_Pbb, tl.load(p_P0 + o_kb[:, None] * K + o_kb[None, :], mask=m_Pbb, other=0.).to(tl.float32), mask=m_Pbb)
     else:
         b_p0 = tl.load(p0 + i_h).to(tl.float32)
-        b_P = tl.where(m_I, b_p0, 0.)
+        tl.store(p_Paa, tl.where(o_ka[:, None] == o_ka[None, :], b_p0, 0.), mask=m_Paa)
+        tl.store(p_Pab, tl.zeros([BKH, BKH], dtype=tl.float32), mask=m_Pab)
+        tl.store(p_Pba, tl.zeros([BKH, BKH], dtype=tl.float32), mask=m_Pba)
+        tl.store(p_Pbb, tl.where(o_kb[:, None] == o_kb[None, :], b_p0, 0.), mask=m_Pbb)
+    tl.debug_barrier()
 
     for i_t in range(tl.cdiv(T, BT)):
         b_gcar = 0.
         # rows 0..15 of the chunk
         o_t0 = i_t * BT + 0 * BC + o_s
         m_t0 = o_t0 < T
-        p_tk0 = ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k0 = tl.load(k + p_tk0, mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k0a = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_k0b = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
         b_r0 = tl.where(m_t0, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
@@ -150,24 +174,54 @@ def chunk_riccati_kernel(
         b_ld = tl.where(m_t0, (b_g) * RCP_LN2, 0.)
         # cumulative log2-decay since the chunk start
         b_gc0 = b_gcar + tl.cumsum(b_ld, axis=0)
-        b_kh0 = b_k0 * tl.exp2(b_gc0)[:, None]
         # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
         b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.)
         b_e0 = tl.sum(b_G * b_G * b_sig0[None, :], axis=1)
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e0, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        # [BC, BK] K^ P
-        b_KP0 = tl.dot(b_kh0, b_P, input_precision=DOT_PRECISION)
+        b_kha = b_k0a * tl.exp2(b_gc0)[:, None]
+        b_khb = b_k0b * tl.exp2(b_gc0)[:, None]
+        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
+        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
+        b_U = b_KPa * tl.exp2(b_gc0)[:, None] + b_e0[:, None] * b_k0a
+        tl.store(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
+        b_U = b_KPb * tl.exp2(b_gc0)[:, None] + b_e0[:, None] * b_k0b
+        tl.store(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        # row 0 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
+        b_kja = b_k0a
+        b_khja = b_kha
+        b_kjb = b_k0b
+        b_khjb = b_khb
+        b_S00 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S00 = tl.dot(b_KPb, tl.trans(b_khjb), b_S00, input_precision=DOT_PRECISION)
+        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.) * b_e0[None, :]
+        b_KK = tl.dot(b_k0a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k0b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
+        b_S00 += b_C
+        b_S00 += tl.where(m_sd, b_r0[:, None], 0.)
         if OUTPUT_VARIANCE:
             # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qh = tl.load(q + p_tk0, mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
-            b_qh = b_qh * tl.exp2(b_gc0)[:, None]
-            tl.store(_var + (bos + o_t0) * H + i_h, tl.sum(tl.dot(b_qh, b_P, input_precision=DOT_PRECISION) * b_qh, axis=1), mask=m_t0)
+            b_qha = tl.load(q + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
+            b_qha = b_qha * tl.exp2(b_gc0)[:, None]
+            b_qhb = tl.load(q + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
+            b_qhb = b_qhb * tl.exp2(b_gc0)[:, None]
+            b_qPq = tl.zeros([BC], dtype=tl.float32)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qha, axis=1)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
+            tl.store(_var + (bos + o_t0) * H + i_h, b_qPq, mask=m_t0)
         # rows 16..31 of the chunk
         o_t1 = i_t * BT + 1 * BC + o_s
         m_t1 = o_t1 < T
-        p_tk1 = ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k1 = tl.load(k + p_tk1, mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k1a = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_k1b = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
         b_r1 = tl.where(m_t1, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
@@ -176,25 +230,67 @@ def chunk_riccati_kernel(
         b_ld = tl.where(m_t1, (b_g) * RCP_LN2, 0.)
         # cumulative log2-decay since the chunk start
         b_gc1 = b_gcar + tl.cumsum(b_ld, axis=0)
-        b_kh1 = b_k1 * tl.exp2(b_gc1)[:, None]
         # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
         b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc1[:, None] - b_gc1[None, :], 0.)), 0.)
         b_e1 = tl.sum(b_G * b_G * b_sig1[None, :], axis=1)
         b_e1 += b_ecar * tl.exp2(2. * (b_gc1 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e1, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        # [BC, BK] K^ P
-        b_KP1 = tl.dot(b_kh1, b_P, input_precision=DOT_PRECISION)
+        b_kha = b_k1a * tl.exp2(b_gc1)[:, None]
+        b_khb = b_k1b * tl.exp2(b_gc1)[:, None]
+        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
+        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
+        b_U = b_KPa * tl.exp2(b_gc1)[:, None] + b_e1[:, None] * b_k1a
+        tl.store(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
+        b_U = b_KPb * tl.exp2(b_gc1)[:, None] + b_e1[:, None] * b_k1b
+        tl.store(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        # row 1 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
+        b_S10 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S10 = tl.dot(b_KPb, tl.trans(b_khjb), b_S10, input_precision=DOT_PRECISION)
+        b_C = tl.exp2(tl.minimum(b_gc1[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
+        b_KK = tl.dot(b_k1a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k1b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_S10 += b_C
+        b_kja = b_k1a
+        b_khja = b_kha
+        b_kjb = b_k1b
+        b_khjb = b_khb
+        b_S11 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S11 = tl.dot(b_KPb, tl.trans(b_khjb), b_S11, input_precision=DOT_PRECISION)
+        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc1[:, None] - b_gc1[None, :], 0.)), 0.) * b_e1[None, :]
+        b_KK = tl.dot(b_k1a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k1b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
+        b_S11 += b_C
+        b_S11 += tl.where(m_sd, b_r1[:, None], 0.)
         if OUTPUT_VARIANCE:
             # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qh = tl.load(q + p_tk1, mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
-            b_qh = b_qh * tl.exp2(b_gc1)[:, None]
-            tl.store(_var + (bos + o_t1) * H + i_h, tl.sum(tl.dot(b_qh, b_P, input_precision=DOT_PRECISION) * b_qh, axis=1), mask=m_t1)
+            b_qha = tl.load(q + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
+            b_qha = b_qha * tl.exp2(b_gc1)[:, None]
+            b_qhb = tl.load(q + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
+            b_qhb = b_qhb * tl.exp2(b_gc1)[:, None]
+            b_qPq = tl.zeros([BC], dtype=tl.float32)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qha, axis=1)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
+            tl.store(_var + (bos + o_t1) * H + i_h, b_qPq, mask=m_t1)
         # rows 32..47 of the chunk
         o_t2 = i_t * BT + 2 * BC + o_s
         m_t2 = o_t2 < T
-        p_tk2 = ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k2 = tl.load(k + p_tk2, mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k2a = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_k2b = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
         b_r2 = tl.where(m_t2, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
@@ -203,25 +299,79 @@ def chunk_riccati_kernel(
         b_ld = tl.where(m_t2, (b_g) * RCP_LN2, 0.)
         # cumulative log2-decay since the chunk start
         b_gc2 = b_gcar + tl.cumsum(b_ld, axis=0)
-        b_kh2 = b_k2 * tl.exp2(b_gc2)[:, None]
         # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
         b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc2[:, None] - b_gc2[None, :], 0.)), 0.)
         b_e2 = tl.sum(b_G * b_G * b_sig2[None, :], axis=1)
         b_e2 += b_ecar * tl.exp2(2. * (b_gc2 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e2, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        # [BC, BK] K^ P
-        b_KP2 = tl.dot(b_kh2, b_P, input_precision=DOT_PRECISION)
+        b_kha = b_k2a * tl.exp2(b_gc2)[:, None]
+        b_khb = b_k2b * tl.exp2(b_gc2)[:, None]
+        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
+        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
+        b_U = b_KPa * tl.exp2(b_gc2)[:, None] + b_e2[:, None] * b_k2a
+        tl.store(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
+        b_U = b_KPb * tl.exp2(b_gc2)[:, None] + b_e2[:, None] * b_k2b
+        tl.store(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        # row 2 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
+        b_S20 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S20 = tl.dot(b_KPb, tl.trans(b_khjb), b_S20, input_precision=DOT_PRECISION)
+        b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
+        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_S20 += b_C
+        # block 1's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc1)[:, None]
+        # block 1's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc1)[:, None]
+        b_S21 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S21 = tl.dot(b_KPb, tl.trans(b_khjb), b_S21, input_precision=DOT_PRECISION)
+        b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc1[None, :], 0.)) * b_e1[None, :]
+        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_S21 += b_C
+        b_kja = b_k2a
+        b_khja = b_kha
+        b_kjb = b_k2b
+        b_khjb = b_khb
+        b_S22 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S22 = tl.dot(b_KPb, tl.trans(b_khjb), b_S22, input_precision=DOT_PRECISION)
+        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc2[:, None] - b_gc2[None, :], 0.)), 0.) * b_e2[None, :]
+        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
+        b_S22 += b_C
+        b_S22 += tl.where(m_sd, b_r2[:, None], 0.)
         if OUTPUT_VARIANCE:
             # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qh = tl.load(q + p_tk2, mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
-            b_qh = b_qh * tl.exp2(b_gc2)[:, None]
-            tl.store(_var + (bos + o_t2) * H + i_h, tl.sum(tl.dot(b_qh, b_P, input_precision=DOT_PRECISION) * b_qh, axis=1), mask=m_t2)
+            b_qha = tl.load(q + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
+            b_qha = b_qha * tl.exp2(b_gc2)[:, None]
+            b_qhb = tl.load(q + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
+            b_qhb = b_qhb * tl.exp2(b_gc2)[:, None]
+            b_qPq = tl.zeros([BC], dtype=tl.float32)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qha, axis=1)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
+            tl.store(_var + (bos + o_t2) * H + i_h, b_qPq, mask=m_t2)
         # rows 48..63 of the chunk
         o_t3 = i_t * BT + 3 * BC + o_s
         m_t3 = o_t3 < T
-        p_tk3 = ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
-        b_k3 = tl.load(k + p_tk3, mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k3a = tl.load(k + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_k3b = tl.load(k + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
         b_r3 = tl.where(m_t3, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
@@ -230,168 +380,249 @@ def chunk_riccati_kernel(
         b_ld = tl.where(m_t3, (b_g) * RCP_LN2, 0.)
         # cumulative log2-decay since the chunk start
         b_gc3 = b_gcar + tl.cumsum(b_ld, axis=0)
-        b_kh3 = b_k3 * tl.exp2(b_gc3)[:, None]
         # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
         b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc3[:, None] - b_gc3[None, :], 0.)), 0.)
         b_e3 = tl.sum(b_G * b_G * b_sig3[None, :], axis=1)
         b_e3 += b_ecar * tl.exp2(2. * (b_gc3 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e3, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        # [BC, BK] K^ P
-        b_KP3 = tl.dot(b_kh3, b_P, input_precision=DOT_PRECISION)
-        if OUTPUT_VARIANCE:
-            # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qh = tl.load(q + p_tk3, mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
-            b_qh = b_qh * tl.exp2(b_gc3)[:, None]
-            tl.store(_var + (bos + o_t3) * H + i_h, tl.sum(tl.dot(b_qh, b_P, input_precision=DOT_PRECISION) * b_qh, axis=1), mask=m_t3)
-        b_gl = b_gcar
-        # U = a o (K^ P) + e o K (stored), U^ = U o (a_C / a)
-        b_U = b_KP0 * tl.exp2(b_gc0)[:, None] + b_e0[:, None] * b_k0
-        tl.store(_U + p_tk0, b_U, mask=m_t0[:, None] & m_k[None, :])
-        b_Uh0 = b_U * tl.exp2(b_gl - b_gc0)[:, None]
-        # U = a o (K^ P) + e o K (stored), U^ = U o (a_C / a)
-        b_U = b_KP1 * tl.exp2(b_gc1)[:, None] + b_e1[:, None] * b_k1
-        tl.store(_U + p_tk1, b_U, mask=m_t1[:, None] & m_k[None, :])
-        b_Uh1 = b_U * tl.exp2(b_gl - b_gc1)[:, None]
-        # U = a o (K^ P) + e o K (stored), U^ = U o (a_C / a)
-        b_U = b_KP2 * tl.exp2(b_gc2)[:, None] + b_e2[:, None] * b_k2
-        tl.store(_U + p_tk2, b_U, mask=m_t2[:, None] & m_k[None, :])
-        b_Uh2 = b_U * tl.exp2(b_gl - b_gc2)[:, None]
-        # U = a o (K^ P) + e o K (stored), U^ = U o (a_C / a)
-        b_U = b_KP3 * tl.exp2(b_gc3)[:, None] + b_e3[:, None] * b_k3
-        tl.store(_U + p_tk3, b_U, mask=m_t3[:, None] & m_k[None, :])
-        b_Uh3 = b_U * tl.exp2(b_gl - b_gc3)[:, None]
-        # the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        b_S00 = tl.dot(b_KP0, tl.trans(b_kh0), input_precision=DOT_PRECISION)
-        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.) * b_e0[None, :]
-        b_C = tl.dot(b_k0, tl.trans(b_k0), input_precision=DOT_PRECISION) * b_C
-        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
-        b_S00 += b_C
-        b_S00 += tl.where(m_sd, b_r0[:, None], 0.)
-        b_S10 = tl.dot(b_KP1, tl.trans(b_kh0), input_precision=DOT_PRECISION)
-        b_C = tl.exp2(tl.minimum(b_gc1[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_C = tl.dot(b_k1, tl.trans(b_k0), input_precision=DOT_PRECISION) * b_C
-        b_S10 += b_C
-        b_S11 = tl.dot(b_KP1, tl.trans(b_kh1), input_precision=DOT_PRECISION)
-        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc1[:, None] - b_gc1[None, :], 0.)), 0.) * b_e1[None, :]
-        b_C = tl.dot(b_k1, tl.trans(b_k1), input_precision=DOT_PRECISION) * b_C
-        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
-        b_S11 += b_C
-        b_S11 += tl.where(m_sd, b_r1[:, None], 0.)
-        b_S20 = tl.dot(b_KP2, tl.trans(b_kh0), input_precision=DOT_PRECISION)
-        b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_C = tl.dot(b_k2, tl.trans(b_k0), input_precision=DOT_PRECISION) * b_C
-        b_S20 += b_C
-        b_S21 = tl.dot(b_KP2, tl.trans(b_kh1), input_precision=DOT_PRECISION)
-        b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc1[None, :], 0.)) * b_e1[None, :]
-        b_C = tl.dot(b_k2, tl.trans(b_k1), input_precision=DOT_PRECISION) * b_C
-        b_S21 += b_C
-        b_S22 = tl.dot(b_KP2, tl.trans(b_kh2), input_precision=DOT_PRECISION)
-        b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc2[:, None] - b_gc2[None, :], 0.)), 0.) * b_e2[None, :]
-        b_C = tl.dot(b_k2, tl.trans(b_k2), input_precision=DOT_PRECISION) * b_C
-        b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
-        b_S22 += b_C
-        b_S22 += tl.where(m_sd, b_r2[:, None], 0.)
-        b_S30 = tl.dot(b_KP3, tl.trans(b_kh0), input_precision=DOT_PRECISION)
+        b_kha = b_k3a * tl.exp2(b_gc3)[:, None]
+        b_khb = b_k3b * tl.exp2(b_gc3)[:, None]
+        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
+        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
+        b_U = b_KPa * tl.exp2(b_gc3)[:, None] + b_e3[:, None] * b_k3a
+        tl.store(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
+        b_U = b_KPb * tl.exp2(b_gc3)[:, None] + b_e3[:, None] * b_k3b
+        tl.store(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        # row 3 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
+        # block 0's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
+        b_S30 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S30 = tl.dot(b_KPb, tl.trans(b_khjb), b_S30, input_precision=DOT_PRECISION)
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_C = tl.dot(b_k3, tl.trans(b_k0), input_precision=DOT_PRECISION) * b_C
+        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
         b_S30 += b_C
-        b_S31 = tl.dot(b_KP3, tl.trans(b_kh1), input_precision=DOT_PRECISION)
+        # block 1's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc1)[:, None]
+        # block 1's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc1)[:, None]
+        b_S31 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S31 = tl.dot(b_KPb, tl.trans(b_khjb), b_S31, input_precision=DOT_PRECISION)
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc1[None, :], 0.)) * b_e1[None, :]
-        b_C = tl.dot(b_k3, tl.trans(b_k1), input_precision=DOT_PRECISION) * b_C
+        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
         b_S31 += b_C
-        b_S32 = tl.dot(b_KP3, tl.trans(b_kh2), input_precision=DOT_PRECISION)
+        # block 2's keys again (from L1): fewer registers live across the blocks
+        b_kja = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khja = b_kja * tl.exp2(b_gc2)[:, None]
+        # block 2's keys again (from L1): fewer registers live across the blocks
+        b_kjb = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khjb = b_kjb * tl.exp2(b_gc2)[:, None]
+        b_S32 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S32 = tl.dot(b_KPb, tl.trans(b_khjb), b_S32, input_precision=DOT_PRECISION)
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc2[None, :], 0.)) * b_e2[None, :]
-        b_C = tl.dot(b_k3, tl.trans(b_k2), input_precision=DOT_PRECISION) * b_C
+        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
         b_S32 += b_C
-        b_S33 = tl.dot(b_KP3, tl.trans(b_kh3), input_precision=DOT_PRECISION)
+        b_kja = b_k3a
+        b_khja = b_kha
+        b_kjb = b_k3b
+        b_khjb = b_khb
+        b_S33 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
+        b_S33 = tl.dot(b_KPb, tl.trans(b_khjb), b_S33, input_precision=DOT_PRECISION)
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc3[:, None] - b_gc3[None, :], 0.)), 0.) * b_e3[None, :]
-        b_C = tl.dot(b_k3, tl.trans(b_k3), input_precision=DOT_PRECISION) * b_C
+        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
+        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
         b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
         b_S33 += b_C
         b_S33 += tl.where(m_sd, b_r3[:, None], 0.)
+        if OUTPUT_VARIANCE:
+            # q^^T P q^ (chunk_gain_kernel adds the rest)
+            b_qha = tl.load(q + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
+            b_qha = b_qha * tl.exp2(b_gc3)[:, None]
+            b_qhb = tl.load(q + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
+            b_qhb = b_qhb * tl.exp2(b_gc3)[:, None]
+            b_qPq = tl.zeros([BC], dtype=tl.float32)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qha, axis=1)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
+            tl.store(_var + (bos + o_t3) * H + i_h, b_qPq, mask=m_t3)
         # blocked LDL: factor the diagonal block, then the panel below it and its Schur update
         b_Li0, b_D0 = ldl_block(b_S00, o_s, BC)
         tl.store(_D + (bos + o_t0) * H + i_h, b_D0, mask=m_t0)
         tl.store(_L + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_Li0, mask=m_t0[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X1 = tl.dot(b_S10, tl.trans(b_Li0), input_precision=DOT_PRECISION)
-        b_L10 = b_X1 / b_D0[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X10 = tl.dot(b_S10, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_L10 = b_X10 / b_D0[None, :]
         tl.store(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L10, mask=m_t1[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X2 = tl.dot(b_S20, tl.trans(b_Li0), input_precision=DOT_PRECISION)
-        b_L20 = b_X2 / b_D0[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X20 = tl.dot(b_S20, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_L20 = b_X20 / b_D0[None, :]
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L20, mask=m_t2[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X3 = tl.dot(b_S30, tl.trans(b_Li0), input_precision=DOT_PRECISION)
-        b_L30 = b_X3 / b_D0[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X30 = tl.dot(b_S30, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_L30 = b_X30 / b_D0[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L30, mask=m_t3[:, None])
-        b_S11 -= tl.dot(b_L10, tl.trans(b_X1), input_precision=DOT_PRECISION)
-        b_S21 -= tl.dot(b_L20, tl.trans(b_X1), input_precision=DOT_PRECISION)
-        b_S22 -= tl.dot(b_L20, tl.trans(b_X2), input_precision=DOT_PRECISION)
-        b_S31 -= tl.dot(b_L30, tl.trans(b_X1), input_precision=DOT_PRECISION)
-        b_S32 -= tl.dot(b_L30, tl.trans(b_X2), input_precision=DOT_PRECISION)
-        b_S33 -= tl.dot(b_L30, tl.trans(b_X3), input_precision=DOT_PRECISION)
+        b_S11 -= tl.dot(b_L10, tl.trans(b_X10), input_precision=DOT_PRECISION)
+        b_S21 -= tl.dot(b_L20, tl.trans(b_X10), input_precision=DOT_PRECISION)
+        b_S22 -= tl.dot(b_L20, tl.trans(b_X20), input_precision=DOT_PRECISION)
+        b_S31 -= tl.dot(b_L30, tl.trans(b_X10), input_precision=DOT_PRECISION)
+        b_S32 -= tl.dot(b_L30, tl.trans(b_X20), input_precision=DOT_PRECISION)
+        b_S33 -= tl.dot(b_L30, tl.trans(b_X30), input_precision=DOT_PRECISION)
         b_Li1, b_D1 = ldl_block(b_S11, o_s, BC)
         tl.store(_D + (bos + o_t1) * H + i_h, b_D1, mask=m_t1)
         tl.store(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_Li1, mask=m_t1[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X2 = tl.dot(b_S21, tl.trans(b_Li1), input_precision=DOT_PRECISION)
-        b_L21 = b_X2 / b_D1[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X21 = tl.dot(b_S21, tl.trans(b_Li1), input_precision=DOT_PRECISION)
+        b_L21 = b_X21 / b_D1[None, :]
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_L21, mask=m_t2[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X3 = tl.dot(b_S31, tl.trans(b_Li1), input_precision=DOT_PRECISION)
-        b_L31 = b_X3 / b_D1[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X31 = tl.dot(b_S31, tl.trans(b_Li1), input_precision=DOT_PRECISION)
+        b_L31 = b_X31 / b_D1[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_L31, mask=m_t3[:, None])
-        b_S22 -= tl.dot(b_L21, tl.trans(b_X2), input_precision=DOT_PRECISION)
-        b_S32 -= tl.dot(b_L31, tl.trans(b_X2), input_precision=DOT_PRECISION)
-        b_S33 -= tl.dot(b_L31, tl.trans(b_X3), input_precision=DOT_PRECISION)
+        b_S22 -= tl.dot(b_L21, tl.trans(b_X21), input_precision=DOT_PRECISION)
+        b_S32 -= tl.dot(b_L31, tl.trans(b_X21), input_precision=DOT_PRECISION)
+        b_S33 -= tl.dot(b_L31, tl.trans(b_X31), input_precision=DOT_PRECISION)
         b_Li2, b_D2 = ldl_block(b_S22, o_s, BC)
         tl.store(_D + (bos + o_t2) * H + i_h, b_D2, mask=m_t2)
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], b_Li2, mask=m_t2[:, None])
-        # L_ib D_b = S_ib L_bb^-T
-        b_X3 = tl.dot(b_S32, tl.trans(b_Li2), input_precision=DOT_PRECISION)
-        b_L32 = b_X3 / b_D2[None, :]
+        # X_ib = L_ib D_b = S_ib L_bb^-T
+        b_X32 = tl.dot(b_S32, tl.trans(b_Li2), input_precision=DOT_PRECISION)
+        b_L32 = b_X32 / b_D2[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], b_L32, mask=m_t3[:, None])
-        b_S33 -= tl.dot(b_L32, tl.trans(b_X3), input_precision=DOT_PRECISION)
+        b_S33 -= tl.dot(b_L32, tl.trans(b_X32), input_precision=DOT_PRECISION)
         b_Li3, b_D3 = ldl_block(b_S33, o_s, BC)
         tl.store(_D + (bos + o_t3) * H + i_h, b_D3, mask=m_t3)
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_s[None, :], b_Li3, mask=m_t3[:, None])
-        # Y = L^-1 U^ by blocks, Z = D^-1 Y (stored for the mean kernel)
-        b_R = b_Uh0
-        b_Y0 = tl.dot(b_Li0, b_R, input_precision=DOT_PRECISION)
-        b_Z0 = b_Y0 / b_D0[:, None]
-        tl.store(_z + p_tk0, b_Z0.to(_z.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
-        b_R = b_Uh1
-        b_R -= tl.dot(b_L10, b_Y0, input_precision=DOT_PRECISION)
-        b_Y1 = tl.dot(b_Li1, b_R, input_precision=DOT_PRECISION)
-        b_Z1 = b_Y1 / b_D1[:, None]
-        tl.store(_z + p_tk1, b_Z1.to(_z.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
-        b_R = b_Uh2
-        b_R -= tl.dot(b_L20, b_Y0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L21, b_Y1, input_precision=DOT_PRECISION)
-        b_Y2 = tl.dot(b_Li2, b_R, input_precision=DOT_PRECISION)
-        b_Z2 = b_Y2 / b_D2[:, None]
-        tl.store(_z + p_tk2, b_Z2.to(_z.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
-        b_R = b_Uh3
-        b_R -= tl.dot(b_L30, b_Y0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L31, b_Y1, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L32, b_Y2, input_precision=DOT_PRECISION)
-        b_Y3 = tl.dot(b_Li3, b_R, input_precision=DOT_PRECISION)
-        b_Z3 = b_Y3 / b_D3[:, None]
-        tl.store(_z + p_tk3, b_Z3.to(_z.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
-
-        # the Riccati step: P' = a_C P a_C + e_C I - Y^T D^-1 Y
-        b_P = b_P * tl.exp2(2. * b_gl)
-        b_P += tl.where(m_I, b_ecar, 0.)
-        b_P -= tl.dot(tl.trans(b_Y0), b_Z0, input_precision=DOT_PRECISION)
-        b_P -= tl.dot(tl.trans(b_Y1), b_Z1, input_precision=DOT_PRECISION)
-        b_P -= tl.dot(tl.trans(b_Y2), b_Z2, input_precision=DOT_PRECISION)
-        b_P -= tl.dot(tl.trans(b_Y3), b_Z3, input_precision=DOT_PRECISION)
-        b_P = 0.5 * (b_P + tl.trans(b_P))
-
-    if STORE_FINAL_COV:
-        tl.store(_Pt + i_nh.to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :], b_P, mask=m_kk)
+        # U and the earlier blocks' Z are read back from memory (fewer live registers)
+        tl.debug_barrier()
+        # Y = L^-1 U^ by blocks: Y_b = L_bb^-1 (U^_b - sum_c L_bc Y_c), L_bc Y_c = X_bc Z_c; Z = D^-1 Y (stored for the mean kernel)
+        b_R = tl.load(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc0)[:, None]
+        b_Ya = tl.dot(b_Li0, b_R, input_precision=DOT_PRECISION)
+        b_Za = b_Ya / b_D0[:, None]
+        tl.store(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_R = tl.load(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc0)[:, None]
+        b_Yb = tl.dot(b_Li0, b_R, input_precision=DOT_PRECISION)
+        b_Zb = b_Yb / b_D0[:, None]
+        tl.store(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        tl.debug_barrier()
+        b_R = tl.load(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc1)[:, None]
+        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Ya = tl.dot(b_Li1, b_R, input_precision=DOT_PRECISION)
+        b_Za = b_Ya / b_D1[:, None]
+        tl.store(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_R = tl.load(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc1)[:, None]
+        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Yb = tl.dot(b_Li1, b_R, input_precision=DOT_PRECISION)
+        b_Zb = b_Yb / b_D1[:, None]
+        tl.store(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        tl.debug_barrier()
+        b_R = tl.load(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc2)[:, None]
+        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Ya = tl.dot(b_Li2, b_R, input_precision=DOT_PRECISION)
+        b_Za = b_Ya / b_D2[:, None]
+        tl.store(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_R = tl.load(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc2)[:, None]
+        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Yb = tl.dot(b_Li2, b_R, input_precision=DOT_PRECISION)
+        b_Zb = b_Yb / b_D2[:, None]
+        tl.store(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        tl.debug_barrier()
+        b_R = tl.load(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc3)[:, None]
+        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Ya = tl.dot(b_Li3, b_R, input_precision=DOT_PRECISION)
+        b_Za = b_Ya / b_D3[:, None]
+        tl.store(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]))
+        b_R = tl.load(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_R = b_R * tl.exp2(b_gcar - b_gc3)[:, None]
+        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
+        b_Yb = tl.dot(b_Li3, b_R, input_precision=DOT_PRECISION)
+        b_Zb = b_Yb / b_D3[:, None]
+        tl.store(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]))
+        tl.debug_barrier()
+        # the Riccati step by quarters: P'_xy = a_C^2 P_xy + e_C I - sum_b Y_b,x^T Z_b,y, Y_b = D_b Z_b;
+        # P'_ba = P'_ab^T and P'_aa, P'_bb symmetrized
+        b_Pn = tl.load(p_Paa, mask=m_Paa, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
+        b_Pn = b_Pn * tl.exp2(2. * b_gcar)
+        b_Pn += tl.where(o_ka[:, None] == o_ka[None, :], b_ecar, 0.)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
+        b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
+        b_Pn = b_Pn * tl.exp2(2. * b_gcar)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+        b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        tl.store(p_Pab, b_Pn, mask=m_Pab)
+        tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
+        b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
+        b_Pn = b_Pn * tl.exp2(2. * b_gcar)
+        b_Pn += tl.where(o_kb[:, None] == o_kb[None, :], b_ecar, 0.)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+        b_Zy = b_Zx
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
+        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -710,14 +941,12 @@ def _block(n, cap):
 def default_config(K, V):
     """Block sizes and launch settings per kernel (override any of them with `config=`).
 
-    precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32"). The
-    covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
-    K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
-    its dots run in tf32 (about 1e-3 relative).
+    precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32").
+    The covariance path is float32 throughout, its dots "tf32x3" (near float32) at every K:
+    the Riccati kernel's dots take 16-row blocks and quarters of P (about 16 KB of shared memory at K = 128).
     """
     return {
-        "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
-                           precision="tf32x3" if K <= 64 else "tf32"),
+        "covariance": dict(num_warps=4 if K <= 64 else 8, num_stages=1, precision="tf32x3"),
         "gain": dict(BV=_block(V, 64), num_warps=4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=4, num_stages=2, precision="tf32x3"),
     }
@@ -862,7 +1091,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     _L = q.new_empty(B, T, H, BT, dtype=torch.float32)
     _D = q.new_empty(B, T, H, dtype=torch.float32)
     _var = q.new_empty(B, T, H, dtype=torch.float32) if output_variance else None
-    _Pt = q.new_empty(N, H, K, K, dtype=torch.float32) if output_final_state else None
+    _Pt = q.new_empty(N, H, K, K, dtype=torch.float32)   # P across the chunks; the final covariance
     _launch = _cfg["covariance"]
     chunk_riccati_kernel[(N * H,)](
         q, k, g, p0, r, sigma, _z, _L, _D, _U, _var, _P0, _Pt, cu_seqlens, scale, T,

@@ -314,8 +314,8 @@ def _block(n, cap):
 def default_config(K, V):
     """Block sizes and launch settings per kernel (override any of them with `config=`).
 
-    precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32"). The
-    covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
+    precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32").
+    The covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
     K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
     its dots run in tf32 (about 1e-3 relative).
     """
