@@ -15,8 +15,7 @@ import sympy as sp
 
 from designmodel import structure as st
 from designmodel.family import Structure, classify
-from designmodel.spec import (DesignModel, Exact, Regression, Reset, SpecError, as_filter,
-                              sigmoid)
+from designmodel.spec import DesignModel, as_filter, sigmoid
 
 
 @dataclass(frozen=True)
@@ -257,4 +256,4 @@ def _plain(expr) -> str:
 
 
 __all__ = ["derive", "Derivation", "Step", "reset_gain", "gain_logit", "recognize_sigmoid",
-           "dataflow", "SpecError", "Exact", "Reset", "Regression"]
+           "dataflow"]

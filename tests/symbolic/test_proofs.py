@@ -103,8 +103,8 @@ def _tampered(d, **changes):
 def test_kalman_proof_fails_on_a_wrong_gain():
     d = derive("bayesian_layer")
     from designmodel.derive import INNOV_VAR, S_NEW
-    wrong = d.mean.xreplace({}) if False else d.expand(d.steps[5].expr.xreplace({INNOV_VAR: 2 * INNOV_VAR}))
     assert d.steps[5].symbol == S_NEW
+    wrong = d.expand(d.steps[5].expr.xreplace({INNOV_VAR: 2 * INNOV_VAR}))  # half the gain
     assert not proofs.kalman_is_bayes(_tampered(d, mean=wrong)).holds
 
 
