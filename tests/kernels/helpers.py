@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from designmodel.reference import recurrent
+from designmodel.check import reference_on_rounded, relative_error  # noqa: F401 (re-exported)
 
 from .conftest import DEVICE
 
@@ -28,9 +28,6 @@ def make_inputs(spec_inputs, B, T, H, K, V, seed=0, unit_keys=True):
     return q, k, v, ins
 
 
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|."""
-    return ((x.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def compare(derivation, run, B, T, H, K, V, dtype=torch.float32, initial_state=True,
@@ -51,16 +48,8 @@ def compare(derivation, run, B, T, H, K, V, dtype=torch.float32, initial_state=T
                    {n: x.to(DEVICE) for n, x in ins.items()},
                    None if S0 is None else S0.to(DEVICE),
                    None if cu is None else cu.to(DEVICE))
-    scale = K ** -0.5
-    k_ref = k.double()
-    if derivation.structure.unit_keys:
-        # rounding to bf16 moves a unit key off the sphere by up to 2^-9; the reference
-        # (which checks unit keys) takes the renormalized key
-        k_ref = k_ref / k_ref.norm(dim=-1, keepdim=True)
-    ref = recurrent(derivation, q.double() * scale, k_ref, v.double(),
-                    {n: x.double() for n, x in ins.items()},
-                    initial_state=None if S0 is None else S0.double(),
-                    cu_seqlens=None if cu is None else cu.long())
+    ref = reference_on_rounded(derivation, q, k, v, ins, scale=K ** -0.5, initial_state=S0,
+                               cu_seqlens=cu)
     assert o.shape == (B, T, H, V) and o.dtype == dtype
     assert state.shape == (N, H, K, V) and state.dtype == torch.float32
     return relative_error(o, ref.o), relative_error(state, ref.state)
