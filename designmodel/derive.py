@@ -107,7 +107,7 @@ def derive(spec, filter=None) -> Derivation:
     structure = classify(spec)
     builder = {"write": _write_steps, "reset": _reset_steps, "kalman": _kalman_steps}[structure.family]
     steps, scalars = builder(spec)
-    steps += _readout_steps(spec, structure)
+    steps += _readout_steps(spec)
     d = Derivation(spec=spec, structure=structure, steps=steps, scalars=scalars, mean=None,
                    covariance=None, readout=None, variance=None, raw_mean=None)
     d.mean = d.expand(S_NEW)
@@ -162,11 +162,15 @@ def _kalman_steps(spec):
     return steps, scalars
 
 
+def _reset_innovation_variance(spec) -> sp.Expr:
+    """s = c |k|^2 + r under the reset covariance c I (with |k|^2 = 1 for unit keys)."""
+    knorm2 = 1 if spec.observation.unit_keys else st.KEY_NORM2
+    return spec.filter.c * knorm2 + spec.observation.noise
+
+
 def reset_gain(spec) -> sp.Expr:
     """The reset gain c / (c |k|^2 + r), simplified (with |k|^2 = 1 for unit keys)."""
-    c, r = spec.filter.c, spec.observation.noise
-    knorm2 = 1 if spec.observation.unit_keys else st.KEY_NORM2
-    return sp.simplify(c / (c * knorm2 + r))
+    return sp.simplify(spec.filter.c / _reset_innovation_variance(spec))
 
 
 def gain_logit(spec) -> sp.Expr | None:
@@ -180,11 +184,10 @@ def gain_logit(spec) -> sp.Expr | None:
 
 def _reset_steps(spec):
     F, c = _transition(spec), spec.filter.c
-    knorm2 = 1 if spec.observation.unit_keys else st.KEY_NORM2
     gain = reset_gain(spec)
     steps = [
         Step(S_PRED, F * st.S, "predicted mean"),
-        Step(INNOV_VAR, c * knorm2 + spec.observation.noise, "innovation variance under the reset c I"),
+        Step(INNOV_VAR, _reset_innovation_variance(spec), "innovation variance under the reset c I"),
         Step(GAIN, gain, "reset gain c / s"),
         Step(S_NEW, (sp.Identity(st.K) - GAIN * st.k * st.k.T) * S_PRED + GAIN * st.k * st.v.T,
              "posterior mean (delta rule)"),
@@ -210,7 +213,7 @@ def _raw_mean(spec, structure) -> sp.Basic:
     return S_PRED + u * (st.v - S_PRED.T * st.k).T / s
 
 
-def _readout_steps(spec, structure):
+def _readout_steps(spec):
     timing_post = spec.readout.timing == "posterior"
     mean = S_NEW if timing_post else S_PRED
     steps = [Step(Y, mean.T * st.q, f"readout ({spec.readout.timing} mean)")]

@@ -62,7 +62,7 @@ def _token(t: int, key_dim: int, value_dim: int) -> dict:
     return {st.k: vec("k", key_dim), st.v: vec("v", value_dim), st.q: vec("q", key_dim)}
 
 
-def step(d, mean, cov, t: int, key_dim: int, value_dim: int, unit_keys_norm=None):
+def step(d, mean, cov, t: int, key_dim: int, value_dim: int):
     """One token of the derived filter on explicit matrices: returns (S_t, P_t)."""
     values = {st.S: mean, st.P: cov, **_token(t, key_dim, value_dim)}
     rename = _time_symbols(d.spec, t, key_dim)
