@@ -71,8 +71,10 @@ def render(derivation) -> dict[str, str]:
     """The generated files of one derivation: name -> text."""
     p = planning.plan(derivation)
     env = environment()
+    # a family's backward is emitted once its templates hold a backward core
+    has_backward_core = (TEMPLATES / p.family / "backward.py.j2").is_file()
     context = dict(plan=p, version=__version__, structure_line=derivation.structure.one_line(),
-                   one_line=derivation.one_line())
+                   one_line=derivation.one_line(), has_backward_core=has_backward_core)
     module = "kalman/module.py.j2" if p.family == "kalman" else "common/module.py.j2"
     kernels = env.get_template(module).render(**context)
     kernels = _tidy(kernels)

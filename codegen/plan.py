@@ -14,13 +14,13 @@ per-token expressions already printed as Triton for each broadcasting context.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import sympy as sp
 
 from designmodel import structure as st
-from designmodel.spec import inputs_of
+from designmodel.spec import Input, inputs_of
 
 from .printer import triton_code
 
@@ -108,6 +108,13 @@ class Quantity:
     per_key: bool             # varies along the key dimension
     uses_key_norm: bool       # reads |k_t|^2
     code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK])
+    # d expr / d x for each input name x it reads (and KNORM2 for |k_t|^2 when it reads it):
+    # name -> context -> Triton code, printed from sympy's derivative (the backward's chain rule)
+    derivatives: dict = field(default_factory=dict)
+
+    def derivative(self, wrt: str, context: str) -> str:
+        """The Triton code of d expr / d wrt in a broadcasting context."""
+        return self.derivatives[wrt][context]
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,25 @@ class Plan:
     def nsub(self) -> int:
         return self.chunk // self.sub_chunk
 
+    def canonical(self) -> "Plan":
+        """This plan with each per-token quantity read from a tensor of its own instead of
+        computed from the spec's inputs: the log-decay from `g` (natural log, [B, T, H] or
+        [B, T, H, K], a constant decay expanded over the tokens) and the gain from `beta`
+        ([B, T, H]). The backward kernels are rendered from it: they take the materialized
+        quantities, and the chain rule maps their gradients back to the inputs."""
+        log_decay = gain = None
+        inputs = []
+        if self.log_decay is not None:
+            g = Input("g", per="key" if self.log_decay.per_key else "head", domain="logdecay")
+            log_decay = _quantity("log_decay", g)
+            inputs.append(InputPlan("g", g.per, True, "logdecay"))
+        if self.gain is not None:
+            beta = Input("beta", domain="real")
+            gain = _quantity("gain", beta)
+            inputs.append(InputPlan("beta", "head", True, "real"))
+        return replace(self, inputs=tuple(sorted(inputs, key=lambda i: i.name)),
+                       log_decay=log_decay, gain=gain)
+
     def inputs_of(self, *quantities: str) -> tuple[InputPlan, ...]:
         """The inputs read by the named per-token quantities, sorted by name."""
         names = set()
@@ -196,17 +222,31 @@ def _names(inputs, context: str, key_norm: str = "b_knorm2") -> dict:
     return out
 
 
+# The name under which a Quantity's derivative by |k_t|^2 is kept (not an input name: reserved).
+KNORM2 = "knorm2"
+
+
+def _printed(expr, used, per_key: bool) -> dict:
+    """expr printed for each context it can be read in."""
+    code = {"rows_keys": triton_code(expr, _names(used, "rows_keys"))}
+    if not per_key:
+        code["rows"] = triton_code(expr, _names(used, "rows"))
+    return code
+
+
 def _quantity(name: str, expr) -> Quantity | None:
     expr = sp.sympify(expr)
     if name == "log_decay" and expr == 0:
         return None
     used = inputs_of(expr)
     per_key = any(s.per == "key" for s in used)
-    code = {"rows_keys": triton_code(expr, _names(used, "rows_keys"))}
-    if not per_key:
-        code["rows"] = triton_code(expr, _names(used, "rows"))
+    uses_key_norm = st.KEY_NORM2 in expr.free_symbols
+    # the chain rule of the backward: sympy's derivative by each input (and by |k|^2)
+    wrt = [(s.name, s) for s in used] + ([(KNORM2, st.KEY_NORM2)] if uses_key_norm else [])
+    derivatives = {n: _printed(sp.diff(expr, s), used, per_key) for n, s in wrt}
     return Quantity(name=name, expr=expr, inputs=tuple(s.name for s in used), per_key=per_key,
-                    uses_key_norm=st.KEY_NORM2 in expr.free_symbols, code=code)
+                    uses_key_norm=uses_key_norm, code=_printed(expr, used, per_key),
+                    derivatives=derivatives)
 
 
 def token_quantities(derivation) -> list[str]:
@@ -369,4 +409,4 @@ def plan_kalman(derivation) -> Plan:
 
 
 __all__ = ["Plan", "InputPlan", "Quantity", "KernelPlan", "PlanError", "plan", "token_quantities", "plan_kalman",
-           "CHUNK", "SUB_CHUNK", "RESERVED", "reserved"]
+           "CHUNK", "SUB_CHUNK", "RESERVED", "reserved", "KNORM2"]

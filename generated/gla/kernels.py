@@ -694,3 +694,962 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return o, ht
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_attention_canonical_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
+    A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
+
+    The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks i > j the decay
+    ratio splits at r, the cumulative decay at the end of sub-chunk j:
+    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1, and the block is one matmul. Within a
+    sub-chunk the ratios are taken elementwise, as a [BC, BC, BK] block. Grid: (NT, B * H).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    o_t0 = i_t * BT + 0 * BC + o_c
+    m_t0 = o_t0 < T
+    o_t1 = i_t * BT + 1 * BC + o_c
+    m_t1 = o_t1 < T
+    o_t2 = i_t * BT + 2 * BC + o_c
+    m_t2 = o_t2 < T
+    o_t3 = i_t * BT + 3 * BC + o_c
+    m_t3 = o_t3 < T
+    # [BC, BC] blocks of A, row sub-chunk i, column sub-chunk j
+    b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A32 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BK] cumulative log2-decay at the end of the sub-chunk before
+        b_gn = tl.zeros([BK], dtype=tl.float32)
+        # sub-chunk 0: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q0 = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc0 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+        b_gn = b_gn + tl.sum(b_ld, axis=0)
+        b_gn0 = b_gn
+        # sub-chunk 1: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q1 = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc1 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+        b_gn = b_gn + tl.sum(b_ld, axis=0)
+        b_gn1 = b_gn
+        # sub-chunk 2: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q2 = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc2 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+        b_gn = b_gn + tl.sum(b_ld, axis=0)
+        b_gn2 = b_gn
+        # sub-chunk 3: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q3 = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc3 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+        b_gn = b_gn + tl.sum(b_ld, axis=0)
+        b_gn3 = b_gn
+        # off-diagonal blocks i > j: exp2(gc_t - r) exp2(r - gc_s), r = gc at the end of sub-chunk j
+        b_kr = b_k0 * tl.exp2(b_gn0[None, :] - b_gc0)
+        b_A10 = tl.dot(b_q1 * tl.exp2(b_gc1 - b_gn0[None, :]), tl.trans(b_kr), b_A10)
+        b_A20 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn0[None, :]), tl.trans(b_kr), b_A20)
+        b_A30 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn0[None, :]), tl.trans(b_kr), b_A30)
+        b_kr = b_k1 * tl.exp2(b_gn1[None, :] - b_gc1)
+        b_A21 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn1[None, :]), tl.trans(b_kr), b_A21)
+        b_A31 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn1[None, :]), tl.trans(b_kr), b_A31)
+        b_kr = b_k2 * tl.exp2(b_gn2[None, :] - b_gc2)
+        b_A32 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn2[None, :]), tl.trans(b_kr), b_A32)
+        # diagonal blocks: [BC, BC, BK] products q_tm k_sm exp2(gc_tm - gc_sm), summed over the keys
+        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
+        b_A00 += tl.sum(b_q0[:, None, :] * b_k0[None, :, :] * tl.exp2(tl.minimum(b_gc0[:, None, :] - b_gc0[None, :, :], 0.)), axis=2)
+        b_A11 += tl.sum(b_q1[:, None, :] * b_k1[None, :, :] * tl.exp2(tl.minimum(b_gc1[:, None, :] - b_gc1[None, :, :], 0.)), axis=2)
+        b_A22 += tl.sum(b_q2[:, None, :] * b_k2[None, :, :] * tl.exp2(tl.minimum(b_gc2[:, None, :] - b_gc2[None, :, :], 0.)), axis=2)
+        b_A33 += tl.sum(b_q3[:, None, :] * b_k3[None, :, :] * tl.exp2(tl.minimum(b_gc3[:, None, :] - b_gc3[None, :, :], 0.)), axis=2)
+
+    # row sub-chunk 0
+    p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_A + 0 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
+    tl.store(p_A + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
+    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
+    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
+    # row sub-chunk 1
+    p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_A + 0 * BC, b_A10.to(A.dtype.element_ty), mask=m_t1[:, None])
+    tl.store(p_A + 1 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A11, 0.).to(A.dtype.element_ty), mask=m_t1[:, None])
+    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
+    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
+    # row sub-chunk 2
+    p_A = A + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_A + 0 * BC, b_A20.to(A.dtype.element_ty), mask=m_t2[:, None])
+    tl.store(p_A + 1 * BC, b_A21.to(A.dtype.element_ty), mask=m_t2[:, None])
+    tl.store(p_A + 2 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
+    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t2[:, None])
+    # row sub-chunk 3
+    p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_A + 0 * BC, b_A30.to(A.dtype.element_ty), mask=m_t3[:, None])
+    tl.store(p_A + 1 * BC, b_A31.to(A.dtype.element_ty), mask=m_t3[:, None])
+    tl.store(p_A + 2 * BC, b_A32.to(A.dtype.element_ty), mask=m_t3[:, None])
+    tl.store(p_A + 3 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_attention_rows_canonical_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
+    the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
+    sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
+    Grid: (BT // BC, NT, B * H).
+    """
+    i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    o_r = tl.arange(0, BT)
+    # the whole chunk's rows (for the decay before a sub-chunk) and this program's rows
+    o_tc = i_t * BT + o_r
+    m_tc = o_tc < T
+    o_ti = i_t * BT + i_i * BC + o_c
+    m_ti = o_ti < T
+    p_A = A + ((bos + o_ti[:, None]) * H + i_h) * BT + o_c[None, :]
+    # off-diagonal blocks j < i
+    for i_j in range(0, i_i):
+        o_tj = i_t * BT + i_j * BC + o_c
+        m_tj = o_tj < T
+        b_Aij = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            # [BK] cumulative log2-decay at the start of sub-chunks i and j
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ld, 0.), axis=0)
+            b_gsj = tl.sum(tl.where((o_r < i_j * BC)[:, None], b_ld, 0.), axis=0)
+            # [BC, BK] rows of sub-chunk i: queries and cumulative log2-decay
+            b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ld, axis=0)
+            # [BC, BK] rows of sub-chunk j: keys, cumulative log2-decay, r at its end
+            b_k = tl.load(k + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ld = tl.where(m_tj[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcj = b_gsj[None, :] + tl.cumsum(b_ld, axis=0)
+            b_gn = b_gsj + tl.sum(b_ld, axis=0)
+            b_Aij = tl.dot(b_q * tl.exp2(b_gci - b_gn[None, :]), tl.trans(b_k * tl.exp2(b_gn[None, :] - b_gcj)), b_Aij)
+        tl.store(p_A + i_j * BC, b_Aij.to(A.dtype.element_ty), mask=m_ti[:, None])
+    # the diagonal block
+    b_Aii = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        # cumulative log2-decay within the sub-chunk (the ratios need no offset)
+        b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
+        b_Aii += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp2(tl.minimum(b_gc[:, None, :] - b_gc[None, :, :], 0.)), axis=2)
+    tl.store(p_A + i_i * BC, tl.where(o_c[:, None] >= o_c[None, :], b_Aii, 0.).to(A.dtype.element_ty), mask=m_ti[:, None])
+    # zeros above the diagonal blocks
+    for i_j in range(i_i + 1, BT // BC):
+        tl.store(p_A + i_j * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_ti[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_state_canonical_kernel(
+    k,
+    v,
+    g,
+    h,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The memory across chunks: S' = a_C S + (K o (a_C / a))^T V (the write model's exact filter).
+
+    Stores S at the start of every chunk into h for the output kernel. Each program carries
+    one [BK, BV] block of one sequence's state. Grid: (NK * NV, N * H).
+    """
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # the state at the chunk start, for the readout
+        p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BT, BV]
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
+        b_h *= tl.exp2(b_glast)[:, None]
+        b_k = b_k * tl.exp2(b_glast[None, :] - b_gc)
+        b_v = b_v.to(tl.float32)
+        # write: S += K^T V (decayed operands in float32, tf32 on the GPU)
+        b_h = tl.dot(tl.trans(b_k), b_v, b_h)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_state_kernel(
+    q,
+    g,
+    do,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    STORE_INITIAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The gradient of the memory across chunks, from the last to the first:
+
+        dS = a_C dS' + scale (Q o a)^T dO
+
+    dS' is the gradient w.r.t. the state at the end of a chunk; it is stored into dh for the
+    chunk (for dK and dV), and the gradient at the sequence start into dh0. Each program
+    carries one [BK, BV] block of one sequence's gradient. Grid: (NK * NV, N * H).
+    """
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the gradient w.r.t. the state after the last token
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # the gradient w.r.t. the state at the chunk end
+        p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # [BT, BK] cumulative log2-decay per key since the chunk start
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
+        b_dh *= tl.exp2(b_glast)[:, None]
+        b_q = (b_q * (scale * tl.exp2(b_gc))).to(b_do.dtype)
+        # dS += scale (Q o a)^T dO
+        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+
+    if STORE_INITIAL_GRAD:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dv_kernel(
+    q,
+    k,
+    g,
+    A,
+    do,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The values' gradient of one chunk: dV = scale tril(Q K^T o Gamma)^T dO + (K o (a_C / a)) dS',
+
+    dS' the gradient w.r.t. the state at the chunk end (from chunk_bwd_state_kernel), the
+    intra-chunk attention A recomputed by the attention kernel. Grid: (NV, NT, B * H).
+    """
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    # [BT] tokens of the chunk, [BV] value columns of this program
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+
+    # [BT, BV] the write's share: (K o (a_C / a)) dS'
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BK, BV]
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
+        b_k = (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(b_k.dtype)
+        b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), b_dv)
+
+    # [BT, BT] the intra-chunk attention (rows t, columns s), already causal and decayed
+    b_A = tl.load(A + ((bos + o_t[:, None]) * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=m_t[:, None], other=0.)
+    b_At = tl.trans(b_A)
+    # [BT, BV]
+    b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_dv += tl.dot(b_At, b_do.to(tl.float32)) * scale
+    p_dv = dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dqk_kernel(
+    q,
+    k,
+    v,
+    g,
+    h,
+    do,
+    dh,
+    dq,
+    dk,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The queries' and keys' gradients of one chunk, with dA = scale tril(dO V^T):
+
+        dQ = scale (dO S^T) o a + (dA o Gamma) K        (per key: sum_s dA_ts Gamma_ts o k_s)
+        dK = (V dS'^T) o (a_C / a) + (dA o Gamma)^T Q   (per key: sum_t dA_ts Gamma_ts o q_t)
+
+    S is the state at the chunk start (recomputed), dS' the gradient at its end.
+    The chunk is cut into 4 sub-chunks of BC tokens, as in the attention kernel: between
+    sub-chunks the per-key ratio Gamma_ts splits at r, a cumulative decay between s and t, into
+    two factors <= 1 and the block is a matmul; within a sub-chunk it is taken elementwise.
+    Grid: (NK, NT, B * H).
+    """
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
+    p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+    o_c = tl.arange(0, BC)
+    o_t0 = i_t * BT + 0 * BC + o_c
+    m_t0 = o_t0 < T
+    o_t1 = i_t * BT + 1 * BC + o_c
+    m_t1 = o_t1 < T
+    o_t2 = i_t * BT + 2 * BC + o_c
+    m_t2 = o_t2 < T
+    o_t3 = i_t * BT + 3 * BC + o_c
+    m_t3 = o_t3 < T
+    # [BC, BC] blocks of dA = dO V^T, row sub-chunk i, column sub-chunk j <= i; [BC, BK] blocks of
+    # dO S^T and V dS'^T per sub-chunk
+    b_dA00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA32 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dA33 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dq0 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk0 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dq1 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk1 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dq2 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk2 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dq3 = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk3 = tl.zeros([BC, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        # [BV, BK] the state at the chunk start and the gradient at its end, transposed
+        b_ht = tl.load(p_h + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
+        b_dht = tl.load(p_dh + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
+        # sub-chunk 0: [BC, BV] output gradients and values
+        b_do0 = tl.load(do + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t0[:, None] & m_v[None, :], other=0.)
+        b_v0 = tl.load(v + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t0[:, None] & m_v[None, :], other=0.)
+        b_dq0 = tl.dot(b_do0, b_ht.to(b_do0.dtype), b_dq0)
+        b_dk0 = tl.dot(b_v0, b_dht.to(b_v0.dtype), b_dk0)
+        # sub-chunk 1: [BC, BV] output gradients and values
+        b_do1 = tl.load(do + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t1[:, None] & m_v[None, :], other=0.)
+        b_v1 = tl.load(v + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t1[:, None] & m_v[None, :], other=0.)
+        b_dq1 = tl.dot(b_do1, b_ht.to(b_do1.dtype), b_dq1)
+        b_dk1 = tl.dot(b_v1, b_dht.to(b_v1.dtype), b_dk1)
+        # sub-chunk 2: [BC, BV] output gradients and values
+        b_do2 = tl.load(do + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t2[:, None] & m_v[None, :], other=0.)
+        b_v2 = tl.load(v + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t2[:, None] & m_v[None, :], other=0.)
+        b_dq2 = tl.dot(b_do2, b_ht.to(b_do2.dtype), b_dq2)
+        b_dk2 = tl.dot(b_v2, b_dht.to(b_v2.dtype), b_dk2)
+        # sub-chunk 3: [BC, BV] output gradients and values
+        b_do3 = tl.load(do + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t3[:, None] & m_v[None, :], other=0.)
+        b_v3 = tl.load(v + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t3[:, None] & m_v[None, :], other=0.)
+        b_dq3 = tl.dot(b_do3, b_ht.to(b_do3.dtype), b_dq3)
+        b_dk3 = tl.dot(b_v3, b_dht.to(b_v3.dtype), b_dk3)
+        b_dA00 = tl.dot(b_do0, tl.trans(b_v0), b_dA00)
+        b_dA10 = tl.dot(b_do1, tl.trans(b_v0), b_dA10)
+        b_dA11 = tl.dot(b_do1, tl.trans(b_v1), b_dA11)
+        b_dA20 = tl.dot(b_do2, tl.trans(b_v0), b_dA20)
+        b_dA21 = tl.dot(b_do2, tl.trans(b_v1), b_dA21)
+        b_dA22 = tl.dot(b_do2, tl.trans(b_v2), b_dA22)
+        b_dA30 = tl.dot(b_do3, tl.trans(b_v0), b_dA30)
+        b_dA31 = tl.dot(b_do3, tl.trans(b_v1), b_dA31)
+        b_dA32 = tl.dot(b_do3, tl.trans(b_v2), b_dA32)
+        b_dA33 = tl.dot(b_do3, tl.trans(b_v3), b_dA33)
+
+    # [BK] cumulative log2-decay at the end of the sub-chunk before
+    b_gn = tl.zeros([BK], dtype=tl.float32)
+    # sub-chunk 0: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+    b_q0 = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
+    b_gc0 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+    b_gs0 = b_gn
+    b_gn = b_gn + tl.sum(b_ld, axis=0)
+    b_gn0 = b_gn
+    # sub-chunk 1: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+    b_q1 = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
+    b_gc1 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+    b_gs1 = b_gn
+    b_gn = b_gn + tl.sum(b_ld, axis=0)
+    b_gn1 = b_gn
+    # sub-chunk 2: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+    b_q2 = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
+    b_gc2 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+    b_gs2 = b_gn
+    b_gn = b_gn + tl.sum(b_ld, axis=0)
+    b_gn2 = b_gn
+    # sub-chunk 3: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
+    b_q3 = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
+    b_gc3 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
+    b_gs3 = b_gn
+    b_gn = b_gn + tl.sum(b_ld, axis=0)
+    b_gn3 = b_gn
+    # the state's share: scale (dO S^T) o a and (V dS'^T) o (a_C / a)
+    b_dq0 *= scale * tl.exp2(b_gc0)
+    b_dk0 *= tl.exp2(b_gn[None, :] - b_gc0)
+    b_dq1 *= scale * tl.exp2(b_gc1)
+    b_dk1 *= tl.exp2(b_gn[None, :] - b_gc1)
+    b_dq2 *= scale * tl.exp2(b_gc2)
+    b_dk2 *= tl.exp2(b_gn[None, :] - b_gc2)
+    b_dq3 *= scale * tl.exp2(b_gc3)
+    b_dk3 *= tl.exp2(b_gn[None, :] - b_gc3)
+    # the diagonal blocks: tril, ratios exp2(gc_tm - gc_sm) elementwise over [BC, BC, BK]
+    # (the exponent is clamped at 0 above the diagonal, where dA is zero)
+    b_dA00 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t0[:, None], b_dA00 * scale, 0.)
+    b_G = tl.exp2(tl.minimum(b_gc0[:, None, :] - b_gc0[None, :, :], 0.))
+    b_dq0 += tl.sum(b_dA00[:, :, None] * b_k0[None, :, :] * b_G, axis=1)
+    b_dk0 += tl.sum(b_dA00[:, :, None] * b_q0[:, None, :] * b_G, axis=0)
+    b_dA11 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t1[:, None], b_dA11 * scale, 0.)
+    b_G = tl.exp2(tl.minimum(b_gc1[:, None, :] - b_gc1[None, :, :], 0.))
+    b_dq1 += tl.sum(b_dA11[:, :, None] * b_k1[None, :, :] * b_G, axis=1)
+    b_dk1 += tl.sum(b_dA11[:, :, None] * b_q1[:, None, :] * b_G, axis=0)
+    b_dA22 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t2[:, None], b_dA22 * scale, 0.)
+    b_G = tl.exp2(tl.minimum(b_gc2[:, None, :] - b_gc2[None, :, :], 0.))
+    b_dq2 += tl.sum(b_dA22[:, :, None] * b_k2[None, :, :] * b_G, axis=1)
+    b_dk2 += tl.sum(b_dA22[:, :, None] * b_q2[:, None, :] * b_G, axis=0)
+    b_dA33 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t3[:, None], b_dA33 * scale, 0.)
+    b_G = tl.exp2(tl.minimum(b_gc3[:, None, :] - b_gc3[None, :, :], 0.))
+    b_dq3 += tl.sum(b_dA33[:, :, None] * b_k3[None, :, :] * b_G, axis=1)
+    b_dk3 += tl.sum(b_dA33[:, :, None] * b_q3[:, None, :] * b_G, axis=0)
+    # off-diagonal blocks i > j: dq_i gets exp2(gc_i - r) (dA_ij (k_j exp2(r - gc_j))) with r the
+    # decay at the start of sub-chunk i; dk_j gets exp2(r - gc_j) (dA_ij^T (q_i exp2(gc_i - r)))
+    # with r the decay at the end of sub-chunk j
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dA10 = tl.where(m_t1[:, None], b_dA10 * scale, 0.)
+    b_acc = tl.dot(b_dA10, b_k0 * tl.exp2(b_gs1[None, :] - b_gc0), b_acc)
+    b_dq1 += b_acc * tl.exp2(b_gc1 - b_gs1[None, :])
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dA20 = tl.where(m_t2[:, None], b_dA20 * scale, 0.)
+    b_acc = tl.dot(b_dA20, b_k0 * tl.exp2(b_gs2[None, :] - b_gc0), b_acc)
+    b_dA21 = tl.where(m_t2[:, None], b_dA21 * scale, 0.)
+    b_acc = tl.dot(b_dA21, b_k1 * tl.exp2(b_gs2[None, :] - b_gc1), b_acc)
+    b_dq2 += b_acc * tl.exp2(b_gc2 - b_gs2[None, :])
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dA30 = tl.where(m_t3[:, None], b_dA30 * scale, 0.)
+    b_acc = tl.dot(b_dA30, b_k0 * tl.exp2(b_gs3[None, :] - b_gc0), b_acc)
+    b_dA31 = tl.where(m_t3[:, None], b_dA31 * scale, 0.)
+    b_acc = tl.dot(b_dA31, b_k1 * tl.exp2(b_gs3[None, :] - b_gc1), b_acc)
+    b_dA32 = tl.where(m_t3[:, None], b_dA32 * scale, 0.)
+    b_acc = tl.dot(b_dA32, b_k2 * tl.exp2(b_gs3[None, :] - b_gc2), b_acc)
+    b_dq3 += b_acc * tl.exp2(b_gc3 - b_gs3[None, :])
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_acc = tl.dot(tl.trans(b_dA10), b_q1 * tl.exp2(b_gc1 - b_gn0[None, :]), b_acc)
+    b_acc = tl.dot(tl.trans(b_dA20), b_q2 * tl.exp2(b_gc2 - b_gn0[None, :]), b_acc)
+    b_acc = tl.dot(tl.trans(b_dA30), b_q3 * tl.exp2(b_gc3 - b_gn0[None, :]), b_acc)
+    b_dk0 += b_acc * tl.exp2(b_gn0[None, :] - b_gc0)
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_acc = tl.dot(tl.trans(b_dA21), b_q2 * tl.exp2(b_gc2 - b_gn1[None, :]), b_acc)
+    b_acc = tl.dot(tl.trans(b_dA31), b_q3 * tl.exp2(b_gc3 - b_gn1[None, :]), b_acc)
+    b_dk1 += b_acc * tl.exp2(b_gn1[None, :] - b_gc1)
+    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    b_acc = tl.dot(tl.trans(b_dA32), b_q3 * tl.exp2(b_gc3 - b_gn2[None, :]), b_acc)
+    b_dk2 += b_acc * tl.exp2(b_gn2[None, :] - b_gc2)
+    p_dq = dq + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq0.to(p_dq.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk0.to(p_dk.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
+    p_dq = dq + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq1.to(p_dq.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk1.to(p_dk.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
+    p_dq = dq + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq2.to(p_dq.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk2.to(p_dk.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
+    p_dq = dq + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq3.to(p_dq.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk3.to(p_dk.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_decay_kernel(
+    q,
+    k,
+    dq,
+    dk,
+    ht,
+    dht,
+    dg,
+    cu_seqlens,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The log-decay's gradient, by reverse cumulative sums over the sequence.
+
+    With G_t = sum_{u <= t} g_u, q_t enters every term as q_t o exp(G_t) and k_s as
+    k_s o exp(-G_s), the final state as exp(G_T) S_T; so the gradient w.r.t. G_t is
+    q_t o dq_t - k_t o dk_t (plus S_T o dS_T summed over the values, at the last token), and
+    dg_u = sum_{t >= u} dG_t.
+    Each program carries one [BK] block of keys of one sequence and head, from its
+    last chunk to its first. Grid: (NK, N * H).
+    """
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+
+    # [BK] the final state's share: sum_v S_T o dS_T
+    b_acc = tl.zeros([BK], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_h = m_k[:, None] & (o_v < V)[None, :]
+            p_s = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+            b_acc += tl.sum(tl.load(ht + p_s, mask=m_h, other=0.) * tl.load(dht + p_s, mask=m_h, other=0.).to(tl.float32), axis=1)
+
+    for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        # [BT, BK] dG = q o dq - k o dk
+        b_x = (tl.load(q + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dq + p_x, mask=m_x, other=0.)
+               - tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dk + p_x, mask=m_x, other=0.))
+        # reverse cumulative sum: the chunk's sum from t to its end, then the later chunks
+        b_sum = tl.sum(b_x, axis=0)
+        b_dg = b_acc[None, :] + b_sum[None, :] - tl.cumsum(b_x, axis=0) + b_x
+        b_acc += b_sum
+        p_dg = dg + p_x
+        tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_x)
+
+
+def default_backward_config(K, V):
+    """Block sizes and launch settings of the backward kernels (override any with `config=`)."""
+    _fwd = default_config(K, V)
+    return {
+        # the recomputation of the forward's states and intra-chunk attention
+        "state": _fwd["state"],
+        "attention": _fwd["attention"],
+        "dh": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "dv": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "decay": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+    }
+
+
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config):
+    """Gradients of the write family's canonical recurrence S_t = Diag(a_t) S_{t-1} + k_t v_t^T,
+    a_t = exp(log_decay_t), o_t = scale S_t^T q_t.
+
+    q, k: [B, T, H, K]; v, do: [B, T, H, V]; gain: None (the write family has none);
+    log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
+    scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
+    or None; config: overrides of default_backward_config(K, V) or None.
+    Returns (dq, dk, dv float32 in the shapes of q, k, v; dgain None; dlog_decay float32 in the
+    shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
+    Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
+    the dtype of k); nothing per token beyond the gradients.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = CHUNK
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_backward_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    do = do.contiguous().to(q.dtype)
+    g = log_decay.contiguous()
+    if cu_seqlens is not None:
+        chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
+        N, NT = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+        NS = NT
+    else:
+        chunk_indices = chunk_offsets = None
+        N, NT = B, triton.cdiv(T, BT)
+        NS = B * NT
+    IS_VARLEN = cu_seqlens is not None
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if dht is not None:
+        dht = dht.contiguous()
+
+    # recompute the state at every chunk start (and the final state, for the decay's gradient)
+    h = k.new_empty(NS, H, K, V)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
+    _launch = _cfg["state"]
+    chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
+    A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+    _launch = _cfg["attention"]
+    chunk_attention_canonical_kernel[(NT, B * H)](
+        q, k, g, A, cu_seqlens, chunk_indices, T,
+        H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
+    dh = k.new_empty(NS, H, K, V)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+    _launch = _cfg["dh"]
+    chunk_bwd_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+        q, g, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        STORE_INITIAL_GRAD=dh0 is not None, IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk: dV, then dQ and dK
+    dv = v.new_empty(B, T, H, V, dtype=torch.float32)
+    _launch = _cfg["dv"]
+    chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
+        q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    _launch = _cfg["dqk"]
+    chunk_bwd_dqk_kernel[(triton.cdiv(K, _launch["BK"]), NT, B * H)](
+        q, k, v, g, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # the log-decay: reverse cumulative sums of q o dq - k o dk over each sequence
+    dg = torch.empty_like(g)
+    _launch = _cfg["decay"]
+    _NK = triton.cdiv(K, _launch["BK"])
+    chunk_bwd_decay_kernel[(_NK, N * H)](
+        q, k, dq, dk, ht, dht, dg, cu_seqlens, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return dq, dk, dv, None, dg, dh0
+
+
+@triton.jit
+def token_quantities_kernel(
+    k,
+    g,
+    log_decay,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The per-token quantities of the derivation, from the inputs, for the backward core:
+    log_decay  = g   [B, T, H, K] float32
+    (printed from sympy). Rows are the B * T (batch, token) pairs. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program, [BK] all keys
+    o_t = i_r * BT + tl.arange(0, BT)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    # [BT, BK] log_decay
+    p_log_decay = log_decay + (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    tl.store(p_log_decay, (b_g) + tl.zeros([BT, BK], dtype=tl.float32), mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit
+def token_chain_kernel(
+    k,
+    g,
+    d_log_decay,
+    d_g,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The chain rule from the per-token quantities to the inputs, d x = sum_Q dQ dQ/dx, with
+    the derivatives printed from sympy:
+    d log_decay / d g = 1.0
+    A constant's gradient is stored per row ([B * T, H(, K)]) and summed over the rows by the
+    caller. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program, [BK] all keys
+    o_t = i_r * BT + tl.arange(0, BT)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_d_g = tl.zeros([BT, BK], dtype=tl.float32)
+    # [BT, BK] the gradient w.r.t. log_decay
+    b_dlog_decay = tl.load(d_log_decay + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_d_g += b_dlog_decay * (1.0)
+    tl.store(d_g + (o_t[:, None] * H + i_h) * K + o_k[None, :], b_d_g, mask=m_t[:, None] & m_k[None, :])
+
+
+TOKEN_ROWS = 64  # rows per program of the per-token kernels
+
+
+def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+    """Gradients of gla's forward w.r.t. every tensor input.
+
+    Arguments as for `forward` (the inputs are not checked against their domains again), plus
+    do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
+    state, or None. config: overrides of default_backward_config(K, V).
+    Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
+    (constants summed over batch and tokens), dh0 None without an initial state.
+    Steps: the per-token quantities from the inputs (printed from the derivation), the
+    family's backward_core on them, then the chain rule back to the inputs (sympy's
+    derivatives, printed).
+    """
+    check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if not isinstance(do, torch.Tensor) or tuple(do.shape) != tuple(v.shape):
+        _shape = tuple(do.shape) if isinstance(do, torch.Tensor) else type(do).__name__
+        raise ValueError(f"do must have the shape of v {tuple(v.shape)}, got {_shape}")
+    if not do.is_floating_point() or do.device != q.device:
+        raise ValueError(f"do must be a floating tensor on {q.device}, got {do.dtype} on {do.device}")
+    if dht is not None:
+        if not isinstance(dht, torch.Tensor) or tuple(dht.shape) != (N, H, K, V):
+            _shape = tuple(dht.shape) if isinstance(dht, torch.Tensor) else type(dht).__name__
+            raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
+        if not dht.is_floating_point() or dht.device != q.device:
+            raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    g = g.contiguous()
+    k = k.contiguous()
+    NR = B * T
+    _grid = (triton.cdiv(NR, TOKEN_ROWS), H)
+    _BK = _block(K, 256)
+    log_decay = q.new_empty(B, T, H, K, dtype=torch.float32)
+    token_quantities_kernel[_grid](
+        k, g, log_decay, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
+        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+    # the chain rule, per token; a constant's gradient per row, summed below
+    d_g = q.new_empty(g.shape, dtype=torch.float32)
+    token_chain_kernel[_grid](
+        k, g, dlog_decay.contiguous(), d_g, NR,
+        H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_g.to(g.dtype), dh0)

@@ -457,3 +457,596 @@ def forward(q, k, v, gamma, scale=None, initial_state=None, output_final_state=F
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return o, ht
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_state_canonical_kernel(
+    k,
+    v,
+    g,
+    h,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The memory across chunks: S' = a_C S + (K o (a_C / a))^T V (the write model's exact filter).
+
+    Stores S at the start of every chunk into h for the output kernel. Each program carries
+    one [BK, BV] block of one sequence's state. Grid: (NK * NV, N * H).
+    """
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # the state at the chunk start, for the readout
+        p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BT, BV]
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # [BT] cumulative log2-decay; a_C / a_t = exp2(gc_C - gc_t) <= 1
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
+        b_h *= tl.exp2(b_glast)
+        b_v = b_v * tl.exp2(b_glast - b_gc)[:, None]
+        b_k = b_k.to(tl.float32)
+        # write: S += K^T V (decayed operands in float32, tf32 on the GPU)
+        b_h = tl.dot(tl.trans(b_k), b_v, b_h)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_state_kernel(
+    q,
+    g,
+    do,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    STORE_INITIAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The gradient of the memory across chunks, from the last to the first:
+
+        dS = a_C dS' + scale (Q o a)^T dO
+
+    dS' is the gradient w.r.t. the state at the end of a chunk; it is stored into dh for the
+    chunk (for dK and dV), and the gradient at the sequence start into dh0. Each program
+    carries one [BK, BV] block of one sequence's gradient. Grid: (NK * NV, N * H).
+    """
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the gradient w.r.t. the state after the last token
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        # the gradient w.r.t. the state at the chunk end
+        p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # [BT] cumulative log2-decay since the chunk start
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
+        b_dh *= tl.exp2(b_glast)
+        b_q = (b_q * (scale * tl.exp2(b_gc))[:, None]).to(b_do.dtype)
+        # dS += scale (Q o a)^T dO
+        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+
+    if STORE_INITIAL_GRAD:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dv_kernel(
+    q,
+    k,
+    g,
+    do,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The values' gradient of one chunk: dV = scale tril(Q K^T o Gamma)^T dO + (K o (a_C / a)) dS',
+
+    dS' the gradient w.r.t. the state at the chunk end (from chunk_bwd_state_kernel). Grid: (NV, NT, B * H).
+    """
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    # [BT] tokens of the chunk, [BV] value columns of this program
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+
+    # [BT, BV] the write's share: (K o (a_C / a)) dS'
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    # [BT, BT] transposed scores k_s . q_t (rows s, columns t)
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BK, BV]
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BT, BK]
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_At = tl.dot(b_k, tl.trans(b_q), b_At)
+        b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), b_dv)
+
+    # rows s, columns t: the readout of t reads the write of s when t >= s
+    m_A = (o_t[None, :] >= o_t[:, None]) & m_t[None, :]
+    # [BT] cumulative log2-decay since the chunk start; Gamma_ts = exp2(gc_t - gc_s)
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
+    b_gc = tl.cumsum(b_ld, axis=0)
+    b_glast = tl.sum(b_ld, axis=0)
+    b_dv *= tl.exp2(b_glast - b_gc)[:, None]
+    b_At = tl.where(m_A, b_At * tl.exp2(tl.where(m_A, b_gc[None, :] - b_gc[:, None], 0.)), 0.)
+    # [BT, BV]
+    b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_dv += tl.dot(b_At, b_do.to(tl.float32)) * scale
+    p_dv = dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dqk_kernel(
+    q,
+    k,
+    v,
+    g,
+    h,
+    do,
+    dh,
+    dq,
+    dk,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The queries' and keys' gradients of one chunk, with dA = scale tril(dO V^T):
+
+        dQ = scale (dO S^T) o a + (dA o Gamma) K        (per key: sum_s dA_ts Gamma_ts o k_s)
+        dK = (V dS'^T) o (a_C / a) + (dA o Gamma)^T Q   (per key: sum_t dA_ts Gamma_ts o q_t)
+
+    S is the state at the chunk start (recomputed), dS' the gradient at its end.
+    Grid: (NK, NT, B * H).
+    """
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
+    p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+    # [BT] tokens of the chunk
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+
+    # [BT, BT] dO V^T; [BT, BK] dO S^T and V dS'^T
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # [BV, BK] the state at the chunk start and the gradient at its end, transposed
+        b_ht = tl.load(p_h + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
+        b_dht = tl.load(p_dh + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
+        b_dA = tl.dot(b_do, tl.trans(b_v), b_dA)
+        b_dq = tl.dot(b_do, b_ht.to(b_do.dtype), b_dq)
+        b_dk = tl.dot(b_v, b_dht.to(b_v.dtype), b_dk)
+
+    # rows t, columns s: the readout of t reads the write of s when t >= s
+    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    # [BT] cumulative log2-decay since the chunk start; Gamma_ts = exp2(gc_t - gc_s)
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
+    b_gc = tl.cumsum(b_ld, axis=0)
+    b_glast = tl.sum(b_ld, axis=0)
+    b_dA = tl.where(m_A, b_dA * (scale * tl.exp2(tl.where(m_A, b_gc[:, None] - b_gc[None, :], 0.))), 0.)
+    b_dq *= (scale * tl.exp2(b_gc))[:, None]
+    b_dk *= tl.exp2(b_glast - b_gc)[:, None]
+    # [BT, BK] the intra-chunk share (float32 operands, tf32 on the GPU)
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_dq = tl.dot(b_dA, b_k.to(tl.float32), b_dq)
+    b_dk = tl.dot(tl.trans(b_dA), b_q.to(tl.float32), b_dk)
+    p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_decay_kernel(
+    q,
+    k,
+    dq,
+    dk,
+    ht,
+    dht,
+    dg,
+    cu_seqlens,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The log-decay's gradient, by reverse cumulative sums over the sequence.
+
+    With G_t = sum_{u <= t} g_u, q_t enters every term as q_t o exp(G_t) and k_s as
+    k_s o exp(-G_s), the final state as exp(G_T) S_T; so the gradient w.r.t. G_t is
+    q_t o dq_t - k_t o dk_t (plus S_T o dS_T summed over the values, at the last token), and
+    dg_u = sum_{t >= u} dG_t (summed over the keys: one log-decay per head).
+    Each program carries all keys (BK >= K) of one sequence and head, from its
+    last chunk to its first. Grid: (1, N * H).
+    """
+    i_k, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+
+    # [BK] the final state's share: sum_v S_T o dS_T
+    b_acc = tl.zeros([BK], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_h = m_k[:, None] & (o_v < V)[None, :]
+            p_s = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+            b_acc += tl.sum(tl.load(ht + p_s, mask=m_h, other=0.) * tl.load(dht + p_s, mask=m_h, other=0.).to(tl.float32), axis=1)
+    b_acc = tl.sum(b_acc, axis=0)
+
+    for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        # [BT, BK] dG = q o dq - k o dk
+        b_x = (tl.load(q + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dq + p_x, mask=m_x, other=0.)
+               - tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dk + p_x, mask=m_x, other=0.))
+        # [BT] summed over the keys; reverse cumulative sum, then the later chunks
+        b_x = tl.sum(b_x, axis=1)
+        b_sum = tl.sum(b_x, axis=0)
+        b_dg = b_acc + b_sum - tl.cumsum(b_x, axis=0) + b_x
+        b_acc += b_sum
+        p_dg = dg + (bos + o_t) * H + i_h
+        tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_t)
+
+
+def default_backward_config(K, V):
+    """Block sizes and launch settings of the backward kernels (override any with `config=`)."""
+    _fwd = default_config(K, V)
+    return {
+        # the recomputation of the forward's states
+        "state": _fwd["state"],
+        "dh": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "dv": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "dqk": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # one program holds all keys: the log-decay is one number per token
+        "decay": dict(BK=_block(K, 256), BV=_block(V, 64), num_warps=4, num_stages=2),
+    }
+
+
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config):
+    """Gradients of the write family's canonical recurrence S_t = Diag(a_t) S_{t-1} + k_t v_t^T,
+    a_t = exp(log_decay_t), o_t = scale S_t^T q_t.
+
+    q, k: [B, T, H, K]; v, do: [B, T, H, V]; gain: None (the write family has none);
+    log_decay: [B, T, H] float32, natural log; dht: [N, H, K, V] or None;
+    scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
+    or None; config: overrides of default_backward_config(K, V) or None.
+    Returns (dq, dk, dv float32 in the shapes of q, k, v; dgain None; dlog_decay float32 in the
+    shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
+    Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
+    the dtype of k); nothing per token beyond the gradients.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = CHUNK
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_backward_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    do = do.contiguous().to(q.dtype)
+    g = log_decay.contiguous()
+    if cu_seqlens is not None:
+        chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
+        N, NT = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+        NS = NT
+    else:
+        chunk_indices = chunk_offsets = None
+        N, NT = B, triton.cdiv(T, BT)
+        NS = B * NT
+    IS_VARLEN = cu_seqlens is not None
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if dht is not None:
+        dht = dht.contiguous()
+
+    # recompute the state at every chunk start (and the final state, for the decay's gradient)
+    h = k.new_empty(NS, H, K, V)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
+    _launch = _cfg["state"]
+    chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
+    dh = k.new_empty(NS, H, K, V)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+    _launch = _cfg["dh"]
+    chunk_bwd_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+        q, g, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        STORE_INITIAL_GRAD=dh0 is not None, IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk: dV, then dQ and dK
+    dv = v.new_empty(B, T, H, V, dtype=torch.float32)
+    _launch = _cfg["dv"]
+    chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
+        q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    _launch = _cfg["dqk"]
+    chunk_bwd_dqk_kernel[(triton.cdiv(K, _launch["BK"]), NT, B * H)](
+        q, k, v, g, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # the log-decay: reverse cumulative sums of q o dq - k o dk over each sequence
+    dg = torch.empty_like(g)
+    _launch = _cfg["decay"]
+    if _launch["BK"] < K:
+        raise ValueError(f"config: the decay kernel holds all keys, BK must be >= K = {K}")
+    _NK = 1
+    chunk_bwd_decay_kernel[(_NK, N * H)](
+        q, k, dq, dk, ht, dht, dg, cu_seqlens, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return dq, dk, dv, None, dg, dh0
+
+
+@triton.jit
+def token_quantities_kernel(
+    k,
+    gamma,
+    log_decay,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The per-token quantities of the derivation, from the inputs, for the backward core:
+    log_decay  = log(gamma)   [B, T, H] float32
+    (printed from sympy). Rows are the B * T (batch, token) pairs. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program, [BK] all keys
+    o_t = i_r * BT + tl.arange(0, BT)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_gamma = tl.load(gamma + i_h).to(tl.float32)
+    # [BT] log_decay
+    tl.store(log_decay + o_t * H + i_h, (tl.log(b_gamma)) + tl.zeros([BT], dtype=tl.float32), mask=m_t)
+
+
+@triton.jit
+def token_chain_kernel(
+    k,
+    gamma,
+    d_log_decay,
+    d_gamma,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The chain rule from the per-token quantities to the inputs, d x = sum_Q dQ dQ/dx, with
+    the derivatives printed from sympy:
+    d log_decay / d gamma = 1.0 / (b_gamma)
+    A constant's gradient is stored per row ([B * T, H(, K)]) and summed over the rows by the
+    caller. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program, [BK] all keys
+    o_t = i_r * BT + tl.arange(0, BT)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_gamma = tl.load(gamma + i_h).to(tl.float32)
+    b_d_gamma = tl.zeros([BT], dtype=tl.float32)
+    # [BT] the gradient w.r.t. log_decay
+    b_dlog_decay = tl.load(d_log_decay + o_t * H + i_h, mask=m_t, other=0.)
+    b_d_gamma += b_dlog_decay * (1.0 / (b_gamma))
+    tl.store(d_gamma + o_t * H + i_h, b_d_gamma, mask=m_t)
+
+
+TOKEN_ROWS = 64  # rows per program of the per-token kernels
+
+
+def backward(q, k, v, gamma, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+    """Gradients of retnet's forward w.r.t. every tensor input.
+
+    Arguments as for `forward` (the inputs are not checked against their domains again), plus
+    do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
+    state, or None. config: overrides of default_backward_config(K, V).
+    Returns (dq, dk, dv, dgamma, dh0): each gradient in the shape and dtype of its input
+    (constants summed over batch and tokens), dh0 None without an initial state.
+    Steps: the per-token quantities from the inputs (printed from the derivation), the
+    family's backward_core on them, then the chain rule back to the inputs (sympy's
+    derivatives, printed).
+    """
+    check_inputs(q, k, v, gamma, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if not isinstance(do, torch.Tensor) or tuple(do.shape) != tuple(v.shape):
+        _shape = tuple(do.shape) if isinstance(do, torch.Tensor) else type(do).__name__
+        raise ValueError(f"do must have the shape of v {tuple(v.shape)}, got {_shape}")
+    if not do.is_floating_point() or do.device != q.device:
+        raise ValueError(f"do must be a floating tensor on {q.device}, got {do.dtype} on {do.device}")
+    if dht is not None:
+        if not isinstance(dht, torch.Tensor) or tuple(dht.shape) != (N, H, K, V):
+            _shape = tuple(dht.shape) if isinstance(dht, torch.Tensor) else type(dht).__name__
+            raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
+        if not dht.is_floating_point() or dht.device != q.device:
+            raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    gamma = gamma.contiguous()
+    k = k.contiguous()
+    NR = B * T
+    _grid = (triton.cdiv(NR, TOKEN_ROWS), H)
+    _BK = _block(K, 256)
+    log_decay = q.new_empty(B, T, H, dtype=torch.float32)
+    token_quantities_kernel[_grid](
+        k, gamma, log_decay, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
+        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+    # the chain rule, per token; a constant's gradient per row, summed below
+    d_gamma = q.new_empty(NR, *gamma.shape, dtype=torch.float32)
+    token_chain_kernel[_grid](
+        k, gamma, dlog_decay.contiguous(), d_gamma, NR,
+        H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    d_gamma = d_gamma.sum(0)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_gamma.to(gamma.dtype), dh0)

@@ -1,0 +1,193 @@
+"""The write family's backward against torch.autograd through the float64 step-by-step filter.
+
+Each case draws q, k, v, the spec's inputs, an initial state and random gradients do (of the
+readout) and dht (of the final state); `backward` of the generated module must give the
+gradients that autograd gives for the loss <o, do> + <S_T, dht> computed by
+designmodel.reference.recurrent in float64 on the same (rounded) values. Shapes: T not a
+multiple of the chunk (64), K != V, with and without an initial state and dht, packed
+sequences, float32 (rel. error <= 1e-4) and bfloat16 (<= 2e-2).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import designmodel
+from designmodel import ops, reference
+from designmodel.codegen import emit, runtime
+from designmodel.codegen.plan import plan as make_plan
+from designmodel.derive import derive
+from designmodel.spec import (Constant, DesignModel, Input, Readout, Regression, Transition, Write,
+                              exp, reset, sigmoid, softplus)
+
+from .conftest import DEVICE
+from .helpers import make_inputs, relative_error
+
+a = Input("a")
+ak = Input("ak", per="key")
+dt = Input("dt", domain="positive")
+g = Input("g", domain="logdecay")
+gamma = Constant("gamma", domain="unit")
+lam = Constant("lam", per="key", domain="unit")
+
+SPECS = {
+    # log-decay logsigmoid(a), nonlinear in its input; prior readout
+    "write_sigmoid_prior": DesignModel("write_sigmoid_prior", transition=Transition(decay=sigmoid(a)),
+                                       observation=Write(), readout=Readout(timing="prior")),
+    # per-key log-decay -softplus(ak) dt from a per-key and a per-head input; prior readout
+    "write_softplus_per_key": DesignModel("write_softplus_per_key",
+                                          transition=Transition(decay=exp(-softplus(ak) * dt)),
+                                          observation=Write(), readout=Readout(timing="prior")),
+    # a constant per-key decay [H, K]
+    "write_constant_per_key": DesignModel("write_constant_per_key", transition=Transition(decay=lam),
+                                          observation=Write()),
+    # a per-token gate times a constant decay per head
+    "write_gate_times_constant": DesignModel("write_gate_times_constant",
+                                             transition=Transition(decay=exp(g) * gamma),
+                                             observation=Write()),
+}
+ZOO = ["linear_attention", "retnet", "mamba2", "gla"]
+
+# (B, T, H, K, V, initial_state, dht, cu_seqlens, dtype)
+CASES = {
+    "fp32-T80-K16-V32-h0": (2, 80, 2, 16, 32, True, True, None, torch.float32),
+    "fp32-T80-K32-V16-no-h0-no-dht": (1, 80, 2, 32, 16, False, False, None, torch.float32),
+    "fp32-varlen-h0": (1, 100, 2, 16, 32, True, True, [0, 20, 70, 100], torch.float32),
+    "bf16-T80-K32-V16-h0": (1, 80, 2, 32, 16, True, True, None, torch.bfloat16),
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("backward-cache")
+
+
+def module_of(name, cache):
+    """The generated module: committed for the zoo, compiled into the cache otherwise."""
+    if name in ZOO:
+        return derive(name), runtime.load_zoo(name)
+    op = designmodel.compile(SPECS[name], cache=cache)
+    return op.derivation, op.module
+
+
+def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0):
+    """Relative errors of backward's gradients against autograd through the float64 filter."""
+    p = make_plan(d)
+    names = [i.name for i in p.inputs]
+    q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=seed, unit_keys=d.structure.unit_keys)
+    if "gamma" in ins and p.model == "retnet":
+        ins["gamma"] = ops.retnet_gamma(H)  # RetNet's own decays, as in the forward tests
+    N = B if cu is None else len(cu) - 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    S0 = torch.randn(N, H, K, V, generator=gen) if h0 else None
+    do = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    dht = torch.randn(N, H, K, V, generator=gen) if with_dht else None
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    scale = K ** -0.5
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    out = module.backward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], dev(do), dev(dht),
+                          scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t))
+    assert len(out) == 4 + len(names)
+    assert (out[-1] is None) == (S0 is None)
+
+    # the float64 filter on the same values, differentiated by autograd
+    leaves = [q.double(), k.double(), v.double()] + [ins[n].double() for n in names]
+    leaves += [S0.double()] if h0 else []
+    for x in leaves:
+        x.requires_grad_(True)
+    ref = reference.recurrent(d, leaves[0] * scale, leaves[1], leaves[2],
+                              dict(zip(names, leaves[3:3 + len(names)])),
+                              initial_state=leaves[-1] if h0 else None,
+                              cu_seqlens=None if cu_t is None else cu_t.long())
+    loss = (ref.o * do.double()).sum()
+    if with_dht:
+        loss = loss + (ref.state * dht.double()).sum()
+    expected = torch.autograd.grad(loss, leaves)
+    got = list(out[:3 + len(names)]) + ([out[-1]] if h0 else [])
+    labels = ["dq", "dk", "dv"] + [f"d{n}" for n in names] + (["dh0"] if h0 else [])
+    errors = {}
+    for label, x, ref_x, leaf in zip(labels, got, expected, [q, k, v] + [ins[n] for n in names] + [S0]):
+        assert x.shape == ref_x.shape and x.dtype == leaf.dtype, (label, x.shape, x.dtype)
+        errors[label] = relative_error(x, ref_x)
+    return errors
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("model", ZOO)
+def test_zoo_backward_matches_autograd_of_float64_filter(model, case, cache):
+    B, T, H, K, V, h0, with_dht, cu, dtype = CASES[case]
+    d, module = module_of(model, cache)
+    errors = gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype)
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
+    assert not bad, f"{model} {case}: relative errors above {TOLERANCE[dtype]}: {bad}"
+
+
+@pytest.mark.parametrize("case", ["fp32-T80-K16-V32-h0", "fp32-varlen-h0"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_spec_backward_matches_autograd_of_float64_filter(name, case, cache):
+    B, T, H, K, V, h0, with_dht, cu, dtype = CASES[case]
+    d, module = module_of(name, cache)
+    errors = gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=2)
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
+    assert not bad, f"{name} {case}: relative errors above {TOLERANCE[dtype]}: {bad}"
+
+
+# --- the per-token kernels: the quantities and the chain rule, printed from sympy ------------
+
+def chain_errors(d, module, B=2, T=70, H=2, K=16, seed=3):
+    """(error of the materialized log-decay, errors of the chain rule per input) against the
+    float64 spec scalars and autograd."""
+    p = make_plan(d)
+    _, k, _, ins = make_inputs(d.spec.inputs, B, T, H, K, 16, seed=seed, unit_keys=False)
+    NR, BT = B * T, module.TOKEN_ROWS
+    shape = (B, T, H, K) if p.log_decay.per_key else (B, T, H)
+    log_decay = torch.empty(shape)
+    grid = (triton_cdiv(NR, BT), H)
+    module.token_quantities_kernel[grid](k, *[ins[i.name] for i in p.inputs], log_decay, NR,
+                                         H=H, K=K, BT=BT, BK=max(16, K))
+    leaves = {i.name: ins[i.name].double().requires_grad_(True) for i in p.inputs}
+    ref = reference.coefficients(d, leaves, B, T, H, K)["log_decay"]
+    dld = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    expected = torch.autograd.grad((ref * dld.double()).sum(), list(leaves.values()))
+    grads = {i.name: torch.empty((NR,) + tuple(ins[i.name].shape) if not i.per_token else ins[i.name].shape)
+             for i in p.inputs}
+    module.token_chain_kernel[grid](k, *[ins[i.name] for i in p.inputs], dld, *grads.values(), NR,
+                                    H=H, K=K, BT=BT, BK=max(16, K))
+    grads = {i.name: grads[i.name] if i.per_token else grads[i.name].sum(0) for i in p.inputs}
+    return (relative_error(log_decay, ref.detach()),
+            {n: relative_error(grads[n], e) for n, e in zip(leaves, expected)})
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.mark.parametrize("name", ["write_sigmoid_prior", "write_softplus_per_key",
+                                  "write_constant_per_key", "write_gate_times_constant"])
+def test_chain_rule_kernel_matches_autograd(name, cache):
+    d, module = module_of(name, cache)
+    err_q, errors = chain_errors(d, module)
+    assert err_q <= 1e-6, f"{name}: log-decay relative error {err_q:.2e}"
+    bad = {n: e for n, e in errors.items() if not e <= 1e-5}
+    assert not bad, f"{name}: chain-rule relative errors {bad}"
+
+
+def test_chain_rule_is_printed_from_sympy(cache):
+    _, module = module_of("write_sigmoid_prior", cache)
+    text = open(module.__file__).read()
+    # log-decay log(sigmoid(a)), printed stably, and its derivative 1 - sigmoid(a)
+    assert "logsigmoid(b_a)" in text
+    assert "b_d_a += b_dlog_decay * (1.0 - tl.sigmoid(b_a))" in text
+
+
+def test_backward_rejects_bad_gradients():
+    module = runtime.load_zoo("mamba2")
+    q = torch.randn(1, 20, 1, 16)
+    gate = -torch.rand(1, 20, 1)
+    with pytest.raises(ValueError, match="do must have the shape of v"):
+        module.backward(q, q, q, gate, torch.zeros(1, 20, 1, 8))
+    with pytest.raises(ValueError, match="dht must be"):
+        module.backward(q, q, q, gate, torch.zeros_like(q), torch.zeros(1, 1, 16, 8))
+    with pytest.raises(ValueError, match="g must be"):
+        module.backward(q, q, q, gate[:, :10], torch.zeros_like(q))
