@@ -113,6 +113,14 @@ class TritonPrinter(PythonCodePrinter):
     def _print_logsigmoid(self, expr):
         return f"logsigmoid({self._print(expr.args[0])})"
 
+    def parenthesize(self, item, level, strict=False):
+        """As sympy's, but an integer power printed as a product (x * x) is parenthesized
+        wherever it is an operand: sympy ranks a power above a product, and in a denominator
+        a / x * x would divide by x only."""
+        if isinstance(item, sp.Pow) and item.exp.is_Integer and 1 < abs(item.exp) <= 4:
+            return f"({self._print(item)})"
+        return super().parenthesize(item, level, strict)
+
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args
         if base == sp.E:

@@ -9,7 +9,6 @@ sequences, float32 (rel. error <= 1e-4) and bfloat16 (<= 2e-2).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import designmodel
 from designmodel import ops, reference
@@ -142,25 +141,21 @@ def chain_errors(d, module, B=2, T=70, H=2, K=16, seed=3):
     _, k, _, ins = make_inputs(d.spec.inputs, B, T, H, K, 16, seed=seed, unit_keys=False)
     NR, BT = B * T, module.TOKEN_ROWS
     shape = (B, T, H, K) if p.log_decay.per_key else (B, T, H)
-    log_decay = torch.empty(shape)
-    grid = (triton_cdiv(NR, BT), H)
-    module.token_quantities_kernel[grid](k, *[ins[i.name] for i in p.inputs], log_decay, NR,
-                                         H=H, K=K, BT=BT, BK=max(16, K))
+    log_decay = torch.empty(shape, device=DEVICE)
+    grid = ((NR + BT - 1) // BT, H)
+    args = [k.to(DEVICE)] + [ins[i.name].to(DEVICE) for i in p.inputs]
+    module.token_quantities_kernel[grid](*args, log_decay, NR, H=H, K=K, BT=BT, BK=max(16, K))
     leaves = {i.name: ins[i.name].double().requires_grad_(True) for i in p.inputs}
     ref = reference.coefficients(d, leaves, B, T, H, K)["log_decay"]
     dld = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     expected = torch.autograd.grad((ref * dld.double()).sum(), list(leaves.values()))
-    grads = {i.name: torch.empty((NR,) + tuple(ins[i.name].shape) if not i.per_token else ins[i.name].shape)
-             for i in p.inputs}
-    module.token_chain_kernel[grid](k, *[ins[i.name] for i in p.inputs], dld, *grads.values(), NR,
-                                    H=H, K=K, BT=BT, BK=max(16, K))
+    grads = {i.name: torch.empty((NR,) + tuple(ins[i.name].shape) if not i.per_token else ins[i.name].shape,
+                                 device=DEVICE) for i in p.inputs}
+    module.token_chain_kernel[grid](*args, dld.to(DEVICE), *grads.values(), NR, H=H, K=K, BT=BT,
+                                    BK=max(16, K))
     grads = {i.name: grads[i.name] if i.per_token else grads[i.name].sum(0) for i in p.inputs}
     return (relative_error(log_decay, ref.detach()),
             {n: relative_error(grads[n], e) for n, e in zip(leaves, expected)})
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 @pytest.mark.parametrize("name", ["write_sigmoid_prior", "write_softplus_per_key",
@@ -191,3 +186,47 @@ def test_backward_rejects_bad_gradients():
         module.backward(q, q, q, gate, torch.zeros_like(q), torch.zeros(1, 1, 16, 8))
     with pytest.raises(ValueError, match="g must be"):
         module.backward(q, q, q, gate[:, :10], torch.zeros_like(q))
+
+
+# The reset family's gain reads |k|^2: its chain rule adds 2 k dQ dQ/d|k|^2 to dk. The reset
+# modules get `backward` with their family's core; the per-token kernels are common, so they
+# are rendered here for a reset spec beside its forward module and checked on their own.
+RESET_FULL_GAIN = DesignModel("reset_full_gain", transition=Transition(decay=sigmoid(a)),
+                              observation=Regression(noise=Input("r", domain="positive")),
+                              filter=reset(Input("c", domain="positive")))
+
+
+def test_chain_rule_through_the_key_norm_matches_autograd(tmp_path):
+    d = derive(RESET_FULL_GAIN)
+    p = make_plan(d)
+    assert p.gain.uses_key_norm and [i.name for i in p.inputs] == ["a", "c", "r"]
+    text = emit.render(d)["kernels.py"] + "\n\n" + emit.environment().get_template(
+        "common/backward.py.j2").render(plan=p)
+    (tmp_path / "kernels.py").write_text(text)
+    module = runtime.load_file(tmp_path / "kernels.py")
+    B, T, H, K = 1, 70, 2, 16
+    _, k, _, ins = make_inputs(d.spec.inputs, B, T, H, K, 16, seed=5, unit_keys=False)
+    NR, BT = B * T, module.TOKEN_ROWS
+    grid = ((NR + BT - 1) // BT, H)
+    args = [k.to(DEVICE)] + [ins[n].to(DEVICE) for n in ("a", "c", "r")]
+    log_decay, gain = (torch.empty(B, T, H, device=DEVICE) for _ in range(2))
+    module.token_quantities_kernel[grid](*args, log_decay, gain, NR, H=H, K=K, BT=BT, BK=K)
+
+    # the reference gain c / (c |k|^2 + r) from the spec's scalars (reference.coefficients)
+    leaves = {n: ins[n].double().requires_grad_(True) for n in ("a", "c", "r")}
+    k64 = k.double().requires_grad_(True)
+    co = reference.coefficients(d, leaves, B, T, H, K)
+    gain_ref = co["reset"] / (co["reset"] * (k64 * k64).sum(-1) + co["noise"])
+    assert relative_error(gain, gain_ref.detach()) <= 1e-6
+    assert relative_error(log_decay, co["log_decay"].detach()) <= 1e-6
+
+    gen = torch.Generator().manual_seed(6)
+    dgain, dld = torch.randn(B, T, H, generator=gen), torch.randn(B, T, H, generator=gen)
+    loss = (gain_ref * dgain.double()).sum() + (co["log_decay"] * dld.double()).sum()
+    expected = torch.autograd.grad(loss, [*leaves.values(), k64])
+    dk = torch.zeros(B, T, H, K, device=DEVICE)
+    grads = [torch.empty(B, T, H, device=DEVICE) for _ in range(3)]
+    module.token_chain_kernel[grid](*args, dld.to(DEVICE), dgain.to(DEVICE), dk, *grads, NR,
+                                    H=H, K=K, BT=BT, BK=K)
+    for name, x, e in zip(["da", "dc", "dr", "dk"], [*grads, dk], expected):
+        assert relative_error(x, e) <= 1e-5, f"{name}: relative error {relative_error(x, e):.2e}"

@@ -25,6 +25,9 @@ NAMES = {a: "b_a", c: "b_c", r: "b_r", gk: "b_gk", gamma: "b_gamma", st.KEY_NORM
     (1 - c, "1.0 - b_c"),
     (sp.sqrt(c), "tl.sqrt(b_c)"),
     (c ** 2, "b_c * b_c"),
+    # a power in a denominator stays one operand (not a / c * c)
+    (a / c ** 2, "b_a/(b_c * b_c)"),
+    (-c / (c * st.KEY_NORM2 + r) ** 2, "-b_c/((b_c*b_knorm2 + b_r) * (b_c*b_knorm2 + b_r))"),
     (sp.log(2) * a, "0.6931471805599453*b_a"),
     (sp.exp(gk), "tl.exp(b_gk)"),
 ])
