@@ -1146,6 +1146,7 @@ def chunk_bwd_dqk_kernel(
     dh,
     dq,
     dk,
+    dgk,
     cu_seqlens,
     chunk_indices,
     scale,
@@ -1164,8 +1165,9 @@ def chunk_bwd_dqk_kernel(
         dQ = scale (dO S^T) o a + (dA o Gamma) K        (per key: sum_s dA_ts Gamma_ts o k_s)
         dK = (V dS'^T) o (a_C / a) + (dA o Gamma)^T Q   (per key: sum_t dA_ts Gamma_ts o q_t)
 
-    S is the state at the chunk start (recomputed), dS' the gradient at its end.
-    The chunk is cut into 4 sub-chunks of BC tokens, as in the attention kernel: between
+    S is the state at the chunk start (recomputed), dS' the gradient at its end. The log-decay's
+    gradient needs q o dq - k o dk per token (chunk_bwd_decay_kernel sums it backwards): it is
+    stored here, from the float32 blocks.    The chunk is cut into 4 sub-chunks of BC tokens, as in the attention kernel: between
     sub-chunks the per-key ratio Gamma_ts splits at r, a cumulative decay between s and t, into
     two factors <= 1 and the block is a matmul; within a sub-chunk it is taken elementwise.
     Grid: (NK, NT, B * H).
@@ -1353,26 +1355,31 @@ def chunk_bwd_dqk_kernel(
     tl.store(p_dq, b_dq0.to(p_dq.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dk, b_dk0.to(p_dk.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
+    # [BC, BK] q o dq - k o dk
+    tl.store(dgk + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], b_q0 * b_dq0 - b_k0 * b_dk0, mask=m_t0[:, None] & m_k[None, :])
     p_dq = dq + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq1.to(p_dq.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dk, b_dk1.to(p_dk.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
+    # [BC, BK] q o dq - k o dk
+    tl.store(dgk + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], b_q1 * b_dq1 - b_k1 * b_dk1, mask=m_t1[:, None] & m_k[None, :])
     p_dq = dq + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq2.to(p_dq.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dk, b_dk2.to(p_dk.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
+    # [BC, BK] q o dq - k o dk
+    tl.store(dgk + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], b_q2 * b_dq2 - b_k2 * b_dk2, mask=m_t2[:, None] & m_k[None, :])
     p_dq = dq + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq3.to(p_dq.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dk, b_dk3.to(p_dk.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
+    # [BC, BK] q o dq - k o dk
+    tl.store(dgk + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], b_q3 * b_dq3 - b_k3 * b_dk3, mask=m_t3[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_decay_kernel(
-    q,
-    k,
-    dq,
-    dk,
+    dgk,
     ht,
     dht,
     dg,
@@ -1393,6 +1400,7 @@ def chunk_bwd_decay_kernel(
     k_s o exp(-G_s), the final state as exp(G_T) S_T; so the gradient w.r.t. G_t is
     q_t o dq_t - k_t o dk_t (plus S_T o dS_T summed over the values, at the last token), and
     dg_u = sum_{t >= u} dG_t.
+    dgk holds q o dq - k o dk from chunk_bwd_dqk_kernel: [B, T, H, K].
     Each program carries one [BK] block of keys of one sequence and head, from its
     last chunk to its first. Grid: (NK, N * H).
     """
@@ -1421,8 +1429,7 @@ def chunk_bwd_decay_kernel(
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         m_x = m_t[:, None] & m_k[None, :]
         # [BT, BK] dG = q o dq - k o dk
-        b_x = (tl.load(q + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dq + p_x, mask=m_x, other=0.)
-               - tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dk + p_x, mask=m_x, other=0.))
+        b_x = tl.load(dgk + p_x, mask=m_x, other=0.)
         # reverse cumulative sum: the chunk's sum from t to its end, then the later chunks
         b_sum = tl.sum(b_x, axis=0)
         b_dg = b_acc[None, :] + b_sum[None, :] - tl.cumsum(b_x, axis=0) + b_x
@@ -1453,8 +1460,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
-    Returns (dq, dk, dv float32 in the shapes of q, k, v; dgain None; dlog_decay float32 in the
-    shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
+    Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
+    the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
     Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
     the dtype of k); nothing per token beyond the gradients.
     """
@@ -1515,18 +1522,19 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
 
     # per chunk: dV, then dQ and dK
-    dv = v.new_empty(B, T, H, V, dtype=torch.float32)
+    dv = torch.empty_like(v)
     _launch = _cfg["dv"]
     chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
         q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
     _launch = _cfg["dqk"]
-    chunk_bwd_dqk_kernel[(triton.cdiv(K, _launch["BK"]), NT, B * H)](
-        q, k, v, g, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
+    _NK = triton.cdiv(K, _launch["BK"])
+    dgk = q.new_empty(B, T, H, K, dtype=torch.float32)  # q o dq - k o dk
+    chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
+        q, k, v, g, h, do, dh, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -1534,9 +1542,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     # the log-decay: reverse cumulative sums of q o dq - k o dk over each sequence
     dg = torch.empty_like(g)
     _launch = _cfg["decay"]
-    _NK = triton.cdiv(K, _launch["BK"])
-    chunk_bwd_decay_kernel[(_NK, N * H)](
-        q, k, dq, dk, ht, dht, dg, cu_seqlens, T,
+    chunk_bwd_decay_kernel[(triton.cdiv(K, _launch["BK"]), N * H)](
+        dgk, ht, dht, dg, cu_seqlens, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
         IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )

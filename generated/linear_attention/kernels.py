@@ -636,8 +636,7 @@ def chunk_bwd_dqk_kernel(
         dQ = scale (dO S^T) o a + (dA o Gamma) K        (per key: sum_s dA_ts Gamma_ts o k_s)
         dK = (V dS'^T) o (a_C / a) + (dA o Gamma)^T Q   (per key: sum_t dA_ts Gamma_ts o q_t)
 
-    S is the state at the chunk start (recomputed), dS' the gradient at its end.
-    Grid: (NK, NT, B * H).
+    S is the state at the chunk start (recomputed), dS' the gradient at its end.    Grid: (NK, NT, B * H).
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -680,10 +679,10 @@ def chunk_bwd_dqk_kernel(
     b_dA = tl.where(m_A, b_dA * scale, 0.)
     b_dq *= scale
     # [BT, BK] the intra-chunk share (float32 operands, tf32 on the GPU)
-    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_dq = tl.dot(b_dA, b_k.to(tl.float32), b_dq)
-    b_dk = tl.dot(tl.trans(b_dA), b_q.to(tl.float32), b_dk)
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_dq = tl.dot(b_dA, b_k, b_dq)
+    b_dk = tl.dot(tl.trans(b_dA), b_q, b_dk)
     p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
@@ -710,8 +709,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: None (no decay); dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
-    Returns (dq, dk, dv float32 in the shapes of q, k, v; dgain None; dlog_decay float32 in the
-    shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
+    Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
+    the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
     Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
     the dtype of k); nothing per token beyond the gradients.
     """
@@ -763,17 +762,17 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
 
     # per chunk: dV, then dQ and dK
-    dv = v.new_empty(B, T, H, V, dtype=torch.float32)
+    dv = torch.empty_like(v)
     _launch = _cfg["dv"]
     chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
         q, k, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
     _launch = _cfg["dqk"]
-    chunk_bwd_dqk_kernel[(triton.cdiv(K, _launch["BK"]), NT, B * H)](
+    _NK = triton.cdiv(K, _launch["BK"])
+    chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
         q, k, v, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],

@@ -691,6 +691,7 @@ def chunk_bwd_dqk_kernel(
     dh,
     dq,
     dk,
+    dgk,
     cu_seqlens,
     chunk_indices,
     scale,
@@ -708,8 +709,9 @@ def chunk_bwd_dqk_kernel(
         dQ = scale (dO S^T) o a + (dA o Gamma) K        (per key: sum_s dA_ts Gamma_ts o k_s)
         dK = (V dS'^T) o (a_C / a) + (dA o Gamma)^T Q   (per key: sum_t dA_ts Gamma_ts o q_t)
 
-    S is the state at the chunk start (recomputed), dS' the gradient at its end.
-    Grid: (NK, NT, B * H).
+    S is the state at the chunk start (recomputed), dS' the gradient at its end. The log-decay's
+    gradient needs q o dq - k o dk per token (chunk_bwd_decay_kernel sums it backwards): it is
+    stored here, from the float32 blocks, summed over this program's keys.    Grid: (NK, NT, B * H).
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -758,22 +760,21 @@ def chunk_bwd_dqk_kernel(
     b_dq *= (scale * tl.exp2(b_gc))[:, None]
     b_dk *= tl.exp2(b_glast - b_gc)[:, None]
     # [BT, BK] the intra-chunk share (float32 operands, tf32 on the GPU)
-    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_dq = tl.dot(b_dA, b_k.to(tl.float32), b_dq)
-    b_dk = tl.dot(tl.trans(b_dA), b_q.to(tl.float32), b_dk)
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_dq = tl.dot(b_dA, b_k, b_dq)
+    b_dk = tl.dot(tl.trans(b_dA), b_q, b_dk)
     p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+    # [BT] q o dq - k o dk, summed over this program's keys (block i_k of NK)
+    tl.store(dgk + ((bos + o_t) * H + i_h) * tl.cdiv(K, BK) + i_k, tl.sum(b_q * b_dq - b_k * b_dk, axis=1), mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_decay_kernel(
-    q,
-    k,
-    dq,
-    dk,
+    dgk,
     ht,
     dht,
     dg,
@@ -785,6 +786,7 @@ def chunk_bwd_decay_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    NK: tl.constexpr,
     HAS_FINAL_GRAD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -794,7 +796,8 @@ def chunk_bwd_decay_kernel(
     k_s o exp(-G_s), the final state as exp(G_T) S_T; so the gradient w.r.t. G_t is
     q_t o dq_t - k_t o dk_t (plus S_T o dS_T summed over the values, at the last token), and
     dg_u = sum_{t >= u} dG_t (summed over the keys: one log-decay per head).
-    Each program carries all keys (BK >= K) of one sequence and head, from its
+    dgk holds q o dq - k o dk from chunk_bwd_dqk_kernel, summed over each of its NK key blocks: [B, T, H, NK].
+    Each program carries all keys (BK >= K) for the final state of one sequence and head, from its
     last chunk to its first. Grid: (1, N * H).
     """
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
@@ -820,13 +823,10 @@ def chunk_bwd_decay_kernel(
     for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
-        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        m_x = m_t[:, None] & m_k[None, :]
-        # [BT, BK] dG = q o dq - k o dk
-        b_x = (tl.load(q + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dq + p_x, mask=m_x, other=0.)
-               - tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32) * tl.load(dk + p_x, mask=m_x, other=0.))
-        # [BT] summed over the keys; reverse cumulative sum, then the later chunks
-        b_x = tl.sum(b_x, axis=1)
+        # [BT] dG summed over the keys (the NK blocks); reverse cumulative sum, then the later chunks
+        b_x = tl.zeros([BT], dtype=tl.float32)
+        for i_kb in range(NK):
+            b_x += tl.load(dgk + ((bos + o_t) * H + i_h) * NK + i_kb, mask=m_t, other=0.)
         b_sum = tl.sum(b_x, axis=0)
         b_dg = b_acc + b_sum - tl.cumsum(b_x, axis=0) + b_x
         b_acc += b_sum
@@ -856,8 +856,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
-    Returns (dq, dk, dv float32 in the shapes of q, k, v; dgain None; dlog_decay float32 in the
-    shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
+    Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
+    the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
     Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
     the dtype of k); nothing per token beyond the gradients.
     """
@@ -910,18 +910,19 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
 
     # per chunk: dV, then dQ and dK
-    dv = v.new_empty(B, T, H, V, dtype=torch.float32)
+    dv = torch.empty_like(v)
     _launch = _cfg["dv"]
     chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
         q, k, g, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = k.new_empty(B, T, H, K, dtype=torch.float32)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
     _launch = _cfg["dqk"]
-    chunk_bwd_dqk_kernel[(triton.cdiv(K, _launch["BK"]), NT, B * H)](
-        q, k, v, g, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
+    _NK = triton.cdiv(K, _launch["BK"])
+    dgk = q.new_empty(B, T, H, _NK, dtype=torch.float32)  # q o dq - k o dk, summed per key block
+    chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
+        q, k, v, g, h, do, dh, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -931,10 +932,9 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _launch = _cfg["decay"]
     if _launch["BK"] < K:
         raise ValueError(f"config: the decay kernel holds all keys, BK must be >= K = {K}")
-    _NK = 1
-    chunk_bwd_decay_kernel[(_NK, N * H)](
-        q, k, dq, dk, ht, dht, dg, cu_seqlens, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+    chunk_bwd_decay_kernel[(1, N * H)](
+        dgk, ht, dht, dg, cu_seqlens, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], NK=_NK, HAS_FINAL_GRAD=dht is not None,
         IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return dq, dk, dv, None, dg, dh0

@@ -69,7 +69,7 @@ def module_of(name, cache):
     return op.derivation, op.module
 
 
-def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0):
+def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None):
     """Relative errors of backward's gradients against autograd through the float64 filter."""
     p = make_plan(d)
     names = [i.name for i in p.inputs]
@@ -86,7 +86,7 @@ def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0):
     scale = K ** -0.5
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     out = module.backward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], dev(do), dev(dht),
-                          scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t))
+                          scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t), config=config)
     assert len(out) == 4 + len(names)
     assert (out[-1] is None) == (S0 is None)
 
@@ -130,6 +130,19 @@ def test_spec_backward_matches_autograd_of_float64_filter(name, case, cache):
     errors = gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=2)
     bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
     assert not bad, f"{name} {case}: relative errors above {TOLERANCE[dtype]}: {bad}"
+
+
+# several key and value blocks per program's loop, and several key blocks of programs
+SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(BK=16, BV=16)}
+
+
+@pytest.mark.parametrize("model", ["mamba2", "gla"])
+def test_backward_with_small_blocks(model, cache):
+    B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
+    d, module = module_of(model, cache)
+    errors = gradient_errors(d, module, B, T, H, 32, V, h0, with_dht, cu, dtype, config=SMALL_BLOCKS)
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
+    assert not bad, f"{model} small blocks: relative errors above {TOLERANCE[dtype]}: {bad}"
 
 
 # --- the per-token kernels: the quantities and the chain rule, printed from sympy ------------
