@@ -1504,11 +1504,19 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
     A = v.new_empty(B, T, H, BT, dtype=torch.float32)
     _launch = _cfg["attention"]
-    chunk_attention_canonical_kernel[(NT, B * H)](
-        q, k, g, A, cu_seqlens, chunk_indices, T,
-        H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
+    if _launch.get("rows", False):
+        # one program per row sub-chunk of each chunk
+        chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
+            q, k, g, A, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
+    else:
+        chunk_attention_canonical_kernel[(NT, B * H)](
+            q, k, g, A, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
     dh = k.new_empty(NS, H, K, V)

@@ -136,11 +136,14 @@ def test_spec_backward_matches_autograd_of_float64_filter(name, case, cache):
 SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(BK=16, BV=16)}
 
 
-@pytest.mark.parametrize("model", ["mamba2", "gla"])
-def test_backward_with_small_blocks(model, cache):
+@pytest.mark.parametrize("model,config", [
+    ("mamba2", SMALL_BLOCKS),
+    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)}),
+])
+def test_backward_with_small_blocks(model, config, cache):
     B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
     d, module = module_of(model, cache)
-    errors = gradient_errors(d, module, B, T, H, 32, V, h0, with_dht, cu, dtype, config=SMALL_BLOCKS)
+    errors = gradient_errors(d, module, B, T, H, 32, V, h0, with_dht, cu, dtype, config=config)
     bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
     assert not bad, f"{model} small blocks: relative errors above {TOLERANCE[dtype]}: {bad}"
 
