@@ -9,6 +9,7 @@ sequences, float32 (rel. error <= 1e-4) and bfloat16 (<= 2e-2).
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
 
 import designmodel
 from designmodel import ops, reference
@@ -17,6 +18,8 @@ from designmodel.codegen.plan import plan as make_plan
 from designmodel.derive import derive
 from designmodel.spec import (Constant, DesignModel, Input, Readout, Regression, Transition, Write,
                               exp, reset, sigmoid, softplus)
+
+from tests.strategies import specs
 
 from .conftest import DEVICE
 from .helpers import make_inputs, relative_error
@@ -95,8 +98,10 @@ def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, c
     leaves += [S0.double()] if h0 else []
     for x in leaves:
         x.requires_grad_(True)
-    ref = reference.recurrent(d, leaves[0] * scale, leaves[1], leaves[2],
-                              dict(zip(names, leaves[3:3 + len(names)])),
+    # inputs the kernels do not read (a process noise: the write mean does not see it) as given
+    ref_inputs = {n: x.double() for n, x in ins.items()}
+    ref_inputs.update(zip(names, leaves[3:3 + len(names)]))
+    ref = reference.recurrent(d, leaves[0] * scale, leaves[1], leaves[2], ref_inputs,
                               initial_state=leaves[-1] if h0 else None,
                               cu_seqlens=None if cu_t is None else cu_t.long())
     loss = (ref.o * do.double()).sum()
@@ -130,6 +135,19 @@ def test_spec_backward_matches_autograd_of_float64_filter(name, case, cache):
     errors = gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=2)
     bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
     assert not bad, f"{name} {case}: relative errors above {TOLERANCE[dtype]}: {bad}"
+
+
+@settings(max_examples=4, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(spec=specs())
+def test_random_write_specs_backward_matches_autograd(spec, tmp_path_factory):
+    d = derive(spec)
+    assume(d.structure.family == "write" and not d.structure.variance)
+    module = designmodel.compile(spec, cache=tmp_path_factory.getbasetemp() / "random-specs").module
+    K = spec.key_dim or 16
+    errors = gradient_errors(d, module, 1, 70, 2, K, 16, True, True, None, torch.float32, seed=4)
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[torch.float32]}
+    assert not bad, f"{d.one_line()}: relative errors above 1e-4: {bad}"
 
 
 # several key and value blocks per program's loop, and several key blocks of programs
