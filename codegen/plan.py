@@ -195,6 +195,15 @@ class Plan:
         return replace(self, inputs=tuple(sorted(inputs, key=lambda i: i.name)),
                        log_decay=log_decay, gain=gain)
 
+    def passthrough(self) -> tuple[str, ...]:
+        """The per-token quantities that are one per-token input as it is (mamba2's g, the delta
+        rule's beta) and that no other quantity reads: the backward takes the input as the
+        quantity and the quantity's gradient as the input's, without a per-token kernel."""
+        qs = [q for q in (self.log_decay, self.gain) if q is not None]
+        return tuple(q.name for q in qs
+                     if isinstance(q.expr, Input) and q.expr.per_token
+                     and not any(q.expr.name in o.inputs for o in qs if o is not q))
+
     def inputs_of(self, *quantities: str) -> tuple[InputPlan, ...]:
         """The inputs read by the named per-token quantities, sorted by name."""
         names = set()

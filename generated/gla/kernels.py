@@ -1558,67 +1558,6 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     return dq, dk, dv, None, dg, dh0
 
 
-@triton.jit
-def token_quantities_kernel(
-    k,
-    g,
-    log_decay,
-    NR,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """The per-token quantities of the derivation, from the inputs, for the backward core:
-    log_decay  = g   [B, T, H, K] float32
-    (printed from sympy). Rows are the B * T (batch, token) pairs. Grid: (cdiv(B * T, BT), H).
-    """
-    i_r, i_h = tl.program_id(0), tl.program_id(1)
-    bos = 0  # rows index the flattened (batch, token) pairs
-    # [BT] rows of this program, [BK] all keys
-    o_t = i_r * BT + tl.arange(0, BT)
-    m_t = o_t < NR
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    # [BT, BK] log_decay
-    p_log_decay = log_decay + (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(p_log_decay, (b_g) + tl.zeros([BT, BK], dtype=tl.float32), mask=m_t[:, None] & m_k[None, :])
-
-
-@triton.jit
-def token_chain_kernel(
-    k,
-    g,
-    d_log_decay,
-    d_g,
-    NR,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-):
-    """The chain rule from the per-token quantities to the inputs, d x = sum_Q dQ dQ/dx, with
-    the derivatives printed from sympy:
-    d log_decay / d g = 1.0
-    A constant's gradient is stored per row ([B * T, H(, K)]) and summed over the rows by the
-    caller. Grid: (cdiv(B * T, BT), H).
-    """
-    i_r, i_h = tl.program_id(0), tl.program_id(1)
-    bos = 0  # rows index the flattened (batch, token) pairs
-    # [BT] rows of this program, [BK] all keys
-    o_t = i_r * BT + tl.arange(0, BT)
-    m_t = o_t < NR
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    b_d_g = tl.zeros([BT, BK], dtype=tl.float32)
-    # [BT, BK] the gradient w.r.t. log_decay
-    b_dlog_decay = tl.load(d_log_decay + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_d_g += b_dlog_decay * (1.0)
-    tl.store(d_g + (o_t[:, None] * H + i_h) * K + o_k[None, :], b_d_g, mask=m_t[:, None] & m_k[None, :])
-
-
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
@@ -1630,9 +1569,9 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
     state, or None. config: overrides of default_backward_config(K, V).
     Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
-    Steps: the per-token quantities from the inputs (printed from the derivation), the
-    family's backward_core on them, then the chain rule back to the inputs (sympy's
-    derivatives, printed).
+    Steps: the per-token quantities from the inputs (printed from the derivation; an input
+    that is a quantity as it is passes through), the family's backward_core on them, then the
+    chain rule back to the inputs (sympy's derivatives, printed).
     """
     check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
     B, T, H, K = q.shape
@@ -1650,21 +1589,9 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
     scale = K ** -0.5 if scale is None else float(scale)
-    g = g.contiguous()
-    k = k.contiguous()
-    NR = B * T
-    _grid = (triton.cdiv(NR, TOKEN_ROWS), H)
-    _BK = _block(K, 256)
-    log_decay = q.new_empty(B, T, H, K, dtype=torch.float32)
-    token_quantities_kernel[_grid](
-        k, g, log_decay, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
-    )
+    # log_decay is the input g as it is
+    log_decay = g.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
         q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
-    # the chain rule, per token; a constant's gradient per row, summed below
-    d_g = q.new_empty(g.shape, dtype=torch.float32)
-    token_chain_kernel[_grid](
-        k, g, dlog_decay.contiguous(), d_g, NR,
-        H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
-    )
+    d_g = dlog_decay
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_g.to(g.dtype), dh0)

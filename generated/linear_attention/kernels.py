@@ -792,9 +792,9 @@ def backward(q, k, v, do, dht=None, scale=None, initial_state=None, cu_seqlens=N
     state, or None. config: overrides of default_backward_config(K, V).
     Returns (dq, dk, dv, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
-    Steps: the per-token quantities from the inputs (printed from the derivation), the
-    family's backward_core on them, then the chain rule back to the inputs (sympy's
-    derivatives, printed).
+    Steps: the per-token quantities from the inputs (printed from the derivation; an input
+    that is a quantity as it is passes through), the family's backward_core on them, then the
+    chain rule back to the inputs (sympy's derivatives, printed).
     """
     check_inputs(q, k, v, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
     B, T, H, K = q.shape
