@@ -957,8 +957,8 @@ def token_quantities_kernel(
     """
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     bos = 0  # rows index the flattened (batch, token) pairs
-    # [BT] rows of this program, [BK] all keys
-    o_t = i_r * BT + tl.arange(0, BT)
+    # [BT] rows of this program (int64: B * T * H * K may pass 2^31), [BK] all keys
+    o_t = (i_r * BT + tl.arange(0, BT)).to(tl.int64)
     m_t = o_t < NR
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -987,8 +987,8 @@ def token_chain_kernel(
     """
     i_r, i_h = tl.program_id(0), tl.program_id(1)
     bos = 0  # rows index the flattened (batch, token) pairs
-    # [BT] rows of this program, [BK] all keys
-    o_t = i_r * BT + tl.arange(0, BT)
+    # [BT] rows of this program (int64: B * T * H * K may pass 2^31), [BK] all keys
+    o_t = (i_r * BT + tl.arange(0, BT)).to(tl.int64)
     m_t = o_t < NR
     o_k = tl.arange(0, BK)
     m_k = o_k < K
