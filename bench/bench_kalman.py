@@ -258,6 +258,9 @@ def breakdown(shape, rows, reps=5):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="bayesian_layer and rls only, fewest compiles")
+    ap.add_argument("--lean", action="store_true",
+                    help="only time bayesian_layer (default and 4-warp Riccati) at the first shape, "
+                         "with its error against the PyTorch chunked filter and the per-kernel split")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
     args = ap.parse_args(argv)
@@ -266,7 +269,12 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.time()
     left = lambda: args.budget - (time.time() - t0)
-    if args.quick:
+    if args.lean:
+        timings(SHAPES[:1], rows, {"ours_bl": ("bayesian_layer", None),
+                                   "ours_bl_cov_w4": ("bayesian_layer", {"covariance": {"num_warps": 4}})})
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        breakdown(SHAPES[0], rows)
+    elif args.quick:
         # each specialization of the Riccati kernel compiles for about 90 s on an H100 host:
         # the fewest that cover a check (K = 128, variance, initial state) before the timings,
         # the rest while the budget lasts
