@@ -311,3 +311,19 @@ def test_short_convolution_window_cache():
     _, state = conv(x, output_final_state=True, cu_seqlens=cu)
     assert torch.equal(state[0], torch.stack([torch.zeros(4), torch.zeros(4), x[0, 0]], -1))
     assert torch.equal(state[1], x[0, 2:5].T)
+
+
+# --- docs/layers.md's examples run ------------------------------------------------------------
+
+def test_docs_examples_run():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "layers.md").read_text()
+    ns = {}
+    try:
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            exec(compile(block, "docs/layers.md", "exec"), ns)
+    finally:
+        torch.set_grad_enabled(True)
+    assert ns["variance"].shape == (2, 20, 2)
+    assert relative_error(ns["o_t"][:, 0], ns["whole"][:, -1]) <= FWD_TOL
