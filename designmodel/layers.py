@@ -457,7 +457,8 @@ class DesignLayer(nn.Module):
         readout, q^T P_t q with the scaled query, [B, T, H] float32 (zero on padding), as a
         fourth element.
         """
-        B, T = self._check_forward(hidden_states, attention_mask, past_key_values, output_variance)
+        caching = past_key_values is not None or use_cache
+        B, T = self._check_forward(hidden_states, attention_mask, caching, output_variance)
         last = past_key_values[self.layer_idx] if past_key_values is not None else None
         x, indices, cu_seqlens = hidden_states, None, None
         if attention_mask is not None:
@@ -473,7 +474,7 @@ class DesignLayer(nn.Module):
         if use_cache:
             if past_key_values is None:
                 past_key_values = LayerCache()
-            past_key_values.update(self.layer_idx or 0, recurrent_state=final, conv_state=conv_state,
+            past_key_values.update(self.layer_idx, recurrent_state=final, conv_state=conv_state,
                                    offset=T)
         o = self._readout(o, x)
         if indices is not None:
@@ -508,8 +509,10 @@ class DesignLayer(nn.Module):
         o = self.o_norm(o, gate).reshape(B, T, self.value_dim)
         return self.o_proj(o.to(self.o_proj.weight.dtype))
 
-    def _check_forward(self, h, mask, cache, output_variance) -> tuple[int, int]:
-        """(B, T); ValueError naming the problem for anything the layer cannot take."""
+    def _check_forward(self, h, mask, caching, output_variance) -> tuple[int, int]:
+        """(B, T); ValueError naming the problem for anything the layer cannot take.
+
+        caching: a cache was given or asked for (use_cache)."""
         if not isinstance(h, Tensor) or h.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, hidden_size], got {getattr(h, 'shape', type(h))}")
         B, T, D = h.shape
@@ -519,11 +522,11 @@ class DesignLayer(nn.Module):
             if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != B:
                 raise ValueError(f"attention_mask must be [B, T] = [{B}, {T}] of 0/1 (padding), "
                                  f"got {getattr(mask, 'shape', type(mask))}")
-            if mask.shape[1] < T or (mask.shape[1] > T and cache is None):
+            if mask.shape[1] < T or (mask.shape[1] > T and not caching):
                 raise ValueError(f"attention_mask has {mask.shape[1]} columns for {T} tokens "
                                  "(more only with past_key_values)")
-        if cache is not None and self.layer_idx is None:
-            raise ValueError("past_key_values needs the layer's layer_idx (set layer_idx=...)")
+        if caching and self.layer_idx is None:
+            raise ValueError("past_key_values and use_cache need the layer's layer_idx (set layer_idx=...)")
         if output_variance and self.family != "kalman":
             raise ValueError(f"output_variance: a {self.family} layer has no predictive variance "
                              "(only Kalman layers such as BayesianLayer)")

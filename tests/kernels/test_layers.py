@@ -295,8 +295,11 @@ def test_bad_input_raises_value_error():
         layer(x, attention_mask=2 * torch.ones(2, 8, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="predictive variance"):
         layer(x, output_variance=True)
+    no_idx = L.GatedDeltaNet(hidden_size=HID, num_heads=HEADS, head_dim=HEAD_DIM).to(DEVICE)
     with pytest.raises(ValueError, match="layer_idx"):
-        L.GatedDeltaNet(hidden_size=HID, num_heads=HEADS, head_dim=HEAD_DIM)(x.cpu(), past_key_values=L.LayerCache())
+        no_idx(x, past_key_values=L.LayerCache())
+    with pytest.raises(ValueError, match="layer_idx"):
+        no_idx(x, use_cache=True)
     with pytest.raises(ValueError, match="unit keys"):
         L.DeltaNet(hidden_size=HID, num_heads=HEADS, head_dim=HEAD_DIM, qk_norm=None)
     with pytest.raises(ValueError, match="unknown zoo layer"):
