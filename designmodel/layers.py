@@ -652,8 +652,8 @@ def load_fla_state_dict(layer: DesignLayer, state_dict: dict, strict: bool = Tru
 
 
 def from_fla(fla_layer) -> DesignLayer:
-    """Our zoo layer equivalent to an fla 0.6.0 GatedDeltaNet, DeltaNet or GatedLinearAttention
-    layer (same sizes and options), with its weights. Options fla has and we do not (grouped
+    """Our zoo layer equivalent to an fla 0.6.0 GatedDeltaNet, DeltaNet, GatedLinearAttention
+    or KimiDeltaAttention layer (same sizes and options), with its weights. Options fla has and we do not (grouped
     value heads, negative eigenvalues, feature maps, clamp_min) raise ValueError."""
     kind = type(fla_layer).__name__
     L = fla_layer
@@ -681,6 +681,10 @@ def from_fla(fla_layer) -> DesignLayer:
         ours = GLA(**common, feature_activation="silu" if L.use_short_conv else None,
                    decay_rank=L.gk_proj[0].out_features, gate_logit_normalizer=L.gate_logit_normalizer,
                    norm_eps=norm.eps)
+    elif kind == "KimiDeltaAttention":
+        if L.lower_bound is not None or L.safe_gate:
+            raise ValueError("KimiDeltaAttention: only lower_bound=None, safe_gate=False (the Mamba gate)")
+        ours = KDA(**common, norm_eps=L.o_norm.eps)
     else:
         raise ValueError(f"from_fla: no zoo layer for fla's {kind}")
     load_fla_state_dict(ours, L.state_dict())

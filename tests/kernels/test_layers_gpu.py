@@ -1,4 +1,4 @@
-"""On a GPU: fla 0.6.0's GatedDeltaNet, DeltaNet and GLA layers load into our zoo layers.
+"""On a GPU: fla 0.6.0's GatedDeltaNet, DeltaNet, GLA and KDA layers load into our zoo layers.
 
 An fla layer's state_dict goes into the matching zoo layer (designmodel.layers.from_fla, which
 uses load_fla_state_dict) and both layers run on the same bf16 hidden states, with and
@@ -22,6 +22,7 @@ CASES = [
     ("DeltaNet", dict(num_heads=4, use_gate=True, use_short_conv=False)),
     ("GatedLinearAttention", dict(num_heads=4)),
     ("GatedLinearAttention", dict(num_heads=2, use_short_conv=True)),
+    ("KimiDeltaAttention", dict(head_dim=64, num_heads=4)),
 ]
 
 
