@@ -315,13 +315,13 @@ class DesignLayer(nn.Module):
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, act)
             self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, act)
             self.v_conv1d = ShortConvolution(self.value_dim, conv_size, conv_bias, act)
-        self.params = [self._make_param(i, names or {}, decay_rank) for i in plan.inputs]
         if use_output_gate:
             self.g_proj = _low_rank(hidden_size, output_gate_rank, self.value_dim,
                                     bias=output_gate_rank is not None)
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps,
                                    activation=gate_activation if use_output_gate else None)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.params = [self._make_param(i, names or {}, decay_rank) for i in plan.inputs]
 
     # -- parameters of the inputs ------------------------------------------------------------
 
@@ -335,28 +335,36 @@ class DesignLayer(nn.Module):
             return self._make_constant(i, per_key)
         if i.domain == "logdecay" and self.decay == "logsigmoid":
             proj = names.get(i.name, f"{prefix}gk_proj")
-            setattr(self, proj, _low_rank(D, decay_rank if per_key else None, width, bias=True))
+            self._own(proj, _low_rank(D, decay_rank if per_key else None, width, bias=True))
             return _Param(i.name, "logsigmoid", i.domain, True, per_key, dict(proj=proj))
         if i.domain == "logdecay":
             proj = names.get(i.name, f"{prefix}{'f_proj' if per_key else 'a_proj'}")
-            setattr(self, proj, _low_rank(D, decay_rank if per_key else None, width, bias=False))
+            self._own(proj, _low_rank(D, decay_rank if per_key else None, width, bias=False))
             a_log, dt = f"{prefix}A_log", f"{prefix}dt_bias"
-            setattr(self, a_log, nn.Parameter(torch.empty(H).uniform_(1, 16).log()))
-            setattr(self, dt, nn.Parameter(_dt_bias(width)))
+            self._own(a_log, nn.Parameter(torch.empty(H).uniform_(1, 16).log()))
+            self._own(dt, nn.Parameter(_dt_bias(width)))
             return _Param(i.name, "mamba", i.domain, True, per_key, dict(proj=proj, A_log=a_log, dt_bias=dt))
         if i.name == "sigma" and self.process_noise != "log_snr":
             return _Param(i.name, self.process_noise, i.domain, True, per_key, {})
         if i.domain == "unit":
             proj = names.get(i.name, "b_proj" if i.name == "beta" else f"{i.name}_proj")
-            setattr(self, proj, nn.Linear(D, width, bias=False))
+            self._own(proj, nn.Linear(D, width, bias=False))
             return _Param(i.name, "sigmoid", i.domain, True, per_key, dict(proj=proj))
         proj = names.get(i.name, f"{i.name}_proj")
         kind = "linear" if i.domain == "real" else "log_snr"
         layer = nn.Linear(D, width, bias=kind == "log_snr")
         if kind == "log_snr":
             nn.init.zeros_(layer.bias)
-        setattr(self, proj, layer)
+        self._own(proj, layer)
         return _Param(i.name, kind, i.domain, True, per_key, dict(proj=proj))
+
+    def _own(self, name: str, value) -> None:
+        """Register a parameter or projection of an input, refusing a name already taken
+        (two inputs whose parameterizations would share a projection)."""
+        if hasattr(self, name):
+            raise ValueError(f"two parameters of this layer are called {name!r}: rename one "
+                             "with names={input: projection name}")
+        setattr(self, name, value)
 
     def _make_constant(self, i, per_key: bool) -> _Param:
         """A learned constant per head (or per head and key) in the input's domain."""
@@ -373,7 +381,7 @@ class DesignLayer(nn.Module):
             init, name = torch.full(shape, -3.0), f"{i.name}_A_log"
         else:
             init, name = torch.zeros(shape), i.name
-        setattr(self, name, nn.Parameter(init))
+        self._own(name, nn.Parameter(init))
         return _Param(i.name, "constant", i.domain, False, per_key, dict(value=name))
 
     def _constant(self, p: _Param) -> Tensor:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import designmodel
 from designmodel import layers as L
 from designmodel import reference
 from designmodel.spec import Readout
@@ -93,8 +94,9 @@ def _gate_inputs(layer, P, x, B, T):
     return ins
 
 
-def reference_layer(layer, x, variance=False):
-    """The layer's output (and the Kalman predictive variance) in float64, [B, T, hidden]."""
+def reference_layer(layer, x, variance=False, inputs=None):
+    """The layer's output (and the Kalman predictive variance) in float64, [B, T, hidden];
+    `inputs` (float64) replaces the zoo models' gate inputs for other specs."""
     P = {n: p.detach().cpu().double() for n, p in layer.named_parameters()}
     x = x.detach().cpu().double()
     B, T, _ = x.shape
@@ -110,8 +112,8 @@ def reference_layer(layer, x, variance=False):
     spec = layer.op.derivation.spec
     if variance:
         spec = dataclasses.replace(spec, readout=Readout(timing=spec.readout.timing, variance=True))
-    ref = reference.recurrent(spec, q * K ** -0.5, k, v, _gate_inputs(layer, P, x, B, T),
-                              unit_key_tol=1e-5)
+    inputs = _gate_inputs(layer, P, x, B, T) if inputs is None else inputs
+    ref = reference.recurrent(spec, q * K ** -0.5, k, v, inputs, unit_key_tol=1e-5)
     o = ref.o
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * P["o_norm.weight"]
     if layer.use_output_gate:
@@ -148,6 +150,30 @@ def test_bayesian_layer_variance_matches_float64():
     assert var.shape == (2, 40, HEADS)
     assert relative_error(o.cpu(), ref_o) <= FWD_TOL
     assert relative_error(var.cpu(), ref_var) <= VAR_TOL
+
+
+def test_layer_from_a_custom_spec(tmp_path):
+    """A spec outside the zoo: reset gain c / (c |k|^2 + r) with per-token noises c and r, both
+    from a learned log signal-to-noise ratio (noise = exp(-(proj(x) + bias))), keys not
+    normalized."""
+    from designmodel.spec import DesignModel, Input, Regression, Transition, exp, reset
+    c, r, g = Input("c", domain="positive"), Input("r", domain="positive"), Input("g", domain="logdecay")
+    spec = DesignModel("reset_snr", transition=Transition(decay=exp(g)), observation=Regression(noise=r),
+                       filter=reset(c))
+    op = designmodel.compile(spec, cache=tmp_path)
+    torch.manual_seed(0)
+    layer = L.DesignLayer(op, HID, HEADS, HEAD_DIM, qk_norm=None, layer_idx=0).to(DEVICE)
+    with torch.no_grad():
+        layer.c_proj.bias.normal_()
+        layer.r_proj.bias.normal_()
+    x = hidden(2, 40)
+    P = {n: p.detach().cpu().double() for n, p in layer.named_parameters()}
+    xd = x.cpu().double()
+    inputs = {"g": -P["A_log"].exp() * F.softplus(_linear(P, "a_proj", xd) + P["dt_bias"]),
+              "c": torch.exp(-_linear(P, "c_proj", xd)), "r": torch.exp(-_linear(P, "r_proj", xd))}
+    assert relative_error(layer(x)[0], reference_layer(layer, x, inputs=inputs)) <= FWD_TOL
+    with pytest.raises(ValueError, match="called 'g_proj'"):
+        L.DesignLayer(op, HID, HEADS, HEAD_DIM, qk_norm=None, names={"c": "g_proj"})
 
 
 # --- (b) padding masks become variable-length sequences -----------------------------------------
