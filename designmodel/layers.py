@@ -660,8 +660,8 @@ def load_fla_state_dict(layer: DesignLayer, state_dict: dict, strict: bool = Tru
 
 
 def from_fla(fla_layer) -> DesignLayer:
-    """Our zoo layer equivalent to an fla 0.6.0 GatedDeltaNet, DeltaNet, GatedLinearAttention
-    or KimiDeltaAttention layer (same sizes and options), with its weights. Options fla has and we do not (grouped
+    """Our zoo layer equivalent to an fla 0.6.0 GatedDeltaNet, DeltaNet, GatedLinearAttention,
+    SimpleGatedLinearAttention (as Mamba2 with decay="logsigmoid") or KimiDeltaAttention layer (same sizes and options), with its weights. Options fla has and we do not (grouped
     value heads, negative eigenvalues, feature maps, clamp_min) raise ValueError."""
     kind = type(fla_layer).__name__
     L = fla_layer
@@ -689,6 +689,12 @@ def from_fla(fla_layer) -> DesignLayer:
         ours = GLA(**common, feature_activation="silu" if L.use_short_conv else None,
                    decay_rank=L.gk_proj[0].out_features, gate_logit_normalizer=L.gate_logit_normalizer,
                    norm_eps=norm.eps)
+    elif kind == "SimpleGatedLinearAttention":
+        if L.feature_map_fn is not None or not L.fuse_norm_and_gate:
+            raise ValueError("SimpleGatedLinearAttention: only feature_map=None and the fused swish "
+                             "output gate")
+        ours = Mamba2(**common, decay="logsigmoid", feature_activation="silu" if L.use_short_conv else None,
+                      gate_logit_normalizer=L.gate_logit_normalizer, norm_eps=L.g_norm_swish_gate.eps)
     elif kind == "KimiDeltaAttention":
         if L.lower_bound is not None or L.safe_gate:
             raise ValueError("KimiDeltaAttention: only lower_bound=None, safe_gate=False (the Mamba gate)")

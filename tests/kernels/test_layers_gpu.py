@@ -1,4 +1,4 @@
-"""On a GPU: fla 0.6.0's GatedDeltaNet, DeltaNet, GLA and KDA layers load into our zoo layers.
+"""On a GPU: fla 0.6.0's GatedDeltaNet, DeltaNet, GLA, simple GLA and KDA layers load into ours.
 
 An fla layer's state_dict goes into the matching zoo layer (designmodel.layers.from_fla, which
 uses load_fla_state_dict) and both layers run on the same bf16 hidden states, with and
@@ -23,6 +23,7 @@ CASES = [
     ("GatedLinearAttention", dict(num_heads=4)),
     ("GatedLinearAttention", dict(num_heads=2, use_short_conv=True)),
     ("KimiDeltaAttention", dict(head_dim=64, num_heads=4)),
+    ("SimpleGatedLinearAttention", dict(num_heads=4)),
 ]
 
 
@@ -30,8 +31,10 @@ def _fla_layer(kind, options):
     """An fla layer in bf16 on the GPU, with its norm weights and biases away from their init
     (so that loading them matters)."""
     import fla.layers
+    from fla.layers.simple_gla import SimpleGatedLinearAttention   # not exported by fla.layers
     torch.manual_seed(0)
-    layer = getattr(fla.layers, kind)(hidden_size=HIDDEN, layer_idx=0, **options)
+    cls = SimpleGatedLinearAttention if kind == "SimpleGatedLinearAttention" else getattr(fla.layers, kind)
+    layer = cls(hidden_size=HIDDEN, layer_idx=0, **options)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "norm" in name:
