@@ -222,6 +222,23 @@ def test_decoding_with_cache_equals_one_pass(name):
     assert relative_error(torch.cat(outs, 1).cpu(), whole.cpu()) <= FWD_TOL
 
 
+def test_decoding_calls_op_recurrent_when_the_op_has_one():
+    layer = make("GatedDeltaNet")
+    calls = []
+
+    def recurrent(q, k, v, *args, **kwargs):        # the chunked op stands in for the kernel
+        calls.append((q.shape[1], kwargs["initial_state"] is not None, kwargs["output_final_state"]))
+        return layer.op(q, k, v, *args, **kwargs)
+
+    layer.op.recurrent = recurrent
+    x = hidden(2, 6)
+    _, _, cache = layer(x[:, :4], use_cache=True)
+    assert calls == []                                   # prefill: the chunked op
+    for t in (4, 5):
+        _, _, cache = layer(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+    assert calls == [(1, True, True), (1, True, True)]
+
+
 def test_decoding_after_left_padded_prefill():
     layer = make("GatedDeltaNet")
     T, prefill, lens = 10, 6, [6, 3]
