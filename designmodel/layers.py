@@ -247,6 +247,25 @@ def _compile(op_or_spec):
     return designmodel.compile(op_or_spec)
 
 
+class _SharedOp:
+    """A layer's compiled op, outside its state: copies of the layer share it (it holds no
+    parameters, and its generated module cannot be copied), and a pickled layer stores the
+    spec and compiles it again when loaded."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _shared_op_of_spec, (self.op.derivation.spec,)
+
+
+def _shared_op_of_spec(spec) -> _SharedOp:
+    return _SharedOp(_compile(spec))
+
+
 def _accepts(fn, name: str) -> bool:
     """True when fn takes the keyword `name` (or any keyword)."""
     try:
@@ -288,7 +307,7 @@ class DesignLayer(nn.Module):
                  names: dict | None = None, process_noise: str = "log_snr", scale: float | None = None,
                  norm_eps: float = 1e-5, layer_idx: int | None = None):
         super().__init__()
-        self.op = _compile(op)
+        self._shared_op = _SharedOp(_compile(op))
         plan = self.op.plan
         self.family = plan.family
         self.unit_keys = bool(plan.unit_keys)
@@ -322,6 +341,11 @@ class DesignLayer(nn.Module):
                                    activation=gate_activation if use_output_gate else None)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.params = [self._make_param(i, names or {}, decay_rank) for i in plan.inputs]
+
+    @property
+    def op(self):
+        """The compiled op (designmodel.compile(spec)) this layer runs."""
+        return self._shared_op.op
 
     # -- parameters of the inputs ------------------------------------------------------------
 

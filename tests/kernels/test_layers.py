@@ -373,3 +373,20 @@ def test_docs_examples_run():
         torch.set_grad_enabled(True)
     assert ns["variance"].shape == (2, 20, 2)
     assert relative_error(ns["o_t"][:, 0], ns["whole"][:, -1]) <= FWD_TOL
+
+
+def test_layer_deepcopies_and_pickles():
+    """copy.deepcopy and torch.save / torch.load give a layer with the same outputs (the
+    compiled op is shared by copies and compiled again from the spec when loaded)."""
+    import copy
+    import io
+    layer = make("BayesianLayer")
+    x = hidden(2, 6)
+    clone = copy.deepcopy(layer)
+    assert clone.op is layer.op and clone.q_proj.weight is not layer.q_proj.weight
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (clone, loaded):
+        assert torch.equal(other(x)[0], layer(x)[0])
