@@ -369,6 +369,10 @@ class DesignLayer(nn.Module):
             self._own(dt, nn.Parameter(_dt_bias(width)))
             return _Param(i.name, "mamba", i.domain, True, per_key, dict(proj=proj, A_log=a_log, dt_bias=dt))
         if i.name == "sigma" and self.process_noise != "log_snr":
+            gates = [j for j in self.op.plan.inputs if j.name == "g" and j.per_token]
+            if self.process_noise == "stationary" and (per_key or not gates or gates[0].per == "key"):
+                raise ValueError("process_noise='stationary' (sigma = p0 (1 - alpha^2)) needs a scalar "
+                                 "gate g per head and a per-head sigma; use process_noise='log_snr'")
             return _Param(i.name, self.process_noise, i.domain, True, per_key, {})
         if i.domain == "unit":
             proj = names.get(i.name, "b_proj" if i.name == "beta" else f"{i.name}_proj")
@@ -443,12 +447,9 @@ class DesignLayer(nn.Module):
 
     def _process_noise(self, p: _Param, values: dict, B: int, T: int) -> Tensor:
         """sigma for process_noise "stationary" (p0 (1 - alpha^2), alpha = exp(g)) or "zero"."""
-        if p.kind == "zero" or "g" not in values:
+        if p.kind == "zero":
             return torch.zeros(B, T, self.num_heads, device=self.o_proj.weight.device)
-        g = values["g"]
-        if g.dim() == 4:
-            raise ValueError("stationary process noise needs a scalar gate per head; this spec's "
-                             "gate is per key (use process_noise='log_snr')")
+        g = values["g"]                                                         # [B, T, H]
         p0 = values.get("p0", torch.ones(self.num_heads, device=g.device))
         return -torch.expm1(2 * g) * p0                                         # [B, T, H]
 

@@ -176,6 +176,31 @@ def test_layer_from_a_custom_spec(tmp_path):
         L.DesignLayer(op, HID, HEADS, HEAD_DIM, qk_norm=None, names={"c": "g_proj"})
 
 
+@pytest.mark.parametrize("model", ["bayesian_layer_diag", "rls"])
+def test_kalman_layers_with_learned_noises(model):
+    """Kalman specs with a per-key gate or none, the noises r and sigma from learned log
+    signal-to-noise ratios, the prior variance exp(log_p0)."""
+    torch.manual_seed(0)
+    layer = L.DesignLayer(model, HID, HEADS, HEAD_DIM, qk_norm="l2", process_noise="log_snr").to(DEVICE)
+    with torch.no_grad():
+        layer.log_p0.normal_()
+        for proj in ("r_proj", "sigma_proj"):
+            if hasattr(layer, proj):
+                getattr(layer, proj).bias.normal_()
+    x = hidden(2, 40)
+    P = {n: p.detach().cpu().double() for n, p in layer.named_parameters()}
+    xd = x.cpu().double()
+    inputs = {"p0": P["log_p0"].exp(), "r": torch.exp(-_linear(P, "r_proj", xd))}
+    if model == "bayesian_layer_diag":
+        dt = F.softplus(_linear(P, "f_proj", xd) + P["dt_bias"]).view(2, 40, HEADS, HEAD_DIM)
+        inputs["g"] = -P["A_log"].exp()[:, None] * dt
+        inputs["sigma"] = torch.exp(-_linear(P, "sigma_proj", xd))
+    o, _, _, var = layer(x, output_variance=True)
+    ref_o, ref_var = reference_layer(layer, x, variance=True, inputs=inputs)
+    assert relative_error(o, ref_o) <= FWD_TOL
+    assert relative_error(var, ref_var) <= VAR_TOL
+
+
 # --- (b) padding masks become variable-length sequences -----------------------------------------
 
 PAD_LAYERS = ["GatedDeltaNet", "GLA", "BayesianLayer", "RetNet"]
@@ -345,6 +370,8 @@ def test_bad_input_raises_value_error():
         no_idx(x, use_cache=True)
     with pytest.raises(ValueError, match="unit keys"):
         L.DeltaNet(hidden_size=HID, num_heads=HEADS, head_dim=HEAD_DIM, qk_norm=None)
+    with pytest.raises(ValueError, match="stationary"):
+        L.DesignLayer("bayesian_layer_diag", HID, HEADS, HEAD_DIM, process_noise="stationary")
     with pytest.raises(ValueError, match="unknown zoo layer"):
         L.layer("Transformer")
 
