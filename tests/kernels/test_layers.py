@@ -142,6 +142,15 @@ def test_layer_matches_float64_recomputation(name, options):
     assert relative_error(o.cpu(), reference_layer(layer, x)) <= FWD_TOL
 
 
+@pytest.mark.parametrize("name", ["GatedDeltaNet", "GLA", "BayesianLayer"])
+def test_layer_in_bf16_matches_float64(name):
+    layer = make(name).to(torch.bfloat16)
+    x = hidden(2, 40).to(torch.bfloat16)
+    o = layer(x)[0]
+    assert o.dtype == torch.bfloat16
+    assert relative_error(o.float(), reference_layer(layer, x)) <= 2e-2
+
+
 def test_bayesian_layer_variance_matches_float64():
     layer = make("BayesianLayer")
     x = hidden(2, 40)
