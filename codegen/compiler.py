@@ -21,7 +21,7 @@ class CompiledOp:
     def __init__(self, derivation, module, source: str):
         self.derivation = derivation
         self.plan = make_plan(derivation)
-        self.module = module
+        self.kernels = module
         self.source = source          # "zoo" or the cache folder
         self.inputs = dict(module.INPUTS)
         self.__name__ = derivation.spec.name
@@ -50,7 +50,7 @@ class CompiledOp:
         if unknown:
             raise ValueError(f"{self.__name__}: unknown argument(s) {', '.join(unknown)}; the inputs "
                              f"of this spec are {', '.join(names) or 'none'}")
-        return self.module.forward(q, k, v, **values, **kwargs)
+        return self.kernels.forward(q, k, v, **values, **kwargs)
 
     def __repr__(self):
         ins = ", ".join(f"{n} {s}" for n, (s, _) in self.inputs.items())
