@@ -249,6 +249,17 @@ class LibraryOp:
         for name, x in (("q", q), ("k", k), ("v", v), *values.items()):
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        # one device: with a tensor on the meta device the dispatcher would run the fake
+        # implementation alone, and the kernels' own check would never see the mix
+        if k.device != q.device or v.device != q.device:
+            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        state = kwargs.get("initial_state")
+        others = (*values.items(), ("cu_seqlens", kwargs.get("cu_seqlens")),
+                  *(enumerate(state) if isinstance(state, (tuple, list)) else [("initial_state", state)]))
+        for name, x in others:
+            if isinstance(x, torch.Tensor) and x.device != q.device:
+                raise ValueError(f"{name if isinstance(name, str) else f'initial_state[{name}]'} must be on "
+                                 f"{q.device}, got {x.device}")
         scale = kwargs.get("scale")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError(f"scale must be a number, got {type(scale).__name__}")

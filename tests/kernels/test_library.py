@@ -20,6 +20,7 @@ from designmodel.derive import derive
 from designmodel.reference import recurrent as reference
 from designmodel.spec import DesignModel, Input, Readout, Transition, Write, exp, softplus
 
+from .conftest import DEVICE
 from .helpers import compare, relative_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,10 +42,11 @@ def no_graph_break(fn, *args):
 
 def gates(B, T, H, K, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {"g": F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.0),
-            "beta": torch.sigmoid(torch.randn(B, T, H, generator=gen)),
-            "r": 0.1 + torch.rand(B, T, H, generator=gen),
-            "sigma": 0.3 * torch.rand(B, T, H, generator=gen)}
+    out = {"g": F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.0),
+           "beta": torch.sigmoid(torch.randn(B, T, H, generator=gen)),
+           "r": 0.1 + torch.rand(B, T, H, generator=gen),
+           "sigma": 0.3 * torch.rand(B, T, H, generator=gen)}
+    return {n: x.to(DEVICE) for n, x in out.items()}
 
 
 def qkv(B, T, H, K, V, dtype, seed=0):
@@ -52,7 +54,12 @@ def qkv(B, T, H, K, V, dtype, seed=0):
     q = torch.randn(B, T, H, K, generator=gen)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+def f64(x):
+    """x as float64 on the CPU (the reference's device)."""
+    return x.detach().cpu().double()
 
 
 class GatedDeltaNetBlock(torch.nn.Module):
@@ -72,8 +79,8 @@ def test_gated_deltanet_model_compiles_without_graph_break(dtype):
     B, T, H, K, V = 1, 24, 2, 16, 16
     q, k, v = qkv(B, T, H, K, V, dtype)
     gt = gates(B, T, H, K)
-    h0 = torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(5))
-    model = GatedDeltaNetBlock(V)
+    h0 = torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    model = GatedDeltaNetBlock(V).to(DEVICE)
     args = (q, k, v, gt["g"], gt["beta"], h0)
     eager = model(*args)
     out = compiled(model)(*args)
@@ -84,9 +91,9 @@ def test_gated_deltanet_model_compiles_without_graph_break(dtype):
     o, state = ops.gated_deltanet(q, k, v, gt["g"], gt["beta"], initial_state=h0, output_final_state=True)
     assert o.dtype == dtype and state.dtype == torch.float32
     d = derive("gated_deltanet")
-    kd = k.double() / k.double().norm(dim=-1, keepdim=True)   # unit keys, renormalized after rounding
-    ref = reference(d, q.double() * K ** -0.5, kd, v.double(),
-                    {"g": gt["g"].double(), "beta": gt["beta"].double()}, initial_state=h0.double())
+    kd = f64(k) / f64(k).norm(dim=-1, keepdim=True)   # unit keys, renormalized after rounding
+    ref = reference(d, f64(q) * K ** -0.5, kd, f64(v), {"g": f64(gt["g"]), "beta": f64(gt["beta"])},
+                    initial_state=f64(h0))
     assert relative_error(o, ref.o) <= TOL[dtype] and relative_error(state, ref.state) <= TOL[dtype]
 
 
@@ -110,8 +117,8 @@ def test_bayesian_layer_compiles_with_variance_and_state(dtype):
     o, S, P, var = eager
     spec = derive("bayesian_layer").spec
     ref = reference(derive(replace(spec, readout=replace(spec.readout, variance=True))),
-                    q.double() * K ** -0.5, k.double(), v.double(),
-                    {n: gt[n].double() for n in ("g", "r", "sigma")} | {"p0": torch.full((H,), 0.7, dtype=torch.float64)})
+                    f64(q) * K ** -0.5, f64(k), f64(v),
+                    {n: f64(gt[n]) for n in ("g", "r", "sigma")} | {"p0": torch.full((H,), 0.7, dtype=torch.float64)})
     tol = KALMAN_TOL[dtype]
     for x, y in ((o, ref.o), (S, ref.state), (P, ref.covariance), (var, ref.variance)):
         assert relative_error(x, y) <= tol
@@ -126,7 +133,8 @@ def test_spec_outside_the_zoo_compiles_forward_and_recurrent(tmp_path):
     B, T, H, K, V = 1, 19, 2, 16, 16
     q, k, v = qkv(B, T, H, K, V, torch.float32, seed=2)
     gen = torch.Generator().manual_seed(3)
-    ins = {"ak": torch.randn(B, T, H, K, generator=gen), "dt": 0.1 + torch.rand(B, T, H, generator=gen)}
+    ins = {"ak": torch.randn(B, T, H, K, generator=gen).to(DEVICE),
+           "dt": (0.1 + torch.rand(B, T, H, generator=gen)).to(DEVICE)}
 
     def both(q, k, v, ak, dt):
         o1, s1 = op(q, k, v, ak=ak, dt=dt, output_final_state=True)
@@ -138,8 +146,7 @@ def test_spec_outside_the_zoo_compiles_forward_and_recurrent(tmp_path):
     out = compiled(both)(*args)
     for x, y in zip(out, eager):
         assert torch.equal(x, y)
-    ref = reference(op.derivation, q.double() * K ** -0.5, k.double(), v.double(),
-                    {n: x.double() for n, x in ins.items()})
+    ref = reference(op.derivation, f64(q) * K ** -0.5, f64(k), f64(v), {n: f64(x) for n, x in ins.items()})
     for x, y in ((eager[0], ref.o), (eager[1], ref.state), (eager[2], ref.o), (eager[3], ref.state)):
         assert relative_error(x, y) <= 1e-5
 
@@ -187,23 +194,24 @@ def standin_backward(q, k, v, do, dht=None, scale=None, initial_state=None, cu_s
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     with torch.enable_grad():   # a backward runs with grad mode off
-        x = [t.detach().double().requires_grad_() for t in (q, k, v)]
-        h0 = None if initial_state is None else initial_state.detach().double().requires_grad_()
+        x = [f64(t).requires_grad_() for t in (q, k, v)]
+        h0 = None if initial_state is None else f64(initial_state).requires_grad_()
         ref = reference(derive("linear_attention"), x[0] * scale, x[1], x[2], {}, initial_state=h0,
-                        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long())
-        outs, grads = [ref.o], [do.double()]
+                        cu_seqlens=None if cu_seqlens is None else cu_seqlens.cpu().long())
+        outs, grads = [ref.o], [f64(do)]
         if dht is not None:
-            outs.append(ref.state), grads.append(dht.double())
+            outs.append(ref.state), grads.append(f64(dht))
         wrt = x + ([h0] if h0 is not None else [])
         g = torch.autograd.grad(outs, wrt, grads)
-    return (*[t.float() for t in g[:3]], g[3].float() if h0 is not None else None)
+    dev = q.device
+    return (*[t.to(dev, torch.float32) for t in g[:3]], g[3].to(dev, torch.float32) if h0 is not None else None)
 
 
 def expected_gradients(q, k, v, h0, w_o, w_s):
     """d/d(q, k, v, h0) of sum(o w_o) + sum(S_T w_s), through the float64 reference directly."""
-    x = [t.detach().double().requires_grad_() for t in (q, k, v, h0)]
+    x = [f64(t).requires_grad_() for t in (q, k, v, h0)]
     ref = reference(derive("linear_attention"), x[0] * q.shape[-1] ** -0.5, x[1], x[2], {}, initial_state=x[3])
-    loss = (ref.o * w_o.double()).sum() + (ref.state * w_s.double()).sum()
+    loss = (ref.o * f64(w_o)).sum() + (ref.state * f64(w_s)).sum()
     return torch.autograd.grad(loss, x)
 
 
@@ -212,9 +220,10 @@ def test_autograd_reaches_the_modules_backward(mode, monkeypatch):
     monkeypatch.setattr(runtime.load_zoo("linear_attention"), "backward", standin_backward, raising=False)
     B, T, H, K, V = 1, 12, 2, 16, 16
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(B, T, H, D, generator=gen).requires_grad_() for D in (K, K, V))
-    h0 = torch.randn(B, H, K, V, generator=gen).requires_grad_()
-    w_o, w_s = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen).to(DEVICE).requires_grad_() for D in (K, K, V))
+    h0 = torch.randn(B, H, K, V, generator=gen).to(DEVICE).requires_grad_()
+    w_o, w_s = (torch.randn(B, T, H, V, generator=gen).to(DEVICE),
+                torch.randn(B, H, K, V, generator=gen).to(DEVICE))
 
     def loss_fn(q, k, v, h0):
         o, state = ops.linear_attention(q, k, v, initial_state=h0, output_final_state=True)
@@ -228,7 +237,7 @@ def test_autograd_reaches_the_modules_backward(mode, monkeypatch):
 
 
 def test_backward_without_kernels_raises_not_implemented():
-    q = torch.randn(1, 6, 1, 16, requires_grad=True)
+    q = torch.randn(1, 6, 1, 16).to(DEVICE).requires_grad_()
     o, _ = ops.linear_attention(q, q, q)
     with pytest.raises(NotImplementedError, match="write-family"):
         o.sum().backward()

@@ -142,8 +142,8 @@ def test_decoding_step_without_cache_and_without_final_state():
     module = runtime.load_zoo("gated_deltanet")
     d = derive("gated_deltanet")
     q, k, v, ins, _, _ = draw(d, 2, 1, 2, 16, 16)
-    o, state = module.recurrent(q, k, v, **ins)
-    assert state is None
+    o, state = module.recurrent(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), **{n: x.to(DEVICE) for n, x in ins.items()})
+    assert state is None and o.shape == (2, 1, 2, 16)
     ref = reference(d, q.double() * 16 ** -0.5, k.double(), v.double(), {n: x.double() for n, x in ins.items()})
     assert relative_error(o, ref.o) <= 1e-5
 
