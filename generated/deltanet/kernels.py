@@ -671,7 +671,7 @@ def recurrent_kernel(
 
         S^ = S                                            (no decay)
         S  = S^ + beta_t k_t (v_t - S^^T k_t)^T          (reset update, gain beta_t)
-        o_t = S^T (scale q_t)                              (posterior readout)
+        o_t = S^T (scale q_t)                             (posterior readout)
 
     with the per-token scalars printed from the derivation, as in the chunked kernels. Each
     program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state in

@@ -434,7 +434,7 @@ def recurrent_kernel(
 
         S^ = S                                            (no decay)
         S  = S^ + k_t v_t^T                               (write)
-        o_t = S^T (scale q_t)                              (posterior readout)
+        o_t = S^T (scale q_t)                             (posterior readout)
 
     with the per-token scalars printed from the derivation, as in the chunked kernels. Each
     program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state in
