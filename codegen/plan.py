@@ -107,7 +107,8 @@ class Quantity:
     inputs: tuple[str, ...]   # names of the inputs it reads
     per_key: bool             # varies along the key dimension
     uses_key_norm: bool       # reads |k_t|^2
-    code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK])
+    code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK];
+                              # "token": one token, scalar or [BK])
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,9 @@ def _quantity(name: str, expr) -> Quantity | None:
     code = {"rows_keys": triton_code(expr, _names(used, "rows_keys"))}
     if not per_key:
         code["rows"] = triton_code(expr, _names(used, "rows"))
+    # one token (the recurrent kernels): per-head inputs are scalars, per-key inputs [BK]
+    # vectors, so the plain register names broadcast by themselves
+    code["token"] = triton_code(expr, _names(used, "rows"))
     return Quantity(name=name, expr=expr, inputs=tuple(s.name for s in used), per_key=per_key,
                     uses_key_norm=st.KEY_NORM2 in expr.free_symbols, code=code)
 
