@@ -75,6 +75,12 @@ class CompiledOp:
         kwargs = dict(kwargs)
         return self.library.recurrent(q, k, v, *self._bind(args, kwargs), **kwargs)
 
+    def module(self, hidden_size: int, num_heads: int, head_dim: int, **options):
+        """A sequence layer (torch.nn.Module) around this op: projections, gates, norm and
+        output gate in fla's conventions (designmodel.layers.DesignLayer; options as there)."""
+        from designmodel.layers import DesignLayer
+        return DesignLayer(self, hidden_size, num_heads, head_dim, **options)
+
     def __repr__(self):
         ins = ", ".join(f"{n} {s}" for n, (s, _) in self.inputs.items())
         return f"<compiled {self.plan.family} op {self.__name__}({', '.join(['q', 'k', 'v'] + ([ins] if ins else []))})>"

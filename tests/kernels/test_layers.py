@@ -426,3 +426,18 @@ def test_layer_deepcopies_and_pickles():
     loaded = torch.load(buf, weights_only=False)
     for other in (clone, loaded):
         assert torch.equal(other(x)[0], layer(x)[0])
+
+
+def test_compiled_op_module_is_the_design_layer_of_that_op():
+    """`designmodel.compile(spec).module(...)` builds the same layer as DesignLayer(op, ...):
+    with the same weights it gives the same outputs."""
+    import designmodel
+    from designmodel.layers import DesignLayer
+    op = designmodel.compile("gated_deltanet")
+    torch.manual_seed(0)
+    mod = op.module(32, 2, 16)
+    ref = DesignLayer(op, 32, 2, 16)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 20, 32)
+    assert isinstance(mod, DesignLayer) and mod.op is op
+    assert torch.equal(mod(x)[0], ref(x)[0])
