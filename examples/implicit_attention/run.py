@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -241,6 +240,7 @@ def summary(Phi: torch.Tensor, seq: dict, t0: int) -> dict:
 # --- the study -------------------------------------------------------------------------------
 
 def device_name() -> str:
+    """Where the compiled ops run, in words."""
     if torch.cuda.is_available():
         return f"cuda ({torch.cuda.get_device_name(0)})"
     return "cpu (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
@@ -324,12 +324,14 @@ def input_from_json(res: dict) -> tuple[dict, dict]:
 # --- outputs ---------------------------------------------------------------------------------
 
 def _f(x: float) -> str:
+    """A number for the table: 3 decimals, or 3 significant digits when tiny or huge."""
     if x == 0:
         return "0"
     return f"{x:.2e}" if abs(x) < 1e-3 or abs(x) >= 1e3 else f"{x:.3f}"
 
 
 def table(res: dict) -> str:
+    """The Markdown table of a result: per model, what Phi looks like and the op check."""
     cfg = res["config"]
     T, t0 = cfg["T"], cfg["boundary"]
     lines = [f"# Implicit attention{' (smoke)' if cfg['smoke'] else ''}: Phi of the zoo on one input",
@@ -359,7 +361,8 @@ def table(res: dict) -> str:
         ok = "" if m["phi_vs_op_rel"] <= m["op_tol"] else " (ABOVE TOL)"
         lines.append(f"| {name} | {m['family']} | {m['decay']} | {m['gates']} | "
                      f"{'yes' if m['lower_triangular'] else 'no'} | {_f(m['latest'])} | "
-                     f"{_f(m['older'])}; {_f(m['older_ac'])}; {_f(m['older_df'])} | {_f(m['crosstalk'])} | {_f(m['across_boundary'])} | {rs} | "
+                     f"{_f(m['older'])}; {_f(m['older_ac'])}; {_f(m['older_df'])} | "
+                     f"{_f(m['crosstalk'])} | {_f(m['across_boundary'])} | {rs} | "
                      f"{_f(m['max_abs'])} | {m['phi_vs_op_rel']:.1e}{ok} | {m['phi_vs_columns']:.1e} |")
     lines += ["", "## Predictive variance q_t^T P_t q_t", "",
               "The compiled op (float32, output_variance=True) against the float64 step-by-step "
@@ -390,7 +393,8 @@ def plot(res: dict, path: Path) -> str | None:
     im = None
     for i, (name, m) in enumerate(models.items()):
         ax = fig.add_subplot(gs[i // 5, i % 5])
-        im = ax.imshow(phi_from_json(m).numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(phi_from_json(m).numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                       interpolation="nearest")
         ax.set_title(f"{name}\n({m['family']} family, {DECAY_WORDS[m['decay']]})", fontsize=10)
         if m["decay"] == "scalar":
             ax.axvline(t0 - 0.5, color="gray", lw=0.6, ls="--")
@@ -454,6 +458,7 @@ def write_outputs(res: dict, out: Path, want_plot: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python3 -m examples.implicit_attention.run",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="T = 32 (for the CPU test)")

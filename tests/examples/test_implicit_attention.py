@@ -69,7 +69,8 @@ def rebuild(res):
     const = lambda x: f32(torch.full((1, T, 1), x, dtype=torch.float64))   # noqa: E731
     beta, r = const(gs["beta"]), const(gs["r"])
     p0 = torch.full((1,), gs["p0"], dtype=torch.float64)
-    inputs = {"linear_attention": {}, "retnet": {"gamma": torch.tensor([gs["retnet_gamma"]], dtype=torch.float64)},
+    gamma = torch.tensor([gs["retnet_gamma"]], dtype=torch.float64)
+    inputs = {"linear_attention": {}, "retnet": {"gamma": gamma},
               "mamba2": {"g": g}, "gla": {"g": g_key}, "deltanet": {"beta": beta},
               "gated_deltanet": {"beta": beta, "g": g}, "kda": {"beta": beta, "g": g_key},
               "rls": {"p0": p0, "r": r},
@@ -170,6 +171,7 @@ def test_variance_is_the_filters(smoke, model):
     # RLS: c = p0; scalar gate with stationary noise: alpha^2 p0 + p0 (1 - alpha^2) = p0;
     # per-key gate (alpha = 1 on the first half) with noise sigma: p0 + sigma.
     gs = res["config"]["gates"]
-    c = {"rls": gs["p0"], "bayesian_layer": gs["p0"], "bayesian_layer_diag": gs["p0"] + gs["sigma_diag"]}[model]
+    c = {"rls": gs["p0"], "bayesian_layer": gs["p0"],
+         "bayesian_layer_diag": gs["p0"] + gs["sigma_diag"]}[model]
     assert data["a"][0] == data["b"][0] == 0
     assert float(ref[0]) == pytest.approx(c - c ** 2 / (c + gs["r"]), rel=1e-6)
