@@ -9,8 +9,8 @@
 with variance, initial state and final state. (2) Stress: alpha in {0.01, 1}, r in {1e-4, 1e2},
 sigma in {0, 1}, keys normalized or not; T = 65536 with no decay and r = 1e-4: no NaN or inf.
 (3) Speed, in one run, at the BENCH.md shapes (bf16, keys L2-normalized, g = logsigmoid(x + 4)):
-ours against fla 0.6.0's chunk_gated_delta_rule forward and against `kalman_chunked` below, a
-plain-PyTorch chunked version of the same filter in fp32 (MATH.md 6.3), timed with
+ours against fla 0.6.0's chunk_gated_delta_rule forward and against
+`designmodel.chunked.kalman_chunked`, a plain-PyTorch chunked version of the same filter in fp32 (MATH.md 6.3), timed with
 triton.testing.do_bench(return_mode='median') after a warm-up call.
 """
 from __future__ import annotations
@@ -28,73 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-
-def kalman_chunked(q, k, v, g, r, sigma, p0=1.0, scale=None, S0=None, P0=None, chunk=64,
-                   output_variance=False):
-    """(o [B, T, H, V], S [B, H, K, V], P [B, H, K, K], var [B, T, H] or None), float32."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dev = q.device
-    f = torch.float32
-    scale = K ** -0.5 if scale is None else scale
-    q, k, v = (x.to(f).transpose(1, 2) for x in (q, k, v))               # [B, H, T, D]
-    q = q * scale
-    per_key = g is not None and g.dim() == 4
-    if g is None:
-        g = torch.zeros(B, T, H, device=dev)
-    g = g.to(f).transpose(1, 2)                                         # [B, H, T(, K)]
-    r = r.to(f).transpose(1, 2)
-    sigma = torch.zeros_like(r) if sigma is None else sigma.to(f).transpose(1, 2)
-    S = torch.zeros(B, H, K, V, device=dev, dtype=f) if S0 is None else S0.to(f).clone()
-    if P0 is None:
-        P = p0 * torch.eye(K, device=dev, dtype=f).expand(B, H, K, K).clone()
-    else:
-        P = P0.to(f).clone()
-    o = torch.empty(B, H, T, V, device=dev, dtype=f)
-    var = torch.empty(B, H, T, device=dev, dtype=f) if output_variance else None
-    eye = torch.eye(K, device=dev, dtype=f)
-    for s in range(0, T, chunk):
-        e_ = slice(s, min(s + chunk, T))
-        C = e_.stop - s
-        Q, Kc, Vc, rc, sc = q[:, :, e_], k[:, :, e_], v[:, :, e_], r[:, :, e_], sigma[:, :, e_]
-        gc = g[:, :, e_].cumsum(2)
-        if not per_key:
-            gc = gc[..., None]                                          # [B, H, C, 1]
-        low = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-        diff = gc[:, :, :, None] - gc[:, :, None, :]                    # [B, H, C, C, 1|K]
-        Gam = diff.masked_fill(~low[..., None], float("-inf")).exp()     # ratios <= 1
-        # e_t = sum_{j<=t} Gamma_tj^2 sigma_j
-        e = ((Gam * Gam) * sc[:, :, None, :, None]).sum(3)             # [B, H, C, 1|K]
-        a = gc.exp()
-        Kh, Qh = Kc * a, Q * a
-        # (K K^T) o C, C_tj = Gamma_tj e_j (t >= j), symmetric
-        lowm = torch.einsum("bhtm,bhjm,bhtjm->bhtj", Kc, Kc * e, Gam)
-        KC = lowm + lowm.mT - torch.diag_embed(lowm.diagonal(dim1=-2, dim2=-1))
-        KhP = Kh @ P
-        S_in = KhP @ Kh.mT + KC + torch.diag_embed(rc)
-        Lc = torch.linalg.cholesky(S_in)
-        d = Lc.diagonal(dim1=-2, dim2=-1)
-        L, D = Lc / d[..., None, :], d * d
-        U = a * KhP + e * Kc                                            # [B, H, C, K]
-        A = torch.einsum("bhtm,bhjm,bhtjm->bhtj", Q, U, Gam)            # Gamma o (Q U^T), tril
-        AL = torch.linalg.solve_triangular(L, A.mT, upper=False, unitriangular=True).mT
-        Bm = AL.tril() / D[..., None, :]
-        E = torch.linalg.solve_triangular(L, Vc - Kh @ S, upper=False, unitriangular=True)
-        o[:, :, e_] = Qh @ S + Bm @ E
-        if output_variance:
-            var[:, :, e_] = ((Qh @ P) * Qh).sum(-1) + (Q * Q * e).sum(-1) - (Bm * Bm * D[..., None, :]).sum(-1)
-        aC = a[:, :, -1]                                                # [B, H, 1|K]
-        Uh = U * (gc[:, :, -1:] - gc).exp()                             # rows Gamma_Ci u_i
-        Y = torch.linalg.solve_triangular(L, Uh, upper=False, unitriangular=True)
-        Z = Y / D[..., None]
-        S = aC[..., None] * S + Z.mT @ E
-        P = aC[..., :, None] * P * aC[..., None, :] + torch.diag_embed(e[:, :, -1].expand(B, H, K)) - Y.mT @ Z
-        P = 0.5 * (P + P.mT)
-    o = o.transpose(1, 2)
-    return o, S, P, None if var is None else var.transpose(1, 2)
-
-
-SHAPES = [(4, 4096, 16, 128), (8, 2048, 32, 64), (1, 16384, 16, 128), (2, 65536, 8, 128)]
+from designmodel.chunked import kalman_chunked  # noqa: E402  (the plain-PyTorch chunked filter)
 
 
 def rel(a, b) -> float:
@@ -258,6 +192,9 @@ def breakdown(shape, rows, reps=5):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="bayesian_layer and rls only, fewest compiles")
+    ap.add_argument("--lean", action="store_true",
+                    help="only time bayesian_layer (default and 4-warp Riccati) at the first shape, "
+                         "with its error against the PyTorch chunked filter and the per-kernel split")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
     args = ap.parse_args(argv)
@@ -266,7 +203,12 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.time()
     left = lambda: args.budget - (time.time() - t0)
-    if args.quick:
+    if args.lean:
+        timings(SHAPES[:1], rows, {"ours_bl": ("bayesian_layer", None),
+                                   "ours_bl_cov_w4": ("bayesian_layer", {"covariance": {"num_warps": 4}})})
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        breakdown(SHAPES[0], rows)
+    elif args.quick:
         # each specialization of the Riccati kernel compiles for about 90 s on an H100 host:
         # the fewest that cover a check (K = 128, variance, initial state) before the timings,
         # the rest while the budget lasts

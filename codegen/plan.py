@@ -107,7 +107,8 @@ class Quantity:
     inputs: tuple[str, ...]   # names of the inputs it reads
     per_key: bool             # varies along the key dimension
     uses_key_norm: bool       # reads |k_t|^2
-    code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK])
+    code: dict                # context -> Triton code ("rows": [BT]; "rows_keys": [BT, BK];
+                              # "token": one token, scalar or [BK])
     # d expr / d x for each input name x it reads (and KNORM2 for |k_t|^2 when it reads it):
     # name -> context -> Triton code, printed from sympy's derivative (the backward's chain rule)
     derivatives: dict = field(default_factory=dict)
@@ -240,6 +241,9 @@ def _printed(expr, used, per_key: bool) -> dict:
     code = {"rows_keys": triton_code(expr, _names(used, "rows_keys"))}
     if not per_key:
         code["rows"] = triton_code(expr, _names(used, "rows"))
+    # one token (the recurrent kernels): per-head inputs are scalars, per-key inputs [BK]
+    # vectors, so the plain register names broadcast by themselves
+    code["token"] = triton_code(expr, _names(used, "rows"))
     return code
 
 

@@ -1,4 +1,4 @@
-"""Command line: designmodel derive | zoo | check.
+"""Command line: designmodel derive | zoo | check | compile.
 
 Every user error (a bad spec, a missing file) is printed as one line `error: part: problem`
 with exit status 2, never as a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from designmodel.codegen.plan import PlanError
 from designmodel.spec import SpecError
 
 
@@ -67,6 +68,27 @@ def cmd_check(args) -> int:
     return 0 if all(ok is not False for _, ok, _ in rows) else 1
 
 
+def cmd_compile(args) -> int:
+    """Emit a spec's kernels, its derivation and the spec itself into a folder."""
+    from pathlib import Path
+
+    from designmodel.atomic import write_text
+    from designmodel.codegen import emit
+    from designmodel.derive import derive
+    from designmodel.specfile import dumps
+    d = derive(args.spec, filter=_parse_filter(args.filter))
+    emit.planning.plan(d)  # a spec these kernels cannot implement fails here, with the reason
+    out = Path(args.out)
+    files = dict(emit.render(d))
+    files["spec.toml"] = dumps(d.spec)
+    for name, text in sorted(files.items()):
+        write_text(out / name, text)
+    print(f"wrote {out}: {', '.join(sorted(files))}")
+    print(f"load it with designmodel.codegen.runtime.load_file({str(out / 'kernels.py')!r}), "
+          f"or designmodel.compile({str(out / 'spec.toml')!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `designmodel` command."""
     p = argparse.ArgumentParser(prog="designmodel", description=__doc__.splitlines()[0])
@@ -84,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("spec")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_check)
+    k = sub.add_parser("compile", help="write a spec's kernels, derivation and spec file to a folder")
+    k.add_argument("spec")
+    k.add_argument("-o", "--out", required=True, metavar="DIR")
+    k.add_argument("--filter", help="exact, reset, or reset:C (default: the spec's own)")
+    k.set_defaults(func=cmd_compile)
     return p
 
 
@@ -94,6 +121,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PlanError as err:
+        print(f"error: plan: {err}", file=sys.stderr)
         return 2
 
 

@@ -20,20 +20,30 @@ is [N, H, K, V] float32, or None. Keys of the delta-rule models are expected L2-
 
 Inputs outside their domain (a positive log-decay, beta outside (0, 1)) raise ValueError
 before any launch; `check_domain=False` skips that check and its device-to-host sync.
-The kernels are those committed under generated/<model>/, emitted from each derivation.
+The kernels are those committed under generated/<model>/, emitted from each derivation, called
+through torch.library custom ops (designmodel.library), so that the ops compile with
+torch.compile(fullgraph=True) and carry autograd where the kernels have a backward.
 """
 from __future__ import annotations
 
 import torch
 
+from designmodel import library
 from designmodel.codegen import runtime
 
 __all__ = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda",
            "retnet_gamma"]
 
 
+_ZOO = {}
+
+
 def _forward(model: str):
-    return runtime.load_zoo(model).forward
+    """The zoo model's forward through its torch.library custom op (designmodel.library)."""
+    op = _ZOO.get(model)
+    if op is None:
+        op = _ZOO[model] = library.register(model, runtime.load_zoo(model))
+    return op.forward
 
 
 def linear_attention(q, k, v, scale=None, initial_state=None, output_final_state=False,

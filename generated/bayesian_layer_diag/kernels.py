@@ -485,3 +485,244 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     if output_variance:
         return o, _final, _var
     return o, _final
+
+
+@triton.jit
+def select_rows(b_x, o_r, o_k):
+    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
+    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_covariance_kernel(
+    q,
+    k,
+    g,
+    p0,
+    r,
+    sigma,
+    _u,
+    _s,
+    _var,
+    _P0,
+    _Pt,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    BR: tl.constexpr,
+    HAS_INITIAL_COV: tl.constexpr,
+    OUTPUT_VARIANCE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The covariance token by token (the Riccati recursion, MATH.md 2), all float32:
+
+        P^ = F P F^T + Q          (predict: F = diag(a_t), Q = sigma_t I)
+        u  = P^ k,   s = k^T u + r_t      (gain direction and innovation variance)
+        P  = P^ - u u^T / s       (update)
+
+    and stores u and s per token for the mean kernel, with the predictive variance q^T P q
+    when asked. One program per sequence and head carries P ([K, K] per head) in _Pt (its last
+    value is the final covariance), read and written in blocks of BR rows so that no copy of P
+    stays in registers (K up to 128): one pass of row blocks gives u = (P^)^T k by column sums
+    (P^ is symmetric), a second pass writes P. Grid: (N * H,).
+    """
+    i_nh = tl.program_id(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_b = tl.arange(0, BR)
+    p_P = _Pt + i_nh.to(tl.int64) * K * K
+    b_p0 = tl.load(p0 + i_h).to(tl.float32)
+
+    # the initial covariance, or the prior (p0) I
+    for i_b in range(tl.cdiv(K, BR)):
+        o_r = i_b * BR + o_b
+        m_P = (o_r < K)[:, None] & m_k[None, :]
+        if HAS_INITIAL_COV:
+            b_P = tl.load(_P0 + i_nh.to(tl.int64) * K * K + o_r[:, None] * K + o_k[None, :], mask=m_P, other=0.).to(tl.float32)
+        else:
+            b_P = tl.where(o_r[:, None] == o_k[None, :], b_p0, 0.)
+        tl.store(p_P + o_r[:, None] * K + o_k[None, :], b_P, mask=m_P)
+    tl.debug_barrier()
+
+    for i_t in range(0, T):
+        # [BK] query (scaled) and key
+        b_q = tl.load(q + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        b_r = tl.load(r + (bos + i_t) * H + i_h).to(tl.float32)
+        b_sigma = tl.load(sigma + (bos + i_t) * H + i_h).to(tl.float32)
+        # per-token scalars: observation noise r, decay a, process noise sigma
+        b_noise = b_r
+        b_a = tl.exp2((b_g) * RCP_LN2)
+        b_sig = b_sigma
+        # pass 1: u = P^ k and (for the variance) P^ q, by column sums over row blocks
+        b_u = tl.zeros([BK], dtype=tl.float32)
+        b_pq = tl.zeros([BK], dtype=tl.float32)
+        for i_b in range(tl.cdiv(K, BR)):
+            o_r = i_b * BR + o_b
+            m_P = (o_r < K)[:, None] & m_k[None, :]
+            # [BR, BK] rows o_r of the predicted covariance P^
+            b_P = tl.load(p_P + o_r[:, None] * K + o_k[None, :], mask=m_P, other=0.)
+            b_P = b_P * (select_rows(b_a, o_r, o_k)[:, None] * b_a[None, :])
+            b_P += tl.where(o_r[:, None] == o_k[None, :], b_sig, 0.)
+            b_u += tl.sum(b_P * select_rows(b_k, o_r, o_k)[:, None], axis=0)
+            if OUTPUT_VARIANCE:
+                b_pq += tl.sum(b_P * select_rows(b_q, o_r, o_k)[:, None], axis=0)
+        b_s = tl.sum(b_k * b_u, axis=0) + b_noise
+        tl.store(_u + ((bos + i_t) * H + i_h) * K + o_k, b_u, mask=m_k)
+        tl.store(_s + (bos + i_t) * H + i_h, b_s)
+        if OUTPUT_VARIANCE:
+            # posterior: q^T P q = q^T P^ q - (u^T q)^2 / s
+            b_uq = tl.sum(b_u * b_q, axis=0)
+            tl.store(_var + (bos + i_t) * H + i_h, tl.sum(b_q * b_pq, axis=0) - b_uq * b_uq / b_s)
+        # pass 2: P = P^ - u u^T / s, row block by row block (symmetric: u_i u_j / s)
+        for i_b in range(tl.cdiv(K, BR)):
+            o_r = i_b * BR + o_b
+            m_P = (o_r < K)[:, None] & m_k[None, :]
+            b_P = tl.load(p_P + o_r[:, None] * K + o_k[None, :], mask=m_P, other=0.)
+            b_P = b_P * (select_rows(b_a, o_r, o_k)[:, None] * b_a[None, :])
+            b_P += tl.where(o_r[:, None] == o_k[None, :], b_sig, 0.)
+            b_P = b_P - select_rows(b_u, o_r, o_k)[:, None] * b_u[None, :] / b_s
+            tl.store(p_P + o_r[:, None] * K + o_k[None, :], b_P, mask=m_P)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_mean_kernel(
+    q,
+    k,
+    v,
+    g,
+    _u,
+    _s,
+    o,
+    h0,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The mean token by token, with the gain u / s from the covariance kernel:
+
+        S^ = diag(a_t) S,   S = S^ + (u / s) (v_t - S^^T k_t)^T,   o_t = S^T (scale q_t)
+
+    Each program carries all K rows (BK >= K) of a [K, BV] block of the mean in registers.
+    Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the mean S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(0, T):
+        b_q = tl.load(q + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + ((bos + i_t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        b_ld = (b_g) * RCP_LN2
+        b_h *= tl.exp2(b_ld)[:, None]
+        # [BK] the gain u / s; [BV] the innovation v - S^^T k
+        b_g = tl.load(_u + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.) / tl.load(_s + (bos + i_t) * H + i_h)
+        b_vn = b_v - tl.sum(b_h * b_k[:, None], axis=0)
+        b_h += b_g[:, None] * b_vn[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0)
+        tl.store(o + ((bos + i_t) * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+def default_recurrent_config(K, V):
+    """Launch settings of the recurrent kernels (override them with config={"covariance_step": ...}).
+
+    covariance_step: BR rows of P per block ([BR, K] in registers). mean_step: V block.
+    """
+    return {
+        "covariance_step": dict(BR=16, num_warps=4 if K >= 64 else 1, num_stages=1),
+        "mean_step": dict(BV=min(32, triton.next_power_of_2(V)), num_warps=4 if K >= 64 else 1, num_stages=1),
+    }
+
+
+def recurrent(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None):
+    """bayesian_layer_diag token by token (decoding); arguments and results as `forward`.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] (<= 0 (a log-decay)); p0: [H] (> 0); r: [B, T, H] (> 0); sigma: [B, T, H] (>= 0).
+    For one decoding step pass T = 1, the cache (S, P) as initial_state and
+    output_final_state=True: the final state is the next cache. config: overrides of
+    default_recurrent_config(K, V).
+    Returns (o [B, T, H, V] in the dtype of v, final state (S [N, H, K, V], P [N, H, K, K])
+    float32 or None), and the variance [B, T, H] as a third element when asked.
+    """
+    check_inputs(q, k, v, g, p0, r, sigma, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_recurrent_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = g.contiguous()
+    p0 = p0.contiguous()
+    r = r.contiguous()
+    sigma = sigma.contiguous()
+    _S0, _P0 = _split_state(initial_state)
+    _S0 = None if _S0 is None else _S0.contiguous()
+    _P0 = None if _P0 is None else _P0.contiguous()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = triton.next_power_of_2(K)
+    _u = q.new_empty(B, T, H, K, dtype=torch.float32)
+    _s = q.new_empty(B, T, H, dtype=torch.float32)
+    _var = q.new_empty(B, T, H, dtype=torch.float32) if output_variance else None
+    _Pt = q.new_empty(N, H, K, K, dtype=torch.float32)   # P across the tokens; the final covariance
+    _launch = _cfg["covariance_step"]
+    recurrent_covariance_kernel[(N * H,)](
+        q, k, g, p0, r, sigma, _u, _s, _var, _P0, _Pt, cu_seqlens, scale, T,
+        H=H, K=K, BK=BK, BR=min(_launch["BR"], BK), HAS_INITIAL_COV=_P0 is not None,
+        OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    o = torch.empty_like(v)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    _launch = _cfg["mean_step"]
+    recurrent_mean_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        q, k, v, g, _u, _s, o, _S0, ht, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=_S0 is not None,
+        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    _final = (ht, _Pt) if output_final_state else None
+    if output_variance:
+        return o, _final, _var
+    return o, _final

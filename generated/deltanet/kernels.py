@@ -644,3 +644,112 @@ def forward(q, k, v, beta, scale=None, initial_state=None, output_final_state=Fa
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return o, ht
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_kernel(
+    q,
+    k,
+    v,
+    beta,
+    o,
+    h0,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The filter token by token (MATH.md 2-3), for decoding: per token t
+
+        S^ = S                                            (no decay)
+        S  = S^ + beta_t k_t (v_t - S^^T k_t)^T          (reset update, gain beta_t)
+        o_t = S^T (scale q_t)                             (posterior readout)
+
+    with the per-token scalars printed from the derivation, as in the chunked kernels. Each
+    program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state in
+    registers. Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(0, T):
+        # [BK] query (scaled) and key, [BV] value
+        b_q = tl.load(q + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + ((bos + i_t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_beta = tl.load(beta + (bos + i_t) * H + i_h).to(tl.float32)
+        # reset update: the gain (a number) times the innovation [BV] v - S^^T k
+        b_gain = b_beta
+        b_vn = b_v - tl.sum(b_h * b_k[:, None], axis=0)
+        b_h += b_k[:, None] * (b_gain * b_vn)[None, :]
+        # posterior readout: [BV] S^T q
+        b_o = tl.sum(b_h * b_q[:, None], axis=0)
+        tl.store(o + ((bos + i_t) * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+def default_recurrent_config(K, V):
+    """Launch settings of the recurrent kernel (override them with config={"recurrent": {...}}).
+
+    Small V blocks: decoding has few tokens, so parallelism comes from N * H * NV programs.
+    """
+    return {"recurrent": dict(BV=min(32, triton.next_power_of_2(V)), num_warps=4 if K >= 64 else 1, num_stages=1)}
+
+
+def recurrent(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+    """deltanet token by token (decoding); arguments and results as `forward`.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)).
+    For one decoding step pass T = 1, the cache as initial_state and output_final_state=True:
+    the final state is the next cache. config: overrides of default_recurrent_config(K, V).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    """
+    check_inputs(q, k, v, beta, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_recurrent_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    beta = beta.contiguous()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    o = torch.empty_like(v)
+    _launch = _cfg["recurrent"]
+    recurrent_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        q, k, v, beta, o, initial_state, ht, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return o, ht

@@ -69,7 +69,7 @@ def module_of(name, cache):
     if name in ZOO:
         return derive(name), runtime.load_zoo(name)
     op = designmodel.compile(SPECS[name], cache=cache)
-    return op.derivation, op.module
+    return op.derivation, op.kernels
 
 
 def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None):
@@ -143,11 +143,31 @@ def test_spec_backward_matches_autograd_of_float64_filter(name, case, cache):
 def test_random_write_specs_backward_matches_autograd(spec, tmp_path_factory):
     d = derive(spec)
     assume(d.structure.family == "write" and not d.structure.variance)
-    module = designmodel.compile(spec, cache=tmp_path_factory.getbasetemp() / "random-specs").module
+    module = designmodel.compile(spec, cache=tmp_path_factory.getbasetemp() / "random-specs").kernels
     K = spec.key_dim or 16
     errors = gradient_errors(d, module, 1, 70, 2, K, 16, True, True, None, torch.float32, seed=4)
     bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[torch.float32]}
     assert not bad, f"{d.one_line()}: relative errors above 1e-4: {bad}"
+
+
+@pytest.mark.parametrize("model", ["mamba2", "gla"])
+def test_autograd_through_the_op_uses_the_generated_backward(model):
+    """ops.<model> carries autograd (designmodel.library) into the module's backward."""
+    d = derive(model)
+    B, T, H, K, V = 1, 70, 2, 16, 32
+    q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=8, unit_keys=False)
+    gen = torch.Generator().manual_seed(9)
+    h0, dht = torch.randn(B, H, K, V, generator=gen), torch.randn(B, H, K, V, generator=gen)
+    do = torch.randn(B, T, H, V, generator=gen)
+    leaves = [x.to(DEVICE).requires_grad_() for x in (q, k, v, ins["g"], h0)]
+    o, state = getattr(ops, model)(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True)
+    ((o * do.to(DEVICE)).sum() + (state * dht.to(DEVICE)).sum()).backward()
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v, ins["g"], h0)]
+    ref = reference.recurrent(d, ref_leaves[0] * K ** -0.5, *ref_leaves[1:3], {"g": ref_leaves[3]},
+                              initial_state=ref_leaves[4])
+    expected = torch.autograd.grad((ref.o * do.double()).sum() + (ref.state * dht.double()).sum(), ref_leaves)
+    for name, x, e in zip(["q", "k", "v", "g", "h0"], leaves, expected):
+        assert relative_error(x.grad, e) <= 1e-4, f"{model} d{name}: {relative_error(x.grad, e):.2e}"
 
 
 # several key and value blocks per program's loop, and several key blocks of programs

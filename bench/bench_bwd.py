@@ -1,0 +1,185 @@
+"""Forward + backward of designmodel's ops against fla 0.6.0, with peak memory (GPU only).
+
+    python bench/bench_bwd.py                                  # (4, 4096, 16, 128), every op
+    python bench/bench_bwd.py --models deltanet,gla --shapes 4,4096,16,128
+
+For each op: (a) its gradients at a small shape (1, 256, 4, 64), bf16 inputs, against torch
+autograd through the float64 step-by-step filter (designmodel.reference.recurrent) on the same
+rounded values, relative error max|ours - ref| / max|ref| per input; (b) fwd+bwd timed with
+triton.testing.do_bench(return_mode='median') through torch autograd (`o.backward(do)` with a
+random do), ours and fla's in the same run; (c) the peak memory of one fwd+bwd above the inputs
+(torch.cuda.max_memory_allocated), ours and fla's. fla 0.6.0 refuses the backward of its gated
+ops (chunk_simple_gla, chunk_gated_delta_rule) on Triton 3.4 to 3.7.0 on Hopper (its issue 640),
+so mamba2 and gated_deltanet are compared with fla's ungated counterparts, chunk_linear_attn and
+chunk_delta_rule, as BENCH.md says. Inputs as BENCH.md: bf16, L2-normalized keys,
+g = logsigmoid(x + 4), beta = sigmoid(x).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from designmodel import ops  # noqa: E402
+
+MODELS = ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "kda"]
+# fla's op for the same model, or its ungated counterpart where fla refuses the gated backward
+FLA = {"linear_attention": "linear_attention", "mamba2": "linear_attention", "gla": "gla",
+       "deltanet": "deltanet", "gated_deltanet": "deltanet", "kda": "kda"}
+
+
+def fla_call(name, q, k, v, x):
+    """fla's chunk op for `name` on the same q, k, v and gates (ungated ones ignore gates)."""
+    if name == "linear_attention":
+        from fla.ops.linear_attn import chunk_linear_attn
+        return chunk_linear_attn(q, k, v, normalize=False)[0]
+    if name == "gla":
+        from fla.ops.gla import chunk_gla
+        return chunk_gla(q, k, v, g=x["g"])[0]
+    if name == "deltanet":
+        from fla.ops.delta_rule import chunk_delta_rule
+        return chunk_delta_rule(q, k, v, beta=x["beta"])[0]
+    if name == "kda":
+        from fla.ops.kda import chunk_kda
+        return chunk_kda(q, k, v, g=x["g"], beta=x["beta"])[0]
+    raise KeyError(name)
+
+
+def inputs(model, B, T, H, D, seed=0, requires_grad=True):
+    """bf16 q, k, v and the model's gates (float32), as leaves that require grad."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
+    x = {}
+    if model in ("mamba2", "gated_deltanet"):
+        x["g"] = F.logsigmoid(torch.randn(B, T, H, device=dev, generator=gen) + 4)
+    if model in ("gla", "kda"):
+        x["g"] = F.logsigmoid(torch.randn(B, T, H, D, device=dev, generator=gen) + 4)
+    if model in ("deltanet", "gated_deltanet", "kda"):
+        x["beta"] = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=gen))
+    leaves = [q, k, v, *x.values()]
+    for t in leaves:
+        t.requires_grad_(requires_grad)
+    return q, k, v, x
+
+
+def ours_call(model, q, k, v, x):
+    return getattr(ops, model)(q, k, v, **x, check_domain=False)[0]
+
+
+def fwd_bwd(fn, do):
+    """A closure running fn() and backpropagating do through it."""
+    def run():
+        fn().backward(do)
+    return run
+
+
+def bench(run) -> float:
+    run()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(run, return_mode="median", grad_to_none=None)
+
+
+def peak_mb(run) -> float:
+    """Peak memory of one call above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def grad_check(model, shape=(1, 256, 4, 64)):
+    """Relative error of every gradient against autograd through the float64 filter."""
+    from designmodel.derive import derive
+    from designmodel.reference import recurrent
+    q, k, v, x = inputs(model, *shape, seed=1)
+    do = torch.randn_like(v)
+    o = ours_call(model, q, k, v, x)
+    leaves = [q, k, v, *x.values()]
+    grads = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rq, rk, rv, *rx = ref_leaves
+    names = list(x)
+    inp = dict(zip(names, rx))
+    scale = shape[-1] ** -0.5
+    ref = recurrent(derive(model), rq * scale, rk, rv, inp, unit_key_tol=1e-2).o
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    return {n: rel(g, r) for n, g, r in zip(["q", "k", "v", *names], grads, ref_grads)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="4,4096,16,128")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--budget", type=float, default=1e9, help="stop starting new work after this many seconds")
+    ap.add_argument("--no-check", action="store_true", help="skip the float64 gradient check")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_bwd.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_bwd needs a CUDA GPU")
+        return 1
+    start = time.time()
+    shapes = [tuple(int(s) for s in t.split(",")) for t in args.shapes.split(";") if t]
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    rows = []
+    for model in [m for m in args.models.split(",") if m]:
+        if time.time() - start > args.budget:
+            print(f"budget spent: skipping {model}", flush=True)
+            continue
+        row = dict(model=model)
+        try:
+            if not args.no_check:
+                row["grad_err"] = grad_check(model)
+                print(model, "grad err", json.dumps(row["grad_err"]), flush=True)
+            for shape in shapes:
+                q, k, v, x = inputs(model, *shape)
+                do = torch.randn_like(v)
+                ours = fwd_bwd(lambda: ours_call(model, q, k, v, x), do)
+                row.update(shape=shape, ours_ms=bench(ours), ours_peak_mb=peak_mb(ours))
+                try:
+                    fla = fwd_bwd(lambda: fla_call(FLA[model], q, k, v, x), do)
+                    row.update(fla_op=FLA[model], fla_ms=bench(fla), fla_peak_mb=peak_mb(fla))
+                    row["ratio"] = row["ours_ms"] / row["fla_ms"]
+                except Exception as err:  # noqa: BLE001 (fla refusing is reported)
+                    row["fla_error"] = f"{type(err).__name__}: {str(err)[:160]}"
+                print(json.dumps(row), flush=True)
+                del q, k, v, x, do
+                torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 (one op failing must not hide the others)
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            print(json.dumps(row), flush=True)
+        rows.append(row)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print()
+    print(f"{'model':16s} {'max grad err':>12s} {'ours ms':>8s} {'fla op':>16s} {'fla ms':>8s} {'ratio':>6s} "
+          f"{'ours MiB':>9s} {'fla MiB':>9s}")
+    for r in rows:
+        def f(key, fmt):
+            return format(r[key], fmt) if isinstance(r.get(key), float) else "-"
+        err = max(r["grad_err"].values()) if r.get("grad_err") else float("nan")
+        print(f"{r['model']:16s} {err:12.1e} {f('ours_ms', '8.3f')} {r.get('fla_op', '-'):>16s} "
+              f"{f('fla_ms', '8.3f')} {f('ratio', '6.2f')} {f('ours_peak_mb', '9.0f')} {f('fla_peak_mb', '9.0f')}"
+              + (f"  {r['error'][:80]}" if "error" in r else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
