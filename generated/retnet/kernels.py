@@ -929,7 +929,9 @@ def chunk_bwd_decay_kernel(
             m_h = m_k[:, None] & (o_v < V)[None, :]
             p_s = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
             b_acc += tl.sum(tl.load(ht + p_s, mask=m_h, other=0.) * tl.load(dht + p_s, mask=m_h, other=0.).to(tl.float32), axis=1)
-    b_acc = tl.sum(b_acc, axis=0)
+    # one log-decay per head: the accumulator is a number (its own name: a loop-carried
+    # variable keeps its type)
+    b_acch = tl.sum(b_acc, axis=0)
 
     for i_t in range(tl.cdiv(T, BT) - 1, -1, -1):
         o_t = i_t * BT + tl.arange(0, BT)
@@ -939,8 +941,8 @@ def chunk_bwd_decay_kernel(
         for i_kb in range(NK):
             b_x += tl.load(dgk + ((bos + o_t) * H + i_h) * NK + i_kb, mask=m_t, other=0.)
         b_sum = tl.sum(b_x, axis=0)
-        b_dg = b_acc + b_sum - tl.cumsum(b_x, axis=0) + b_x
-        b_acc += b_sum
+        b_dg = b_acch + b_sum - tl.cumsum(b_x, axis=0) + b_x
+        b_acch += b_sum
         p_dg = dg + (bos + o_t) * H + i_h
         tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), mask=m_t)
 
