@@ -21,7 +21,7 @@ from designmodel.spec import (Constant, DesignModel, Input, Readout, Regression,
 
 from tests.strategies import specs
 
-from .conftest import DEVICE
+from .conftest import DEVICE, HAS_CUDA
 from .helpers import make_inputs, relative_error
 
 a = Input("a")
@@ -56,7 +56,9 @@ CASES = {
     "fp32-varlen-h0": (1, 100, 2, 16, 32, True, True, [0, 20, 70, 100], torch.float32),
     "bf16-T80-K32-V16-h0": (1, 80, 2, 32, 16, True, True, None, torch.bfloat16),
 }
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# float32 in the interpreter to 1e-4; on a GPU tl.dot rounds float32 operands to tf32 (10-bit
+# mantissa), so float32 there has the bound of tests/kernels/test_gpu.py
+TOLERANCE = {torch.float32: 5e-3 if HAS_CUDA else 1e-4, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_random_write_specs_backward_matches_autograd(spec, tmp_path_factory):
     K = spec.key_dim or 16
     errors = gradient_errors(d, module, 1, 70, 2, K, 16, True, True, None, torch.float32, seed=4)
     bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[torch.float32]}
-    assert not bad, f"{d.one_line()}: relative errors above 1e-4: {bad}"
+    assert not bad, f"{d.one_line()}: relative errors above {TOLERANCE[torch.float32]}: {bad}"
 
 
 @pytest.mark.parametrize("model", ["mamba2", "gla"])
@@ -167,7 +169,8 @@ def test_autograd_through_the_op_uses_the_generated_backward(model):
                               initial_state=ref_leaves[4])
     expected = torch.autograd.grad((ref.o * do.double()).sum() + (ref.state * dht.double()).sum(), ref_leaves)
     for name, x, e in zip(["q", "k", "v", "g", "h0"], leaves, expected):
-        assert relative_error(x.grad, e) <= 1e-4, f"{model} d{name}: {relative_error(x.grad, e):.2e}"
+        tol = TOLERANCE[torch.float32]
+        assert relative_error(x.grad, e) <= tol, f"{model} d{name}: {relative_error(x.grad, e):.2e}"
 
 
 # several key and value blocks per program's loop, and several key blocks of programs
