@@ -486,6 +486,11 @@ def chunk_fused_kernel(
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
 
 
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None):
+    """The chunked backward pass is not generated for a per-key decay yet."""
+    raise NotImplementedError(f"{FAMILY} family with a per-key decay: no chunked backward yet")
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_output_kernel(
     q,

@@ -1,0 +1,105 @@
+"""The reset family's chunked backward core against torch.autograd through the float64 filter.
+
+`backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens)` of a
+generated reset module returns the gradients of sum(o * do) + sum(S_T * dht) with respect to
+q, k, v, the gain beta, the log-decay and the initial state. The zoo reset models take beta
+and g directly (gain = beta, log-decay = g), so the reference's gradients with respect to
+its inputs are the expected values, computed by autograd through `reference.recurrent` in
+float64 on the same rounded values.
+
+One correction: the float64 filter evaluates the gain from the spec as c / (c |k|^2 + r)
+with c = beta, r = 1 - beta, which equals beta on unit keys but depends on |k|^2 off them,
+so autograd adds a radial term to dk. The core works with the derived gain beta (the spec
+declares unit keys), whose dk has no such term. With s = beta |k|^2 + 1 - beta the chain rule
+gives d(gain)/d(beta) = 1 / s^2 and d(gain)/dk = -2 beta^2 k / s^2, so the core's gradients
+are dk = dk_ref + 2 beta^2 k dbeta_ref and dgain = s^2 dbeta_ref.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from designmodel import reference
+from designmodel.codegen import runtime
+from designmodel.derive import derive
+
+from .conftest import DEVICE
+from .helpers import make_inputs, relative_error
+
+B, T, H, K, V = 1, 80, 2, 32, 16   # T not a multiple of the chunk (64); K != V
+
+
+def _case(model, B=B, T=T, initial=True, cu_seqlens=None, seed=0, dtype=torch.float32, spec=None):
+    """Inputs, upstream gradients, the core's gradients and the float64 reference's."""
+    d = derive(spec if spec is not None else model)
+    q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=seed, unit_keys=True)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    S0 = torch.randn(N, H, K, V, generator=gen) if initial else None
+    do = torch.randn(B, T, H, V, generator=gen)
+    dht = torch.randn(N, H, K, V, generator=gen)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    q, k, v, do = (x.to(dtype) for x in (q, k, v, do))
+    scale = K ** -0.5
+    return d, (q, k, v, ins, S0, do, dht, cu, scale)
+
+
+def _reference(d, q, k, v, ins, S0, do, dht, cu, scale):
+    """Gradients of sum(o do) + sum(S_T dht) by autograd through the float64 filter."""
+    k64 = k.double()
+    k64 = k64 / k64.norm(dim=-1, keepdim=True)     # rounding to bf16 moves keys off the sphere
+    leaves = {"q": q.double(), "k": k64, "v": v.double(),
+              **{n: x.double() for n, x in ins.items()}}
+    if S0 is not None:
+        leaves["h0"] = S0.double()
+    for x in leaves.values():
+        x.requires_grad_(True)
+    ref = reference.recurrent(d, leaves["q"] * scale, leaves["k"], leaves["v"],
+                              {n: leaves[n] for n in ins}, initial_state=leaves.get("h0"),
+                              cu_seqlens=None if cu is None else cu.long())
+    loss = (ref.o * do.double()).sum() + (ref.state * dht.double()).sum()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    # the spec's gain c / (c |k|^2 + r) against the derived gain beta (module docstring)
+    beta, kk = leaves["beta"].detach(), leaves["k"].detach()
+    s = beta * (kk * kk).sum(-1) + 1 - beta
+    grads["k"] = grads["k"] + 2 * (beta * beta * grads["beta"])[..., None] * kk
+    grads["beta"] = grads["beta"] * s * s
+    return grads
+
+
+def _core(module, d, q, k, v, ins, S0, do, dht, cu, scale):
+    """The generated backward core on the device; gradients by the reference's names."""
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    log_decay = ins.get("g")
+    dq, dk, dv, dgain, dg, dh0 = module.backward_core(
+        dev(q), dev(k), dev(v), dev(ins["beta"]), dev(log_decay), dev(do), dev(dht), scale,
+        dev(S0), dev(cu))
+    out = {"q": dq, "k": dk, "v": dv, "beta": dgain}
+    if log_decay is not None:
+        out["g"] = dg
+    else:
+        assert dg is None
+    if S0 is not None:
+        out["h0"] = dh0
+    else:
+        assert dh0 is None
+    return out
+
+
+def _errors(model, module=None, **kw):
+    d, args = _case(model, **kw)
+    module = module if module is not None else runtime.load_zoo(model)
+    got = _core(module, d, *args)
+    want = _reference(d, *args)
+    assert set(got) == set(want)
+    for name, x in got.items():
+        assert x.shape == want[name].shape, name
+        assert x.dtype == torch.float32, name
+    return {name: relative_error(got[name], want[name]) for name in want}
+
+
+@pytest.mark.parametrize("model", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("initial", [True, False])
+def test_gradients_fp32(model, initial):
+    errs = _errors(model, initial=initial)
+    assert max(errs.values()) <= 1e-4, errs
