@@ -19,14 +19,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+import designmodel
 from designmodel import reference
 from designmodel.codegen import runtime
 from designmodel.derive import derive
+from designmodel.spec import DesignModel, Input, Readout, Regression, Transition, exp, reset
 
 from .conftest import DEVICE
 from .helpers import make_inputs, relative_error
 
 B, T, H, K, V = 1, 80, 2, 32, 16   # T not a multiple of the chunk (64); K != V
+
+_beta, _g = Input("beta", domain="unit"), Input("g", domain="logdecay")
+# gated_deltanet read out before each token's own write (o_t = S_{t-1}^T q_t after the decay)
+GATED_PRIOR = DesignModel("gated_deltanet_prior", transition=Transition(decay=exp(_g)),
+                          observation=Regression(noise=1 - _beta, unit_keys=True), filter=reset(_beta),
+                          readout=Readout(timing="prior"))
 
 
 def _case(model, B=B, T=T, initial=True, cu_seqlens=None, seed=0, dtype=torch.float32, spec=None):
@@ -88,6 +96,7 @@ def _core(module, d, q, k, v, ins, S0, do, dht, cu, scale):
 
 def _errors(model, module=None, **kw):
     d, args = _case(model, **kw)
+    assert args[0].dtype == kw.get("dtype", torch.float32)
     module = module if module is not None else runtime.load_zoo(model)
     got = _core(module, d, *args)
     want = _reference(d, *args)
@@ -103,3 +112,50 @@ def _errors(model, module=None, **kw):
 def test_gradients_fp32(model, initial):
     errs = _errors(model, initial=initial)
     assert max(errs.values()) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("model", ["deltanet", "gated_deltanet"])
+def test_gradients_varlen(model):
+    # three packed sequences: 17 tokens, exactly one chunk, and 19 tokens
+    errs = _errors(model, T=100, cu_seqlens=[0, 17, 81, 100], seed=3)
+    assert max(errs.values()) <= 1e-4, errs
+
+
+def test_gradients_two_sequences_in_a_batch():
+    errs = _errors("gated_deltanet", B=2, T=70, seed=5)
+    assert max(errs.values()) <= 1e-4, errs
+
+
+def test_gradients_bf16():
+    errs = _errors("gated_deltanet", dtype=torch.bfloat16, seed=7)
+    assert max(errs.values()) <= 2e-2, errs
+
+
+def test_gradients_prior_readout(tmp_path):
+    op = designmodel.compile(GATED_PRIOR, cache=tmp_path)
+    assert op.plan.timing == "prior" and op.plan.family == "reset"
+    errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=2)
+    assert max(errs.values()) <= 1e-4, errs
+    errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=4,
+                   T=90, cu_seqlens=[0, 70, 90], initial=False)
+    assert max(errs.values()) <= 1e-4, errs
+
+
+def test_per_key_decay_has_no_backward_yet():
+    with pytest.raises(NotImplementedError, match="per-key"):
+        runtime.load_zoo("kda").backward_core(*([None] * 10))
+
+
+def test_bad_input_raises_value_error_before_any_launch():
+    d, (q, k, v, ins, S0, do, dht, cu, scale) = _case("gated_deltanet", T=10)
+    module = runtime.load_zoo("gated_deltanet")
+    args = dict(q=q, k=k, v=v, gain=ins["beta"], log_decay=ins["g"], do=do, dht=dht, scale=scale,
+                initial_state=S0, cu_seqlens=None)
+    for name, bad, match in (("gain", ins["beta"][:, :5], "gain"), ("log_decay", None, "log_decay"),
+                             ("do", do[..., :8], "do"), ("dht", dht[:, :1], "dht"),
+                             ("initial_state", S0[..., :4], "initial_state"), ("scale", None, "scale"),
+                             ("cu_seqlens", torch.tensor([0, 4, 9]), "cu_seqlens")):
+        with pytest.raises(ValueError, match=match):
+            module.backward_core(**{**args, name: bad})
+    with pytest.raises(ValueError, match="no decay"):
+        runtime.load_zoo("deltanet").backward_core(**args)

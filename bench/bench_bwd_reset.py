@@ -1,0 +1,93 @@
+"""Reset-family backward core: gradients against fla 0.6.0 and fwd+bwd time (GPU only).
+
+    python bench/bench_bwd_reset.py                       # gated_deltanet and deltanet, (4, 4096, 16, 128)
+    python bench/bench_bwd_reset.py --shapes 2,1024,4,64 --profile
+
+Ours: the generated module's forward (check_domain=False) + backward_core with gain = beta,
+log_decay = g (the zoo reset models take them directly). fla: chunk_gated_delta_rule /
+chunk_delta_rule forward + backward through autograd. Inputs bf16, L2-normalized keys,
+g = logsigmoid(x + 4), beta = sigmoid(x). Gradients compared as max|ours - fla| / max|fla|.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from designmodel.codegen import runtime  # noqa: E402
+
+
+def rel(x, ref):
+    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def run(model, B, T, H, D, profile=False):
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=dev, generator=gen).to(dt)
+    k = F.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).to(dt)
+    v = torch.randn(B, T, H, D, device=dev, generator=gen).to(dt)
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=gen))
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev, generator=gen) + 4) if model == "gated_deltanet" else None
+    do = torch.randn(B, T, H, D, device=dev, generator=gen).to(dt)
+    scale = D ** -0.5
+    mod = runtime.load_zoo(model)
+    gates = (beta, g) if g is not None else (beta,)
+
+    def ours():
+        o, _ = mod.forward(q, k, v, *gates, scale=scale, check_domain=False)
+        return mod.backward_core(q, k, v, beta, g, do, None, scale, None, None)
+
+    if model == "gated_deltanet":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fn
+    else:
+        from fla.ops.delta_rule import chunk_delta_rule as fla_fn
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, beta)] + ([g.clone().requires_grad_(True)] if g is not None else [])
+
+    def fla():
+        kw = dict(beta=leaves[3], scale=scale)
+        if g is not None:
+            kw["g"] = leaves[4]
+        o, _ = fla_fn(leaves[0], leaves[1], leaves[2], **kw)
+        o.backward(do)
+
+    got = ours()
+    for x in leaves:
+        x.grad = None
+    fla()
+    names = ["q", "k", "v", "beta", "g"]
+    errs = {n: rel(got[i], leaves[i].grad) for i, n in enumerate(names[:len(leaves)])}
+    t_ours = triton.testing.do_bench(ours, return_mode="median")
+    t_fwd = triton.testing.do_bench(lambda: mod.forward(q, k, v, *gates, scale=scale, check_domain=False), return_mode="median")
+    t_fla = triton.testing.do_bench(fla, grad_to_none=leaves, return_mode="median")
+    print(f"{model} {(B, T, H, D)}: grad rel. err vs fla {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}")
+    print(f"  ours fwd+bwd {t_ours:.3f} ms (fwd {t_fwd:.3f}, bwd {t_ours - t_fwd:.3f}), fla fwd+bwd {t_fla:.3f} ms, ratio {t_ours / t_fla:.2f}")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                ours()
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4,4096,16,128")
+    ap.add_argument("--models", default="gated_deltanet,deltanet")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    for s in a.shapes.split(";"):
+        B, T, H, D = map(int, s.split(","))
+        for m in a.models.split(","):
+            run(m, B, T, H, D, a.profile)
+
+
+if __name__ == "__main__":
+    main()
