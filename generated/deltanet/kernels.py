@@ -569,70 +569,6 @@ def chunk_bwd_prepare_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def chunk_bwd_state_kernel(
-    k,
-    w,
-    u,
-    h,
-    v_new,
-    h0,
-    cu_seqlens,
-    chunk_offsets,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """Backward, recompute: the memory at every chunk start (O(T / BT) states, never per token)
-    and the chunk's innovations, as in the forward state kernel:
-
-        V_n = U - W S,   S' = a_C S + (K o (a_C / a))^T V_n
-
-    Each program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state.
-    Grid: (NV, N * H).
-    """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-
-    # [BK, BV] the state S
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
-
-    for i_t in range(tl.cdiv(T, BT)):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        # [BT, BK], [BT, BV]
-        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
-        p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        # [BT, BK]
-        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_h = tl.dot(tl.trans(b_k), b_vn, b_h)
-
-
-@triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dv_local_kernel(
     q,
     k,
@@ -690,85 +626,6 @@ def chunk_bwd_dv_local_kernel(
         # float32 operands (tf32 on the GPU), as the forward's readout
         b_dv = tl.dot(b_At, b_do.to(tl.float32))
         tl.store(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_bwd_dh_kernel(
-    q,
-    k,
-    w,
-    do,
-    dv,
-    dv2,
-    dh,
-    dht,
-    dh0,
-    cu_seqlens,
-    chunk_offsets,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr,
-    HAS_FINAL_GRAD: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """Backward, per state: the memory's gradient across chunks, last chunk first.
-
-        dV_n = dV_n (local) + (K o (a_C / a)) dS'
-        dS   = a_C dS' + (Q o a)^T (scale dO) - W^T dV_n
-
-    dS' is the gradient of the state at the chunk's end; it is stored per chunk into dh
-    and dV_n (the innovations' full gradient) into dv2. The gradient of the initial state
-    goes to dh0. Each program carries all K rows (BK >= K) of a [K, BV] block. Grid: (NV, N * H).
-    """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-
-    # [BK, BV] the gradient of the state at the end of the current chunk
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_FINAL_GRAD:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
-
-    NT = tl.cdiv(T, BT)
-    for i_s in range(NT):
-        i_t = NT - 1 - i_s
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
-        # [BT, BK]
-        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_q = b_q * scale
-        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
-        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dv = tl.dot(b_k, b_dh, b_dv)
-        p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
-        b_dh -= tl.dot(tl.trans(b_w), b_dv)
-
-    if HAS_INITIAL_STATE:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -962,9 +819,153 @@ def chunk_bwd_reset_kernel(
     tl.store(dgain + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
 
 
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_state_kernel(
+    k,
+    w,
+    u,
+    h,
+    v_new,
+    h0,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, recompute: the memory at every chunk start (O(T / BT) states, never per token)
+    and the chunk's innovations, as in the forward state kernel:
+
+        V_n = U - W S,   S' = a_C S + (K o (a_C / a))^T V_n
+
+    Each program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state.
+    Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+        # [BT, BK], [BT, BV]
+        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
+        p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_h = tl.dot(tl.trans(b_k), b_vn, b_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dh_kernel(
+    q,
+    k,
+    w,
+    do,
+    dv,
+    dv2,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, per state: the memory's gradient across chunks, last chunk first.
+
+        dV_n = dV_n (local) + (K o (a_C / a)) dS'
+        dS   = a_C dS' + (Q o a)^T (scale dO) - W^T dV_n
+
+    dS' is the gradient of the state at the chunk's end; it is stored per chunk into dh
+    and dV_n (the innovations' full gradient) into dv2. The gradient of the initial state
+    goes to dh0. Each program carries all K rows (BK >= K) of a [K, BV] block. Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the gradient of the state at the end of the current chunk
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    NT = tl.cdiv(T, BT)
+    for i_s in range(NT):
+        i_t = NT - 1 - i_s
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = b_q * scale
+        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
+        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_dv = tl.dot(b_k, b_dh, b_dv)
+        p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+        b_dh -= tl.dot(tl.trans(b_w), b_dv)
+
+    if HAS_INITIAL_STATE:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
+
+
 def default_backward_config(K, V):
     """Block sizes and launch settings of the backward kernels (override with `config=`)."""
     return {
+        # one warp, as the forward's reset kernel: the substitution's reductions stay in the warp
         "prepare": dict(BK=_block(K, 32), BV=_block(V, 32), num_warps=1, num_stages=2),
         "state": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
         "dv_local": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
