@@ -34,7 +34,8 @@ def run(model, B, T, H, D, profile=False):
     k = F.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).to(dt)
     v = torch.randn(B, T, H, D, device=dev, generator=gen).to(dt)
     beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=gen))
-    g = F.logsigmoid(torch.randn(B, T, H, device=dev, generator=gen) + 4) if model == "gated_deltanet" else None
+    gshape = (B, T, H, D) if model == "kda" else (B, T, H)
+    g = F.logsigmoid(torch.randn(*gshape, device=dev, generator=gen) + 4) if model != "deltanet" else None
     do = torch.randn(B, T, H, D, device=dev, generator=gen).to(dt)
     scale = D ** -0.5
     mod = runtime.load_zoo(model)
@@ -46,6 +47,8 @@ def run(model, B, T, H, D, profile=False):
 
     if model == "gated_deltanet":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fn
+    elif model == "kda":
+        from fla.ops.kda import chunk_kda as fla_fn
     else:
         from fla.ops.delta_rule import chunk_delta_rule as fla_fn
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, beta)] + ([g.clone().requires_grad_(True)] if g is not None else [])
