@@ -136,8 +136,9 @@ def test_gradients_strong_decay(model):
     assert max(errs.values()) <= 1e-4, errs
 
 
-def test_gradients_bf16():
-    errs = _errors("gated_deltanet", dtype=torch.bfloat16, seed=7)
+@pytest.mark.parametrize("model", ["gated_deltanet", "kda"])
+def test_gradients_bf16(model):
+    errs = _errors(model, dtype=torch.bfloat16, seed=7)
     assert max(errs.values()) <= 2e-2, errs
 
 
