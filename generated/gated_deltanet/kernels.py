@@ -669,7 +669,6 @@ def chunk_bwd_dv_local_kernel(
     m_At = (o_t[None, :] >= o_t[:, None]) & m_t[None, :]
     b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
-
     b_At = tl.where(m_At, b_At * tl.exp2(tl.where(m_At, b_gc[None, :] - b_gc[:, None], 0.)), 0.) * scale
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -767,7 +766,6 @@ def chunk_bwd_dqkw_kernel(
     b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
     b_glast = tl.sum(b_ld, axis=0)
-
     # readout of the state at the chunk start: o_t += scale a_t q_t^T S
     b_dq = b_dq * (tl.exp2(b_gc) * scale)[:, None]
     b_dgc = tl.sum(b_dq * b_q, axis=1)
@@ -848,7 +846,6 @@ def chunk_bwd_reset_kernel(
     b_beta = tl.load(gain + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
     b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
-
     # [BT] beta a, the row scale of the reset's keys
     b_ka = b_beta * tl.exp2(b_gc)
     b_dgc = tl.zeros([BT], dtype=tl.float32)
@@ -982,7 +979,6 @@ def chunk_bwd_state_kernel(
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-
         b_h *= tl.exp2(b_glast)
         b_vn = b_vn * tl.exp2(b_glast - b_gc)[:, None]
         b_h = tl.dot(tl.trans(b_k), b_vn, b_h)
@@ -1058,7 +1054,6 @@ def chunk_bwd_dh_kernel(
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-
         b_k = b_k * tl.exp2(b_glast - b_gc)[:, None]
         b_q = b_q * (tl.exp2(b_gc) * scale)[:, None]
         # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)

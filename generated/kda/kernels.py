@@ -544,7 +544,6 @@ def chunk_bwd_prepare_kernel(
         b_ld = tl.load(log_decay + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-
         for i_s in range(0, tl.minimum(BT, T - i_t * BT)):
             m_s = o_i == i_s
             # [BK] row s of y and of gc; [BT, BK] decay from s to every t (clamped at 1 for t < s)
@@ -578,7 +577,6 @@ def chunk_bwd_prepare_kernel(
         b_ld = tl.load(log_decay + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-
         b_w = tl.dot(b_Ai, b_k * b_beta[:, None] * tl.exp2(b_gc))
         tl.store(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     for i_v in range(tl.cdiv(V, BV)):
@@ -715,7 +713,6 @@ def chunk_bwd_dqkw_kernel(
     b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
     b_glast = tl.sum(b_ld, axis=0)
-
     # readout of the state at the chunk start: o_t += scale (q_t o a_t)^T S
     b_dq = b_dq * tl.exp2(b_gc) * scale
     b_dgc = b_dq * b_q
@@ -816,7 +813,6 @@ def chunk_bwd_reset_kernel(
         b_ld = tl.load(log_decay + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-
         for i_s in range(0, tl.minimum(BT, T - i_t * BT)):
             m_s = o_i == i_s
             # [BK] row s of y and of gc; [BT, BK] decay from s to every t (clamped at 1 for t < s)
@@ -865,7 +861,6 @@ def chunk_bwd_reset_kernel(
         b_ld = tl.load(log_decay + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-
         b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
         b_dkc = tl.zeros([BT, BK], dtype=tl.float32)
         for i_s in range(0, tl.minimum(BT, T - i_t * BT)):
@@ -951,7 +946,6 @@ def chunk_bwd_state_kernel(
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-
         b_h *= tl.exp2(b_glast)[:, None]
         b_k = b_k * tl.exp2(b_glast[None, :] - b_gc)
         b_h = tl.dot(tl.trans(b_k), b_vn, b_h)
@@ -1028,7 +1022,6 @@ def chunk_bwd_dh_kernel(
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-
         b_k = b_k * tl.exp2(b_glast[None, :] - b_gc)
         b_q = b_q * tl.exp2(b_gc) * scale
         # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
