@@ -25,10 +25,14 @@ from designmodel.codegen import runtime
 from designmodel.derive import derive
 from designmodel.spec import DesignModel, Input, Readout, Regression, Transition, exp, reset
 
-from .conftest import DEVICE
+from .conftest import DEVICE, HAS_CUDA
 from .helpers import make_inputs, relative_error
 
 B, T, H, K, V = 1, 80, 2, 32, 16   # T not a multiple of the chunk (64); K != V
+# float32 inputs: exact float32 dots in the interpreter; on a GPU tl.dot rounds float32
+# operands to tf32 (10-bit mantissa), as in tests/kernels/test_gpu.py
+FP32_TOL = 5e-3 if HAS_CUDA else 1e-4
+BF16_TOL = 2e-2
 
 _beta, _g = Input("beta", domain="unit"), Input("g", domain="logdecay")
 # gated_deltanet read out before each token's own write (o_t = S_{t-1}^T q_t after the decay)
@@ -114,42 +118,42 @@ def _errors(model, module=None, **kw):
 @pytest.mark.parametrize("initial", [True, False])
 def test_gradients_fp32(model, initial):
     errs = _errors(model, initial=initial)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("model", ["deltanet", "gated_deltanet", "kda"])
 def test_gradients_varlen(model):
     # three packed sequences: 17 tokens, exactly one chunk, and 19 tokens
     errs = _errors(model, T=100, cu_seqlens=[0, 17, 81, 100], seed=3)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
 
 
 def test_gradients_two_sequences_in_a_batch():
     errs = _errors("gated_deltanet", B=2, T=70, seed=5)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("model", ["gated_deltanet", "kda"])
 def test_gradients_strong_decay(model):
     # g about -2 per token: decays far below float32's range within a chunk, nothing may overflow
     errs = _errors(model, decay_scale=40.0, seed=6)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
 
 
 @pytest.mark.parametrize("model", ["gated_deltanet", "kda"])
 def test_gradients_bf16(model):
     errs = _errors(model, dtype=torch.bfloat16, seed=7)
-    assert max(errs.values()) <= 2e-2, errs
+    assert max(errs.values()) <= BF16_TOL, errs
 
 
 def test_gradients_prior_readout(tmp_path):
     op = designmodel.compile(GATED_PRIOR, cache=tmp_path)
     assert op.plan.timing == "prior" and op.plan.family == "reset"
     errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=2)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
     errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=4,
                    T=90, cu_seqlens=[0, 70, 90], initial=False)
-    assert max(errs.values()) <= 1e-4, errs
+    assert max(errs.values()) <= FP32_TOL, errs
 
 
 def test_bad_input_raises_value_error_before_any_launch():
