@@ -82,13 +82,13 @@ def _reference(d, q, k, v, ins, S0, do, dht, cu, scale):
     return grads
 
 
-def _core(module, d, q, k, v, ins, S0, do, dht, cu, scale):
+def _core(module, d, q, k, v, ins, S0, do, dht, cu, scale, config=None):
     """The generated backward core on the device; gradients by the reference's names."""
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     log_decay = ins.get("g")
     dq, dk, dv, dgain, dg, dh0 = module.backward_core(
         dev(q), dev(k), dev(v), dev(ins["beta"]), dev(log_decay), dev(do), dev(dht), scale,
-        dev(S0), dev(cu))
+        dev(S0), dev(cu), config=config)
     out = {"q": dq, "k": dk, "v": dv, "beta": dgain}
     if log_decay is not None:
         out["g"] = dg
@@ -169,3 +169,18 @@ def test_bad_input_raises_value_error_before_any_launch():
             module.backward_core(**{**args, name: bad})
     with pytest.raises(ValueError, match="no decay"):
         runtime.load_zoo("deltanet").backward_core(**args)
+
+
+@pytest.mark.parametrize("model", ["gated_deltanet", "kda"])
+def test_gradients_with_small_blocks(model):
+    # blocks of 16 keys and values: every kernel loops over several key and value blocks, and
+    # the scalar-decay dq/dk kernel sums its log-decay gradient over two key blocks
+    small = dict(BK=16, BV=16)
+    config = {name: small for name in ("prepare", "dv_local", "dqkw", "reset")}
+    config.update(state=dict(BV=16), dh=dict(BV=16))
+    d, args = _case(model, seed=8)
+    module = runtime.load_zoo(model)
+    got = _core(module, d, *args, config=config)
+    want = _reference(d, *args)
+    errs = {name: relative_error(got[name], want[name]) for name in want}
+    assert max(errs.values()) <= FP32_TOL, errs
