@@ -117,12 +117,38 @@ def naive_check(model, B=1, T=700, H=2, D=128):
     print(f"{model} bf16 {(B, T, H, D)} vs float64 autograd: {', '.join(f'{n} {e:.1e}' for n, e in errs.items())}")
 
 
+SWEEP = [{}, {"dqkw": dict(num_warps=8)}, {"reset": dict(num_warps=8)}, {"dh": dict(BV=64)},
+         {"dh": dict(num_warps=8, BV=64)}, {"dqkw": dict(BK=128, num_warps=8)},
+         {"reset": dict(BK=32, BV=32, num_warps=8)}, {"state": dict(BV=64)}, {"prepare": dict(num_warps=2)},
+         {"dv_local": dict(num_warps=8)}]
+
+
+def sweep(B, T, H, D, model="gated_deltanet"):
+    """backward_core alone under each launch setting of SWEEP."""
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, D, device=dev).to(dt)
+    k = F.normalize(torch.randn(B, T, H, D, device=dev), dim=-1).to(dt)
+    v = torch.randn(B, T, H, D, device=dev).to(dt)
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev))
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev) + 4)
+    do = torch.randn(B, T, H, D, device=dev).to(dt)
+    mod = runtime.load_zoo(model)
+    for cfg in SWEEP:
+        t = triton.testing.do_bench(lambda: mod.backward_core(q, k, v, beta, g, do, None, D ** -0.5, None, None, config=cfg),
+                                    return_mode="median")
+        print(f"  bwd {t:.3f} ms  {cfg}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4,4096,16,128")
     ap.add_argument("--models", default="gated_deltanet,deltanet")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time backward_core under other launch settings")
     a = ap.parse_args()
+    if a.sweep:
+        sweep(*map(int, a.shapes.split(";")[0].split(",")))
+        return
     for m in a.models.split(","):
         naive_check(m)
     for s in a.shapes.split(";"):

@@ -689,24 +689,25 @@ def chunk_bwd_dqkw_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         # [BK, BV]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        # [BT, BV]
-        b_vn = tl.load(v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dv = tl.load(dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BT, BV]; the products below take the stored dtype (bf16 MMA for bf16 inputs, as fla)
+        b_vn = tl.load(v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dv = tl.load(dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_dp = tl.dot(b_do, tl.trans(b_vn), b_dp)
         b_dq = tl.dot(b_do, tl.trans(b_h), b_dq)
         b_dk = tl.dot(b_vn, tl.trans(b_dh), b_dk)
         b_dw = tl.dot(b_dv, tl.trans(b_h), b_dw)
-    # [BT, BK]
-    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    # [BT, BK] in the input dtype for the products, float32 for the rest
+    b_qi = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_ki = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_q, b_k = b_qi.to(tl.float32), b_ki.to(tl.float32)
     m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
     b_dq = b_dq * scale
     b_dp = tl.where(m_A, b_dp, 0.) * scale
-    b_dq = tl.dot(b_dp, b_k, b_dq)
-    b_dk = tl.dot(tl.trans(b_dp), b_q, b_dk)
+    b_dq = tl.dot(b_dp.to(b_ki.dtype), b_ki, b_dq)
+    b_dk = tl.dot(tl.trans(b_dp).to(b_qi.dtype), b_qi, b_dk)
     p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(dq + p_x, b_dq, mask=m_t[:, None] & m_k[None, :])
     tl.store(dk + p_x, b_dk, mask=m_t[:, None] & m_k[None, :])
@@ -954,8 +955,8 @@ def chunk_bwd_dh_kernel(
         b_dv = tl.dot(b_k, b_dh, b_dv)
         p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dh = tl.dot(tl.trans(b_q).to(b_do.dtype), b_do, b_dh)
         b_dh -= tl.dot(tl.trans(b_w), b_dv)
 
     if HAS_INITIAL_STATE:
@@ -1044,7 +1045,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    # do in the dtype of the output (v) it is the gradient of: the products pair them
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
     gain = gain.float().contiguous()
     if cu_seqlens is not None:
         chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
