@@ -789,7 +789,7 @@ def chunk_bwd_dqkw_kernel(
     p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(dq + p_x, b_dq, mask=m_t[:, None] & m_k[None, :])
     tl.store(dk + p_x, b_dk, mask=m_t[:, None] & m_k[None, :])
-    tl.store(dw + p_x, -b_dw, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dw + p_x, (-b_dw).to(dw.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -864,14 +864,7 @@ def chunk_bwd_reset_kernel(
         b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
         b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
-        b_dAi = tl.dot(b_dw, tl.trans(b_k * b_ka[:, None]), b_dAi)
-        # [BT, BK] gradient of the reset's keys beta a K
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dw)
-        b_x = tl.sum(b_dkb * b_k, axis=1)
-        b_dbeta += b_x * tl.exp2(b_gc)
-        b_dgc += b_x * b_ka
-        b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
-        tl.store(dk + p_x, b_dk, mask=m_x)
+        b_dAi = tl.dot(b_dw.to(tl.float32), tl.trans(b_k * b_ka[:, None]), b_dAi)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -897,13 +890,21 @@ def chunk_bwd_reset_kernel(
     b_x = b_dA * b_kk
     b_dgc += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
     b_dA = b_dA * b_gamma
+    # dk += beta a Ai^T dW + (dA o Gamma) K + (dA o Gamma)^T K, one pass over dk
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         m_x = m_t[:, None] & m_k[None, :]
+        # [BT, BK]
         b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_dk = tl.load(dk + p_x, mask=m_x, other=0.)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
+        # [BT, BK] gradient of the reset's keys beta a K
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dw)
+        b_x = tl.sum(b_dkb * b_k, axis=1)
+        b_dbeta += b_x * tl.exp2(b_gc)
+        b_dgc += b_x * b_ka
+        b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
         b_dk = tl.dot(b_dA, b_k, b_dk)
         b_dk = tl.dot(tl.trans(b_dA), b_k, b_dk)
         tl.store(dk + p_x, b_dk, mask=m_x)
@@ -1215,7 +1216,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     # per chunk and key block: dq, dk (first part), dW, dg (first part)
     dq = q.new_empty(B, T, H, K, dtype=torch.float32)
     dk = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dw = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dw = torch.empty_like(k)   # in the input dtype, like fla: it only feeds products
     _launch = _cfg["dqkw"]
     NK = triton.cdiv(K, _launch["BK"])
     dg = q.new_empty(NK, B, T, H, dtype=torch.float32)

@@ -744,7 +744,7 @@ def chunk_bwd_dqkw_kernel(
     tl.store(dg + p_x, b_dg, mask=m_t[:, None] & m_k[None, :])
     tl.store(dq + p_x, b_dq + b_dqa, mask=m_t[:, None] & m_k[None, :])
     tl.store(dk + p_x, b_dk + b_dka, mask=m_t[:, None] & m_k[None, :])
-    tl.store(dw + p_x, -b_dw, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dw + p_x, (-b_dw).to(dw.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -810,7 +810,7 @@ def chunk_bwd_reset_kernel(
         m_x = m_t[:, None] & m_k[None, :]
         # [BT, BK]
         b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
         b_ld = tl.load(log_decay + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_ld = tl.where(m_t[:, None], b_ld * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
@@ -1185,7 +1185,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     # per chunk and key block: dq, dk (first part), dW, dg (first part)
     dq = q.new_empty(B, T, H, K, dtype=torch.float32)
     dk = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dw = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dw = torch.empty_like(k)   # in the input dtype, like fla: it only feeds products
     _launch = _cfg["dqkw"]
     NK = triton.cdiv(K, _launch["BK"])
     dg = q.new_empty(B, T, H, K, dtype=torch.float32)
