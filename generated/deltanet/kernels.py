@@ -777,22 +777,22 @@ def chunk_bwd_reset_kernel(
         m_x = m_t[:, None] & m_k[None, :]
         # [BT, BK]
         b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
-        b_dAi = tl.dot(b_dw.to(tl.float32), tl.trans(b_k * b_ka[:, None]), b_dAi)
+        b_dAi = tl.dot(b_dw, tl.trans(b_k * b_ka[:, None]), b_dAi)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        p_x = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        m_x = m_t[:, None] & m_v[None, :]
+        p_y = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        m_y = m_t[:, None] & m_v[None, :]
         # [BT, BV]
-        b_v = tl.load(v + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_du = tl.load(dv2 + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_y, mask=m_y, other=0.).to(tl.float32)
+        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.).to(tl.float32)
         b_dAi = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dAi)
         # [BT, BV] gradient of the reset's values beta V
         b_dvb = tl.dot(tl.trans(b_Ai), b_du)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-        tl.store(dv + p_x, b_dvb * b_beta[:, None], mask=m_x)
+        tl.store(dv + p_y, b_dvb * b_beta[:, None], mask=m_y)
 
     # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
     m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
@@ -812,8 +812,8 @@ def chunk_bwd_reset_kernel(
         b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
         # [BT, BK] gradient of the reset's keys beta a K
         b_dkb = tl.dot(tl.trans(b_Ai), b_dw)
-        b_x = tl.sum(b_dkb * b_k, axis=1)
-        b_dbeta += b_x
+        b_r = tl.sum(b_dkb * b_k, axis=1)
+        b_dbeta += b_r
         b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
         b_dk = tl.dot(b_dA, b_k, b_dk)
         b_dk = tl.dot(tl.trans(b_dA), b_k, b_dk)

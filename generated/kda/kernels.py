@@ -836,15 +836,15 @@ def chunk_bwd_reset_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        p_x = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        m_x = m_t[:, None] & m_v[None, :]
+        p_y = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        m_y = m_t[:, None] & m_v[None, :]
         # [BT, BV]
-        b_v = tl.load(v + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_du = tl.load(dv2 + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_y, mask=m_y, other=0.).to(tl.float32)
+        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.).to(tl.float32)
         b_dAi = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dAi)
         b_dvb = tl.dot(tl.trans(b_Ai), b_du)
         b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-        tl.store(dv + p_x, b_dvb * b_beta[:, None], mask=m_x)
+        tl.store(dv + p_y, b_dvb * b_beta[:, None], mask=m_y)
 
     # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
     m_L = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
