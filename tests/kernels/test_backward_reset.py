@@ -39,6 +39,9 @@ _beta, _g = Input("beta", domain="unit"), Input("g", domain="logdecay")
 GATED_PRIOR = DesignModel("gated_deltanet_prior", transition=Transition(decay=exp(_g)),
                           observation=Regression(noise=1 - _beta, unit_keys=True), filter=reset(_beta),
                           readout=Readout(timing="prior"))
+KDA_PRIOR = DesignModel("kda_prior", transition=Transition(decay=exp(Input("g", per="key", domain="logdecay"))),
+                        observation=Regression(noise=1 - _beta, unit_keys=True), filter=reset(_beta),
+                        readout=Readout(timing="prior"))
 
 
 def _case(model, B=B, T=T, initial=True, cu_seqlens=None, seed=0, dtype=torch.float32, spec=None,
@@ -153,6 +156,13 @@ def test_gradients_prior_readout(tmp_path):
     assert max(errs.values()) <= FP32_TOL, errs
     errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=4,
                    T=90, cu_seqlens=[0, 70, 90], initial=False)
+    assert max(errs.values()) <= FP32_TOL, errs
+
+
+def test_gradients_prior_readout_per_key(tmp_path):
+    op = designmodel.compile(KDA_PRIOR, cache=tmp_path)
+    assert op.plan.timing == "prior" and op.plan.decay == "per_key"
+    errs = _errors("kda_prior", module=op.module, spec=KDA_PRIOR, seed=9, T=70, cu_seqlens=[0, 45, 70])
     assert max(errs.values()) <= FP32_TOL, errs
 
 
