@@ -1,12 +1,16 @@
-"""Reset-family backward core: gradients against fla 0.6.0 and fwd+bwd time (GPU only).
+"""Reset-family backward core on a GPU: gradients and fwd+bwd time against fla 0.6.0.
 
-    python bench/bench_bwd_reset.py                       # gated_deltanet and deltanet, (4, 4096, 16, 128)
-    python bench/bench_bwd_reset.py --shapes 2,1024,4,64 --profile
+    python bench/bench_bwd_reset.py                       # gated_deltanet, deltanet at (4, 4096, 16, 128)
+    python bench/bench_bwd_reset.py --models kda --profile
+    python bench/bench_bwd_reset.py --sweep               # backward_core under other launch settings
 
-Ours: the generated module's forward (check_domain=False) + backward_core with gain = beta,
-log_decay = g (the zoo reset models take them directly). fla: chunk_gated_delta_rule /
-chunk_delta_rule forward + backward through autograd. Inputs bf16, L2-normalized keys,
-g = logsigmoid(x + 4), beta = sigmoid(x). Gradients compared as max|ours - fla| / max|fla|.
+First, per model, our bf16 gradients at K = V = 128 (T = 700, initial state, final-state
+gradient) against autograd through a float64 step-by-step recurrence on the GPU. Then ours:
+the generated module's forward (check_domain=False) + backward_core with gain = beta,
+log_decay = g (the zoo reset models take them directly), timed against fla's
+chunk_delta_rule forward + backward (the speed target for every model); gradients against
+fla's op of the same model where fla runs (fla 0.6.0 refuses its gated backward on Hopper
+with Triton < 3.7.1). Inputs bf16, L2-normalized keys, g = logsigmoid(x + 4), beta = sigmoid(x).
 """
 from __future__ import annotations
 
