@@ -374,6 +374,763 @@ def chunk_fused_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def chunk_bwd_prepare_kernel(
+    k,
+    v,
+    gain,
+    w,
+    u,
+    Ai,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, recompute: the covariance reset of one chunk from the materialized gain
+    beta (MATH.md 6.2), keeping the inverse for the backward through it:
+
+        Ai = (I + stril(diag(beta) (K K^T o Gamma)))^-1      (stored, [BT, BT] per chunk)
+        W  = Ai diag(beta) (K o a),   U = Ai diag(beta) V
+
+    The unit lower-triangular system is solved as in the forward reset kernel: forward
+    substitution in 4 diagonal blocks of BC tokens, block products below. Grid: (NT, B * H).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    o_t0 = i_t * BT + 0 * BC + o_c
+    m_t0 = o_t0 < T
+    o_t1 = i_t * BT + 1 * BC + o_c
+    m_t1 = o_t1 < T
+    o_t2 = i_t * BT + 2 * BC + o_c
+    m_t2 = o_t2 < T
+    o_t3 = i_t * BT + 3 * BC + o_c
+    m_t3 = o_t3 < T
+
+    # 1. [BC, BC] blocks of K K^T, row sub-chunk i, column sub-chunk j
+    b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A32 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BC, BK]
+        b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.)
+        # [BC, BK]
+        b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.)
+        # [BC, BK]
+        b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.)
+        # [BC, BK]
+        b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.)
+        b_A00 = tl.dot(b_k0, tl.trans(b_k0), b_A00)
+        b_A10 = tl.dot(b_k1, tl.trans(b_k0), b_A10)
+        b_A11 = tl.dot(b_k1, tl.trans(b_k1), b_A11)
+        b_A20 = tl.dot(b_k2, tl.trans(b_k0), b_A20)
+        b_A21 = tl.dot(b_k2, tl.trans(b_k1), b_A21)
+        b_A22 = tl.dot(b_k2, tl.trans(b_k2), b_A22)
+        b_A30 = tl.dot(b_k3, tl.trans(b_k0), b_A30)
+        b_A31 = tl.dot(b_k3, tl.trans(b_k1), b_A31)
+        b_A32 = tl.dot(b_k3, tl.trans(b_k2), b_A32)
+        b_A33 = tl.dot(b_k3, tl.trans(b_k3), b_A33)
+
+    # 2. per token: the gain beta
+    b_gain0 = tl.load(gain + (bos + o_t0) * H + i_h, mask=m_t0, other=0.).to(tl.float32)
+    b_gain1 = tl.load(gain + (bos + o_t1) * H + i_h, mask=m_t1, other=0.).to(tl.float32)
+    b_gain2 = tl.load(gain + (bos + o_t2) * H + i_h, mask=m_t2, other=0.).to(tl.float32)
+    b_gain3 = tl.load(gain + (bos + o_t3) * H + i_h, mask=m_t3, other=0.).to(tl.float32)
+
+    # 3. A = stril(diag(beta) (K K^T o Gamma))
+    b_A00 = tl.where(o_c[:, None] > o_c[None, :], b_A00, 0.) * b_gain0[:, None]
+    b_A10 = b_A10 * b_gain1[:, None]
+    b_A11 = tl.where(o_c[:, None] > o_c[None, :], b_A11, 0.) * b_gain1[:, None]
+    b_A20 = b_A20 * b_gain2[:, None]
+    b_A21 = b_A21 * b_gain2[:, None]
+    b_A22 = tl.where(o_c[:, None] > o_c[None, :], b_A22, 0.) * b_gain2[:, None]
+    b_A30 = b_A30 * b_gain3[:, None]
+    b_A31 = b_A31 * b_gain3[:, None]
+    b_A32 = b_A32 * b_gain3[:, None]
+    b_A33 = tl.where(o_c[:, None] > o_c[None, :], b_A33, 0.) * b_gain3[:, None]
+
+    # 4. Ai = (I + A)^-1: forward substitution in the diagonal blocks (row r from the rows above it)
+    b_Ai00 = -b_A00
+    b_Ai11 = -b_A11
+    b_Ai22 = -b_A22
+    b_Ai33 = -b_A33
+    for i_r in range(2, BC):
+        m_r = (o_c == i_r)[:, None]
+        b_row = -tl.sum(tl.where(m_r, b_A00, 0.), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_Ai00, axis=0)
+        b_Ai00 = tl.where(m_r, b_row[None, :], b_Ai00)
+        b_row = -tl.sum(tl.where(m_r, b_A11, 0.), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_Ai11, axis=0)
+        b_Ai11 = tl.where(m_r, b_row[None, :], b_Ai11)
+        b_row = -tl.sum(tl.where(m_r, b_A22, 0.), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_Ai22, axis=0)
+        b_Ai22 = tl.where(m_r, b_row[None, :], b_Ai22)
+        b_row = -tl.sum(tl.where(m_r, b_A33, 0.), axis=0)
+        b_row = b_row + tl.sum(b_row[:, None] * b_Ai33, axis=0)
+        b_Ai33 = tl.where(m_r, b_row[None, :], b_Ai33)
+    m_I = o_c[:, None] == o_c[None, :]
+    b_Ai00 += tl.where(m_I, 1., 0.)
+    b_Ai11 += tl.where(m_I, 1., 0.)
+    b_Ai22 += tl.where(m_I, 1., 0.)
+    b_Ai33 += tl.where(m_I, 1., 0.)
+    # blocks below the diagonal: Ai_ij = -Ai_ii sum_{j <= m < i} A_im Ai_mj
+    b_Ai10 = -tl.dot(b_Ai11, tl.dot(b_A10, b_Ai00))
+    b_Ai21 = -tl.dot(b_Ai22, tl.dot(b_A21, b_Ai11))
+    b_Ai32 = -tl.dot(b_Ai33, tl.dot(b_A32, b_Ai22))
+    b_Ai20 = -tl.dot(b_Ai22, tl.dot(b_A20, b_Ai00) + tl.dot(b_A21, b_Ai10))
+    b_Ai31 = -tl.dot(b_Ai33, tl.dot(b_A31, b_Ai11) + tl.dot(b_A32, b_Ai21))
+    b_Ai30 = -tl.dot(b_Ai33, tl.dot(b_A30, b_Ai00) + tl.dot(b_A31, b_Ai10) + tl.dot(b_A32, b_Ai20))
+    # [BT, BT] per chunk, row t of the chunk at token t; zero above the diagonal
+    p_Ai = Ai + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_Ai + 0 * BC, b_Ai00, mask=m_t0[:, None])
+    tl.store(p_Ai + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+    tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+    tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+    p_Ai = Ai + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_Ai + 0 * BC, b_Ai10, mask=m_t1[:, None])
+    tl.store(p_Ai + 1 * BC, b_Ai11, mask=m_t1[:, None])
+    tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+    tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+    p_Ai = Ai + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_Ai + 0 * BC, b_Ai20, mask=m_t2[:, None])
+    tl.store(p_Ai + 1 * BC, b_Ai21, mask=m_t2[:, None])
+    tl.store(p_Ai + 2 * BC, b_Ai22, mask=m_t2[:, None])
+    tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t2[:, None])
+    p_Ai = Ai + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
+    tl.store(p_Ai + 0 * BC, b_Ai30, mask=m_t3[:, None])
+    tl.store(p_Ai + 1 * BC, b_Ai31, mask=m_t3[:, None])
+    tl.store(p_Ai + 2 * BC, b_Ai32, mask=m_t3[:, None])
+    tl.store(p_Ai + 3 * BC, b_Ai33, mask=m_t3[:, None])
+
+    # 5. W = Ai (beta a K), U = Ai (beta V), float32 operands as in the forward
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k0 = b_k0 * b_gain0[:, None]
+        b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k1 = b_k1 * b_gain1[:, None]
+        b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k2 = b_k2 * b_gain2[:, None]
+        b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k3 = b_k3 * b_gain3[:, None]
+        b_w = tl.dot(b_Ai00, b_k0)
+        tl.store(w + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
+        b_w = tl.dot(b_Ai10, b_k0) + tl.dot(b_Ai11, b_k1)
+        tl.store(w + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
+        b_w = tl.dot(b_Ai20, b_k0) + tl.dot(b_Ai21, b_k1) + tl.dot(b_Ai22, b_k2)
+        tl.store(w + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
+        b_w = tl.dot(b_Ai30, b_k0) + tl.dot(b_Ai31, b_k1) + tl.dot(b_Ai32, b_k2) + tl.dot(b_Ai33, b_k3)
+        tl.store(w + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v0 = tl.load(v + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t0[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_v0 = b_v0 * b_gain0[:, None]
+        b_v1 = tl.load(v + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t1[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_v1 = b_v1 * b_gain1[:, None]
+        b_v2 = tl.load(v + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t2[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_v2 = b_v2 * b_gain2[:, None]
+        b_v3 = tl.load(v + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t3[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_v3 = b_v3 * b_gain3[:, None]
+        b_u = tl.dot(b_Ai00, b_v0)
+        tl.store(u + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_t0[:, None] & m_v[None, :])
+        b_u = tl.dot(b_Ai10, b_v0) + tl.dot(b_Ai11, b_v1)
+        tl.store(u + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_t1[:, None] & m_v[None, :])
+        b_u = tl.dot(b_Ai20, b_v0) + tl.dot(b_Ai21, b_v1) + tl.dot(b_Ai22, b_v2)
+        tl.store(u + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_t2[:, None] & m_v[None, :])
+        b_u = tl.dot(b_Ai30, b_v0) + tl.dot(b_Ai31, b_v1) + tl.dot(b_Ai32, b_v2) + tl.dot(b_Ai33, b_v3)
+        tl.store(u + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m_t3[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dv_local_kernel(
+    q,
+    k,
+    do,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, per chunk: the innovations' gradient from the intra-chunk readout,
+
+        dV_n (local) = scale tril(Q K^T o Gamma)^T dO
+
+    (the state kernel adds the part that flows back from later chunks). Grid: (NT, B * H).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+
+    # [BT, BT] transposed scores: b_At[s, t] = k_s . q_t
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BT, BK]
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_At = tl.dot(b_k, tl.trans(b_q), b_At)
+    # readout t of write s: t >= s
+    m_At = (o_t[None, :] >= o_t[:, None]) & m_t[None, :]
+    b_At = tl.where(m_At, b_At, 0.) * scale
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        # float32 operands (tf32 on the GPU), as the forward's readout
+        b_dv = tl.dot(b_At, b_do.to(tl.float32))
+        tl.store(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dqkw_kernel(
+    q,
+    k,
+    v_new,
+    h,
+    dh,
+    do,
+    dv2,
+    dq,
+    dk,
+    dw,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, per chunk and block of keys: everything that needs the states, S at the
+    chunk start (h) and the gradient dS' of the state at its end (dh):
+
+        dQ = (scale dO S^T) o a + (dP o Gamma) K,       dP = scale tril(dO V_n^T)
+        dK = (dP o Gamma)^T Q + (V_n dS'^T) o (a_C / a)     (the reset kernel's part comes later)
+        dW = -dV_n S^T
+
+    Grid: (NK, NT, B * H).
+    """
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
+    p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+
+    # [BT, BK] dO S^T, V_n dS'^T, dV_n S^T
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    # [BT, BT] dO V_n^T
+    b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        # [BK, BV]
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BT, BV]; the products below take the stored dtype (bf16 MMA for bf16 inputs, as fla)
+        b_vn = tl.load(v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dv = tl.load(dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dp = tl.dot(b_do, tl.trans(b_vn), b_dp)
+        b_dq = tl.dot(b_do, tl.trans(b_h), b_dq)
+        b_dk = tl.dot(b_vn, tl.trans(b_dh), b_dk)
+        b_dw = tl.dot(b_dv, tl.trans(b_h), b_dw)
+    # [BT, BK] in the input dtype for the products, float32 for the rest
+    b_qi = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_ki = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_q, b_k = b_qi.to(tl.float32), b_ki.to(tl.float32)
+    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    b_dq = b_dq * scale
+    b_dp = tl.where(m_A, b_dp, 0.) * scale
+    b_dq = tl.dot(b_dp.to(b_ki.dtype), b_ki, b_dq)
+    b_dk = tl.dot(tl.trans(b_dp).to(b_qi.dtype), b_qi, b_dk)
+    p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(dq + p_x, b_dq, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dk + p_x, b_dk, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dw + p_x, (-b_dw).to(dw.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_reset_kernel(
+    k,
+    v,
+    gain,
+    Ai,
+    dw,
+    dv2,
+    dk,
+    dv,
+    dgain,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, per chunk: through the covariance reset W = Ai (beta a K), U = Ai (beta V),
+    Ai = (I + A)^-1, A = stril(diag(beta) (K K^T o Gamma)), with dU = dV_n:
+
+        dAi = dW (beta a K)^T + dU (beta V)^T,      dA = -stril(Ai^T dAi Ai^T)
+        dK += beta a Ai^T dW + (diag(beta) dA o Gamma) K + (diag(beta) dA o Gamma)^T K
+        dV  = beta Ai^T dU
+        dbeta = a (Ai^T dW . K) + (Ai^T dU . V) + rowsum(dA o K K^T o Gamma)
+
+    dk holds the first kernel's part and is completed here. Grid: (NT, B * H).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+
+    # [BT, BT] the inverse from the recompute, zero on rows past the sequence
+    b_Ai = tl.load(Ai + ((bos + o_t[:, None]) * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=m_t[:, None], other=0.)
+    # [BT] gain beta
+    b_beta = tl.load(gain + (bos + o_t) * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_ka = b_beta
+
+    # [BT, BT] dAi and K K^T; [BT] dbeta
+    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        # [BT, BK]
+        b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
+        b_dAi = tl.dot(b_dw, tl.trans(b_k * b_ka[:, None]), b_dAi)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_y = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        m_y = m_t[:, None] & m_v[None, :]
+        # [BT, BV]
+        b_v = tl.load(v + p_y, mask=m_y, other=0.).to(tl.float32)
+        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.).to(tl.float32)
+        b_dAi = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dAi)
+        # [BT, BV] gradient of the reset's values beta V
+        b_dvb = tl.dot(tl.trans(b_Ai), b_du)
+        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
+        tl.store(dv + p_y, b_dvb * b_beta[:, None], mask=m_y)
+
+    # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
+    m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
+    b_dA = tl.where(m_L, -tl.dot(tl.trans(b_Ai), tl.dot(b_dAi, tl.trans(b_Ai))), 0.)
+    b_kk = tl.where(m_L, b_kk, 0.)
+    b_dbeta += tl.sum(b_dA * b_kk, axis=1)
+    # gradient of K K^T o Gamma
+    b_dA = b_dA * b_beta[:, None]
+    # dk += beta a Ai^T dW + (dA o Gamma) K + (dA o Gamma)^T K, one pass over dk
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        # [BT, BK]
+        b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
+        # [BT, BK] gradient of the reset's keys beta a K
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dw)
+        b_r = tl.sum(b_dkb * b_k, axis=1)
+        b_dbeta += b_r
+        b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
+        b_dk = tl.dot(b_dA, b_k, b_dk)
+        b_dk = tl.dot(tl.trans(b_dA), b_k, b_dk)
+        tl.store(dk + p_x, b_dk, mask=m_x)
+    tl.store(dgain + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_state_kernel(
+    k,
+    w,
+    u,
+    h,
+    v_new,
+    h0,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, recompute: the memory at every chunk start (O(T / BT) states, never per token)
+    and the chunk's innovations, as in the forward state kernel:
+
+        V_n = U - W S,   S' = a_C S + (K o (a_C / a))^T V_n
+
+    Each program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state.
+    Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+        # [BT, BK], [BT, BV]
+        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
+        p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_h = tl.dot(tl.trans(b_k), b_vn, b_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dh_kernel(
+    q,
+    k,
+    w,
+    do,
+    dv,
+    dv2,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Backward, per state: the memory's gradient across chunks, last chunk first.
+
+        dV_n = dV_n (local) + (K o (a_C / a)) dS'
+        dS   = a_C dS' + (Q o a)^T (scale dO) - W^T dV_n
+
+    dS' is the gradient of the state at the chunk's end; it is stored per chunk into dh
+    and dV_n (the innovations' full gradient) into dv2. The gradient of the initial state
+    goes to dh0. Each program carries all K rows (BK >= K) of a [K, BV] block. Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the gradient of the state at the end of the current chunk
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_FINAL_GRAD:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    NT = tl.cdiv(T, BT)
+    for i_s in range(NT):
+        i_t = NT - 1 - i_s
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = b_q * scale
+        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
+        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_dv = tl.dot(b_k, b_dh, b_dv)
+        p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dh = tl.dot(tl.trans(b_q).to(b_do.dtype), b_do, b_dh)
+        b_dh -= tl.dot(tl.trans(b_w), b_dv)
+
+    if HAS_INITIAL_STATE:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
+
+
+def default_backward_config(K, V):
+    """Block sizes and launch settings of the backward kernels (override with `config=`)."""
+    return {
+        # one warp, as the forward's reset kernel: the substitution's reductions stay in the warp
+        "prepare": dict(BK=_block(K, 32), BV=_block(V, 32), num_warps=1, num_stages=2),
+        "state": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
+        "dv_local": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "dh": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
+        "dqkw": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "reset": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+    }
+
+
+def _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens):
+    """Raise ValueError, naming the argument, for anything the backward kernels cannot take."""
+    for _name, _x in (("q", q), ("k", k), ("v", v), ("do", do)):
+        if not isinstance(_x, torch.Tensor) or _x.dim() != 4:
+            raise ValueError(f"{_name} must be a 4-D torch.Tensor [B, T, H, D], got {getattr(_x, 'shape', type(_x).__name__)}")
+        if _x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or _x.device != q.device:
+            raise ValueError(f"{_name} must be float32, float16 or bfloat16 on {q.device}, got {_x.dtype} on {_x.device}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or do.shape != v.shape:
+        raise ValueError(f"k must be [B, T, H, K] = {tuple(q.shape)}, v and do [B, T, H, V]; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, do {tuple(do.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if K > 256 or V > 256:
+        raise ValueError(f"head dims up to 256 are supported, got K={K}, V={V}")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a number (already resolved), got {type(scale).__name__}")
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor of cumulative sequence lengths")
+        if B != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens needs B = 1 (got {B}), at least two entries and the device {q.device}")
+        _bounds = cu_seqlens.tolist()
+        if _bounds[0] != 0 or _bounds[-1] != T or any(_b > _a for _a, _b in zip(_bounds[1:], _bounds[:-1])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {_bounds}")
+        N = cu_seqlens.numel() - 1
+    _expected = {"gain": (gain, (B, T, H))}
+    if log_decay is not None:
+        raise ValueError("log_decay must be None: deltanet has no decay")
+    for _name, _shape in (("initial_state", (N, H, K, V)), ("dht", (N, H, K, V))):
+        _x = initial_state if _name == "initial_state" else dht
+        if _x is not None:
+            _expected[_name] = (_x, _shape)
+    for _name, (_x, _shape) in _expected.items():
+        if not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape:
+            _got = tuple(_x.shape) if isinstance(_x, torch.Tensor) else type(_x).__name__
+            raise ValueError(f"{_name} must be a tensor of shape {_shape}, got {_got}")
+        if not _x.is_floating_point() or _x.device != q.device:
+            raise ValueError(f"{_name} must be a floating tensor on {q.device}, got {_x.dtype} on {_x.device}")
+
+
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None):
+    """The chunked backward pass of the deltanet recurrence, from its materialized gain.
+
+        S_t = (I - beta_t k_t k_t^T) a_t S_{t-1} + beta_t k_t v_t^T,   o_t = scale S_t^T q_t
+
+    q, k: [B, T, H, K]; v, do: [B, T, H, V]; gain (beta): [B, T, H]; log_decay: None (no decay);
+    dht: [N, H, K, V] gradient of the final state or None; scale: a number; initial_state:
+    [N, H, K, V] or None; cu_seqlens: [N + 1] or None (then B = 1). config: per-kernel
+    overrides of default_backward_config(K, V).
+
+    Recomputes the states at the chunk starts (O(T / BT) of them) and the chunk's reset,
+    then passes over the chunks in reverse for the states' gradient.
+    Returns (dq, dk, dv, dgain, dlog_decay, dh0): dq, dk [B, T, H, K], dv [B, T, H, V],
+    dgain [B, T, H], dlog_decay None, dh0 [N, H, K, V] or None without an
+    initial state; all float32.
+    """
+    _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = CHUNK
+    scale = float(scale)
+    _cfg = default_backward_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    # do in the dtype of the output (v) it is the gradient of: the products pair them
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
+    gain = gain.float().contiguous()
+    if cu_seqlens is not None:
+        chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
+        N, NT = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+        NS = NT
+    else:
+        chunk_indices = chunk_offsets = None
+        N, NT = B, triton.cdiv(T, BT)
+        NS = B * NT
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if dht is not None:
+        dht = dht.contiguous()
+    BK = max(16, triton.next_power_of_2(K))  # the per-state kernels hold all K rows
+    _varlen = cu_seqlens is not None
+    _gate = ()
+
+    # recompute, per chunk: W, U and the inverse Ai of the reset
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    Ai = q.new_empty(B, T, H, BT, dtype=torch.float32)
+    _launch = _cfg["prepare"]
+    chunk_bwd_prepare_kernel[(NT, B * H)](
+        k, v, gain, *_gate, w, u, Ai, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    # recompute, per state: S at every chunk start and V_n
+    h = k.new_empty(NS, H, K, V)
+    v_new = torch.empty_like(v)
+    _launch = _cfg["state"]
+    chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk: the innovations' gradient from the intra-chunk readout
+    dv_local = torch.empty_like(v)
+    _launch = _cfg["dv_local"]
+    chunk_bwd_dv_local_kernel[(NT, B * H)](
+        q, k, *_gate, do, dv_local, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    # per state, last chunk first: dS' per chunk, the innovations' full gradient, dS0
+    dh = k.new_empty(NS, H, K, V)
+    dv2 = torch.empty_like(v)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if initial_state is not None else None
+    _launch = _cfg["dh"]
+    chunk_bwd_dh_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        q, k, w, *_gate, do, dv_local, dv2, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        HAS_FINAL_GRAD=dht is not None, IS_VARLEN=_varlen,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk and key block: dq, dk (first part), dW
+    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dk = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dw = torch.empty_like(k)   # in the input dtype, like fla: it only feeds products
+    _launch = _cfg["dqkw"]
+    NK = triton.cdiv(K, _launch["BK"])
+    _dg = ()
+    chunk_bwd_dqkw_kernel[(NK, NT, B * H)](
+        q, k, v_new, h, dh, do, dv2, *_gate, dq, dk, dw, *_dg, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk: through the reset (the triangular inverse) for dk, dv, dgain
+    dv = torch.empty_like(v, dtype=torch.float32)
+    dgain = torch.empty_like(gain)
+    _launch = _cfg["reset"]
+    chunk_bwd_reset_kernel[(NT, B * H)](
+        k, v, gain, *_gate, Ai, dw, dv2, dk, dv, dgain, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return dq, dk, dv, dgain, None, dh0
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_output_kernel(
     q,
     k,
