@@ -487,6 +487,403 @@ def chunk_fused_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def chunk_output_kernel(
+    q,
+    k,
+    v_new,
+    h,
+    A,
+    g,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Readout of one chunk: O = (Q o a) S + tril(Q K^T o Gamma) V_n.
+
+    S is the state at the chunk start (from the state kernel), the intra-chunk attention
+    A comes from the reset kernel. Grid: (NV, NT, B * H).
+    """
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    # [BT] tokens of the chunk, [BV] value columns of this program
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
+
+    # [BT, BV] readout of the state at the chunk start
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BT, BK]
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # [BK, BV]
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        # [BT, BK] decay since the chunk start, a = exp(gc), per key
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        b_q = (b_q * tl.exp2(b_gc)).to(b_q.dtype)
+        b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o)
+
+    # [BT, BT] intra-chunk attention, already causal and decayed
+    p_A = A + ((bos + o_t[:, None]) * H + i_h) * BT + tl.arange(0, BT)[None, :]
+    b_A = tl.load(p_A, mask=m_t[:, None], other=0.)
+    # [BT, BV]
+    b_v = tl.load(v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    # float32 operands (tf32 on the GPU): rounding A to bf16 is the largest error of the readout
+    b_o = (b_o + tl.dot(b_A, b_v.to(tl.float32))) * scale
+    p_o = o + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+def _block(n, cap):
+    """A power-of-two block of at least 16 (tl.dot's smallest) covering n, at most cap."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def default_config(K, V):
+    """Block sizes and launch settings per kernel (override any of them with `config=`).
+
+    The defaults are the fastest of bench/bench_fwd.py --sweep at (4, 4096, 16, 128) bf16 on
+    an H100 (bench/RESULTS.md).
+
+    path: "fused" (one pass over the chunks does state and readout), "two_pass" (the state
+    kernel stores the state at every chunk start, the output kernel reads it) or "auto".
+    """
+    return {
+        "path": "auto",
+        "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
+        "reset": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
+        "state": dict(BK=_block(K, 256), BV=_block(V, 32), num_warps=4, num_stages=2),
+        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+    }
+
+
+# "auto" takes the fused path when its N * H * NV programs fill this many waves of the GPU;
+# never with a per-key decay, where each program would recompute the per-key decays of the
+# whole chunk for its V block (measured slower than two passes on an H100)
+FUSED_MIN_WAVES = None
+
+
+def choose_path(N, H, V, device, cfg):
+    """The path of `default_config` for N sequences of H heads on `device`."""
+    if cfg["path"] != "auto":
+        if cfg["path"] not in ("fused", "two_pass"):
+            raise ValueError(f"config path must be 'fused', 'two_pass' or 'auto', got {cfg['path']!r}")
+        return cfg["path"]
+    if device.type != "cuda" or FUSED_MIN_WAVES is None:
+        return "two_pass"
+    programs = N * H * triton.cdiv(V, cfg["fused"]["BV"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return "fused" if programs >= FUSED_MIN_WAVES * sms else "two_pass"
+
+
+def prepare_chunks(cu_seqlens, BT=CHUNK):
+    """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
+    [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    chunks = (lengths + BT - 1) // BT
+    chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+    sequence = torch.repeat_interleave(torch.arange(len(chunks), device=cu_seqlens.device), chunks)
+    within = torch.arange(sequence.numel(), device=cu_seqlens.device) - chunk_offsets[sequence]
+    chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
+    return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
+
+
+def check_inputs(q, k, v, beta, g, scale=None, initial_state=None, cu_seqlens=None, check_domain=True):
+    """Raise ValueError, naming the argument, for anything the kernels cannot take."""
+    for _name, _x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(_x, torch.Tensor):
+            raise ValueError(f"{_name} must be a torch.Tensor, got {type(_x).__name__}")
+        if _x.dim() != 4:
+            raise ValueError(f"{_name} must be [B, T, H, D], got shape {tuple(_x.shape)}")
+        if _x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{_name} must be float32, float16 or bfloat16, got {_x.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K > 256 or V > 256:
+        raise ValueError(f"head dims up to 256 are supported, got K={K}, V={V}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a number, got {type(scale).__name__}")
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor of cumulative sequence lengths")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on {q.device}, got {cu_seqlens.device}")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the sequences are packed along T: B must be 1, got {B}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens needs at least two entries [0, ..., T]")
+        _bounds = cu_seqlens.tolist()
+        if _bounds[0] != 0 or _bounds[-1] != T or any(_b > _a for _a, _b in zip(_bounds[1:], _bounds[:-1])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {_bounds}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, H, K, V):
+            _shape = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
+        if not initial_state.is_floating_point() or initial_state.device != q.device:
+            raise ValueError(f"initial_state must be a floating tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
+    _expected = {
+        "beta": (B, T, H),
+        "g": (B, T, H, K),
+    }
+    _inputs = {
+        "beta": beta,
+        "g": g,
+    }
+    for _name, _x in _inputs.items():
+        if not isinstance(_x, torch.Tensor):
+            raise ValueError(f"{_name} must be a torch.Tensor, got {type(_x).__name__}")
+        if tuple(_x.shape) != _expected[_name]:
+            raise ValueError(f"{_name} must be {INPUTS[_name][0]} = {_expected[_name]}, got {tuple(_x.shape)}")
+        if not _x.is_floating_point():
+            raise ValueError(f"{_name} must be a floating tensor, got {_x.dtype}")
+        if _x.device != q.device:
+            raise ValueError(f"{_name} must be on {q.device}, got {_x.device}")
+    if check_domain:
+        # one device-to-host transfer for all the domain checks
+        _outside = torch.stack([
+            (~((beta > 0) & (beta < 1))).any(),
+            (~(g <= 0)).any(),
+        ]).tolist()
+        for (_name, _x), _bad in zip(_inputs.items(), _outside):
+            if _bad:
+                raise ValueError(f"{_name} must be {DOMAIN_TEXT[INPUTS[_name][1]]} ({INPUTS[_name][1]} domain), "
+                                 f"but has entries outside it (min {_x.float().min().item():.4g}, max {_x.float().max().item():.4g})")
+
+
+DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
+               "logdecay": "<= 0 (a log-decay)"}
+
+
+def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+    """The chunked forward pass of kda.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H, K] (<= 0 (a log-decay)).
+    scale: applied to q, default K ** -0.5. initial_state: [N, H, K, V]. cu_seqlens: [N + 1]
+    cumulative lengths of N sequences packed along T (then B = 1). check_domain: check that
+    each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
+    default_config(K, V).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    """
+    check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = CHUNK
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides} if isinstance(_overrides, dict) else _overrides
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    beta = beta.contiguous()
+    g = g.contiguous()
+    if cu_seqlens is not None:
+        chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
+        N, NT = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+        NS = NT          # chunk starts of all sequences
+    else:
+        chunk_indices = chunk_offsets = None
+        N, NT = B, triton.cdiv(T, BT)
+        NS = B * NT
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    _path = choose_path(N, H, V, q.device, _cfg)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    o = torch.empty_like(v)
+    _flags = dict(HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+                  IS_VARLEN=cu_seqlens is not None)
+    BK = max(16, triton.next_power_of_2(K))  # the state kernels of the fused path hold all K rows
+
+    # per chunk: W = T_ (K o a), U = T_ V, A
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+    _launch = _cfg["reset"]
+    chunk_reset_kernel[(NT, B * H)](
+        q,
+        k, v, beta, g, w, u, A, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    if _path == "fused":
+        # per state, with the readout: one pass over the chunks
+        _launch = _cfg["fused"]
+        chunk_fused_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+            q, k, w, u, g, A, o, initial_state, ht, cu_seqlens, scale, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
+        return o, ht
+    # per state: S across chunks, V_n = U - W S; the state at every chunk start (in the input
+    # dtype, like fla) for the output kernel
+    h = k.new_empty(NS, H, K, V)
+    v_new = torch.empty_like(v)
+    _launch = _cfg["state"]
+    chunk_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        k, w, u, g, h, v_new, initial_state, ht, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+
+    # per chunk: the readout
+    _launch = _cfg["output"]
+    chunk_output_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
+        q, k, v_new, h, A, g, o, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return o, ht
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_kernel(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    o,
+    h0,
+    ht,
+    cu_seqlens,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The filter token by token (MATH.md 2-3), for decoding: per token t
+
+        S^ = diag(a_t) S                                  (prior: transition, a_t = exp(log-decay) per key)
+        S  = S^ + beta_t k_t (v_t - S^^T k_t)^T          (reset update, gain beta_t)
+        o_t = S^T (scale q_t)                             (posterior readout)
+
+    with the per-token scalars printed from the derivation, as in the chunked kernels. Each
+    program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state in
+    registers. Grid: (NV, N * H).
+    """
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_n.to(tl.int64) * T
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # [BK, BV] the state S
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
+
+    for i_t in range(0, T):
+        # [BK] query (scaled) and key, [BV] value
+        b_q = tl.load(q + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + ((bos + i_t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_beta = tl.load(beta + (bos + i_t) * H + i_h).to(tl.float32)
+        b_g = tl.load(g + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        # transition: the log-decay [BK], in log2 units
+        b_ld = (b_g) * RCP_LN2
+        b_h *= tl.exp2(b_ld)[:, None]
+        # reset update: the gain (a number) times the innovation [BV] v - S^^T k
+        b_gain = b_beta
+        b_vn = b_v - tl.sum(b_h * b_k[:, None], axis=0)
+        b_h += b_k[:, None] * (b_gain * b_vn)[None, :]
+        # posterior readout: [BV] S^T q
+        b_o = tl.sum(b_h * b_q[:, None], axis=0)
+        tl.store(o + ((bos + i_t) * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+def default_recurrent_config(K, V):
+    """Launch settings of the recurrent kernel (override them with config={"recurrent": {...}}).
+
+    Small V blocks: decoding has few tokens, so parallelism comes from N * H * NV programs.
+    """
+    return {"recurrent": dict(BV=min(32, triton.next_power_of_2(V)), num_warps=4 if K >= 64 else 1, num_stages=1)}
+
+
+def recurrent(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+    """kda token by token (decoding); arguments and results as `forward`.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H, K] (<= 0 (a log-decay)).
+    For one decoding step pass T = 1, the cache as initial_state and output_final_state=True:
+    the final state is the next cache. config: overrides of default_recurrent_config(K, V).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    """
+    check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    _cfg = default_recurrent_config(K, V)
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    beta = beta.contiguous()
+    g = g.contiguous()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    o = torch.empty_like(v)
+    _launch = _cfg["recurrent"]
+    recurrent_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        q, k, v, beta, g, o, initial_state, ht, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    return o, ht
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_bwd_prepare_kernel(
     q,
     k,
@@ -1208,398 +1605,43 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     return dq, dk, dv, dgain, dg, dh0
 
 
-@triton.jit(do_not_specialize=["T"])
-def chunk_output_kernel(
-    q,
-    k,
-    v_new,
-    h,
-    A,
-    g,
-    o,
-    cu_seqlens,
-    chunk_indices,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """Readout of one chunk: O = (Q o a) S + tril(Q K^T o Gamma) V_n.
+TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
-    S is the state at the chunk start (from the state kernel), the intra-chunk attention
-    A comes from the reset kernel. Grid: (NV, NT, B * H).
+
+def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+    """Gradients of kda's forward w.r.t. every tensor input.
+
+    Arguments as for `forward` (the inputs are not checked against their domains again), plus
+    do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
+    state, or None. config: overrides of default_backward_config(K, V).
+    Returns (dq, dk, dv, dbeta, dg, dh0): each gradient in the shape and dtype of its input
+    (constants summed over batch and tokens), dh0 None without an initial state.
+    Steps: the per-token quantities from the inputs (printed from the derivation; an input
+    that is a quantity as it is passes through), the family's backward_core on them, then the
+    chain rule back to the inputs (sympy's derivatives, printed).
     """
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    # [BT] tokens of the chunk, [BV] value columns of this program
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
-
-    # [BT, BV] readout of the state at the chunk start
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        # [BT, BK]
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        # [BK, BV]
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] decay since the chunk start, a = exp(gc), per key
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_q = (b_q * tl.exp2(b_gc)).to(b_q.dtype)
-        b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o)
-
-    # [BT, BT] intra-chunk attention, already causal and decayed
-    p_A = A + ((bos + o_t[:, None]) * H + i_h) * BT + tl.arange(0, BT)[None, :]
-    b_A = tl.load(p_A, mask=m_t[:, None], other=0.)
-    # [BT, BV]
-    b_v = tl.load(v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-    # float32 operands (tf32 on the GPU): rounding A to bf16 is the largest error of the readout
-    b_o = (b_o + tl.dot(b_A, b_v.to(tl.float32))) * scale
-    p_o = o + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-
-
-def _block(n, cap):
-    """A power-of-two block of at least 16 (tl.dot's smallest) covering n, at most cap."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
-def default_config(K, V):
-    """Block sizes and launch settings per kernel (override any of them with `config=`).
-
-    The defaults are the fastest of bench/bench_fwd.py --sweep at (4, 4096, 16, 128) bf16 on
-    an H100 (bench/RESULTS.md).
-
-    path: "fused" (one pass over the chunks does state and readout), "two_pass" (the state
-    kernel stores the state at every chunk start, the output kernel reads it) or "auto".
-    """
-    return {
-        "path": "auto",
-        "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
-        "reset": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "state": dict(BK=_block(K, 256), BV=_block(V, 32), num_warps=4, num_stages=2),
-        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-    }
-
-
-# "auto" takes the fused path when its N * H * NV programs fill this many waves of the GPU;
-# never with a per-key decay, where each program would recompute the per-key decays of the
-# whole chunk for its V block (measured slower than two passes on an H100)
-FUSED_MIN_WAVES = None
-
-
-def choose_path(N, H, V, device, cfg):
-    """The path of `default_config` for N sequences of H heads on `device`."""
-    if cfg["path"] != "auto":
-        if cfg["path"] not in ("fused", "two_pass"):
-            raise ValueError(f"config path must be 'fused', 'two_pass' or 'auto', got {cfg['path']!r}")
-        return cfg["path"]
-    if device.type != "cuda" or FUSED_MIN_WAVES is None:
-        return "two_pass"
-    programs = N * H * triton.cdiv(V, cfg["fused"]["BV"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return "fused" if programs >= FUSED_MIN_WAVES * sms else "two_pass"
-
-
-def prepare_chunks(cu_seqlens, BT=CHUNK):
-    """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
-    [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    chunks = (lengths + BT - 1) // BT
-    chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
-    sequence = torch.repeat_interleave(torch.arange(len(chunks), device=cu_seqlens.device), chunks)
-    within = torch.arange(sequence.numel(), device=cu_seqlens.device) - chunk_offsets[sequence]
-    chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
-    return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
-
-
-def check_inputs(q, k, v, beta, g, scale=None, initial_state=None, cu_seqlens=None, check_domain=True):
-    """Raise ValueError, naming the argument, for anything the kernels cannot take."""
-    for _name, _x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(_x, torch.Tensor):
-            raise ValueError(f"{_name} must be a torch.Tensor, got {type(_x).__name__}")
-        if _x.dim() != 4:
-            raise ValueError(f"{_name} must be [B, T, H, D], got shape {tuple(_x.shape)}")
-        if _x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"{_name} must be float32, float16 or bfloat16, got {_x.dtype}")
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if K > 256 or V > 256:
-        raise ValueError(f"head dims up to 256 are supported, got K={K}, V={V}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a number, got {type(scale).__name__}")
-    N = B
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32 or int64 tensor of cumulative sequence lengths")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens must be on {q.device}, got {cu_seqlens.device}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the sequences are packed along T: B must be 1, got {B}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens needs at least two entries [0, ..., T]")
-        _bounds = cu_seqlens.tolist()
-        if _bounds[0] != 0 or _bounds[-1] != T or any(_b > _a for _a, _b in zip(_bounds[1:], _bounds[:-1])):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {_bounds}")
-        N = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, H, K, V):
-            _shape = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
-            raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
-        if not initial_state.is_floating_point() or initial_state.device != q.device:
-            raise ValueError(f"initial_state must be a floating tensor on {q.device}, got {initial_state.dtype} on {initial_state.device}")
-    _expected = {
-        "beta": (B, T, H),
-        "g": (B, T, H, K),
-    }
-    _inputs = {
-        "beta": beta,
-        "g": g,
-    }
-    for _name, _x in _inputs.items():
-        if not isinstance(_x, torch.Tensor):
-            raise ValueError(f"{_name} must be a torch.Tensor, got {type(_x).__name__}")
-        if tuple(_x.shape) != _expected[_name]:
-            raise ValueError(f"{_name} must be {INPUTS[_name][0]} = {_expected[_name]}, got {tuple(_x.shape)}")
-        if not _x.is_floating_point():
-            raise ValueError(f"{_name} must be a floating tensor, got {_x.dtype}")
-        if _x.device != q.device:
-            raise ValueError(f"{_name} must be on {q.device}, got {_x.device}")
-    if check_domain:
-        # one device-to-host transfer for all the domain checks
-        _outside = torch.stack([
-            (~((beta > 0) & (beta < 1))).any(),
-            (~(g <= 0)).any(),
-        ]).tolist()
-        for (_name, _x), _bad in zip(_inputs.items(), _outside):
-            if _bad:
-                raise ValueError(f"{_name} must be {DOMAIN_TEXT[INPUTS[_name][1]]} ({INPUTS[_name][1]} domain), "
-                                 f"but has entries outside it (min {_x.float().min().item():.4g}, max {_x.float().max().item():.4g})")
-
-
-DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
-               "logdecay": "<= 0 (a log-decay)"}
-
-
-def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
-    """The chunked forward pass of kda.
-
-    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H, K] (<= 0 (a log-decay)).
-    scale: applied to q, default K ** -0.5. initial_state: [N, H, K, V]. cu_seqlens: [N + 1]
-    cumulative lengths of N sequences packed along T (then B = 1). check_domain: check that
-    each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
-    default_config(K, V).
-    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
-    """
-    check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BT = CHUNK
-    scale = K ** -0.5 if scale is None else float(scale)
-    _cfg = default_config(K, V)
-    for _kernel, _overrides in (config or {}).items():
-        if _kernel not in _cfg:
-            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
-        _cfg[_kernel] = {**_cfg[_kernel], **_overrides} if isinstance(_overrides, dict) else _overrides
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    beta = beta.contiguous()
-    g = g.contiguous()
-    if cu_seqlens is not None:
-        chunk_indices, chunk_offsets = prepare_chunks(cu_seqlens, BT)
-        N, NT = cu_seqlens.numel() - 1, chunk_indices.shape[0]
-        NS = NT          # chunk starts of all sequences
-    else:
-        chunk_indices = chunk_offsets = None
-        N, NT = B, triton.cdiv(T, BT)
-        NS = B * NT
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    _path = choose_path(N, H, V, q.device, _cfg)
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    o = torch.empty_like(v)
-    _flags = dict(HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-                  IS_VARLEN=cu_seqlens is not None)
-    BK = max(16, triton.next_power_of_2(K))  # the state kernels of the fused path hold all K rows
-
-    # per chunk: W = T_ (K o a), U = T_ V, A
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    A = v.new_empty(B, T, H, BT, dtype=torch.float32)
-    _launch = _cfg["reset"]
-    chunk_reset_kernel[(NT, B * H)](
-        q,
-        k, v, beta, g, w, u, A, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    if _path == "fused":
-        # per state, with the readout: one pass over the chunks
-        _launch = _cfg["fused"]
-        chunk_fused_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-            q, k, w, u, g, A, o, initial_state, ht, cu_seqlens, scale, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
-        return o, ht
-    # per state: S across chunks, V_n = U - W S; the state at every chunk start (in the input
-    # dtype, like fla) for the output kernel
-    h = k.new_empty(NS, H, K, V)
-    v_new = torch.empty_like(v)
-    _launch = _cfg["state"]
-    chunk_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-        k, w, u, g, h, v_new, initial_state, ht, cu_seqlens, chunk_offsets, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-
-    # per chunk: the readout
-    _launch = _cfg["output"]
-    chunk_output_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
-        q, k, v_new, h, A, g, o, cu_seqlens, chunk_indices, scale, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    return o, ht
-
-
-@triton.jit(do_not_specialize=["T"])
-def recurrent_kernel(
-    q,
-    k,
-    v,
-    beta,
-    g,
-    o,
-    h0,
-    ht,
-    cu_seqlens,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """The filter token by token (MATH.md 2-3), for decoding: per token t
-
-        S^ = diag(a_t) S                                  (prior: transition, a_t = exp(log-decay) per key)
-        S  = S^ + beta_t k_t (v_t - S^^T k_t)^T          (reset update, gain beta_t)
-        o_t = S^T (scale q_t)                             (posterior readout)
-
-    with the per-token scalars printed from the derivation, as in the chunked kernels. Each
-    program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state in
-    registers. Grid: (NV, N * H).
-    """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-
-    # [BK, BV] the state S
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.).to(tl.float32)
-
-    for i_t in range(0, T):
-        # [BK] query (scaled) and key, [BV] value
-        b_q = tl.load(q + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_v = tl.load(v + ((bos + i_t) * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_beta = tl.load(beta + (bos + i_t) * H + i_h).to(tl.float32)
-        b_g = tl.load(g + ((bos + i_t) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
-        # transition: the log-decay [BK], in log2 units
-        b_ld = (b_g) * RCP_LN2
-        b_h *= tl.exp2(b_ld)[:, None]
-        # reset update: the gain (a number) times the innovation [BV] v - S^^T k
-        b_gain = b_beta
-        b_vn = b_v - tl.sum(b_h * b_k[:, None], axis=0)
-        b_h += b_k[:, None] * (b_gain * b_vn)[None, :]
-        # posterior readout: [BV] S^T q
-        b_o = tl.sum(b_h * b_q[:, None], axis=0)
-        tl.store(o + ((bos + i_t) * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
-
-    if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
-
-
-def default_recurrent_config(K, V):
-    """Launch settings of the recurrent kernel (override them with config={"recurrent": {...}}).
-
-    Small V blocks: decoding has few tokens, so parallelism comes from N * H * NV programs.
-    """
-    return {"recurrent": dict(BV=min(32, triton.next_power_of_2(V)), num_warps=4 if K >= 64 else 1, num_stages=1)}
-
-
-def recurrent(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
-    """kda token by token (decoding); arguments and results as `forward`.
-
-    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H, K] (<= 0 (a log-decay)).
-    For one decoding step pass T = 1, the cache as initial_state and output_final_state=True:
-    the final state is the next cache. config: overrides of default_recurrent_config(K, V).
-    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
-    """
-    check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else float(scale)
-    _cfg = default_recurrent_config(K, V)
-    for _kernel, _overrides in (config or {}).items():
-        if _kernel not in _cfg:
-            raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
-        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    beta = beta.contiguous()
-    g = g.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    o = torch.empty_like(v)
-    _launch = _cfg["recurrent"]
-    recurrent_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-        q, k, v, beta, g, o, initial_state, ht, cu_seqlens, scale, T,
-        H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    return o, ht
+    if not isinstance(do, torch.Tensor) or tuple(do.shape) != tuple(v.shape):
+        _shape = tuple(do.shape) if isinstance(do, torch.Tensor) else type(do).__name__
+        raise ValueError(f"do must have the shape of v {tuple(v.shape)}, got {_shape}")
+    if not do.is_floating_point() or do.device != q.device:
+        raise ValueError(f"do must be a floating tensor on {q.device}, got {do.dtype} on {do.device}")
+    if dht is not None:
+        if not isinstance(dht, torch.Tensor) or tuple(dht.shape) != (N, H, K, V):
+            _shape = tuple(dht.shape) if isinstance(dht, torch.Tensor) else type(dht).__name__
+            raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
+        if not dht.is_floating_point() or dht.device != q.device:
+            raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    # log_decay is the input g as it is
+    log_decay = g.float().contiguous()
+    # gain is the input beta as it is
+    gain = beta.float().contiguous()
+    dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
+        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+    d_g = dlog_decay
+    d_beta = dgain
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_beta.to(beta.dtype), d_g.to(g.dtype), dh0)

@@ -152,9 +152,9 @@ def test_gradients_bf16(model):
 def test_gradients_prior_readout(tmp_path):
     op = designmodel.compile(GATED_PRIOR, cache=tmp_path)
     assert op.plan.timing == "prior" and op.plan.family == "reset"
-    errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=2)
+    errs = _errors("gated_deltanet_prior", module=op.kernels, spec=GATED_PRIOR, seed=2)
     assert max(errs.values()) <= FP32_TOL, errs
-    errs = _errors("gated_deltanet_prior", module=op.module, spec=GATED_PRIOR, seed=4,
+    errs = _errors("gated_deltanet_prior", module=op.kernels, spec=GATED_PRIOR, seed=4,
                    T=90, cu_seqlens=[0, 70, 90], initial=False)
     assert max(errs.values()) <= FP32_TOL, errs
 
@@ -162,7 +162,7 @@ def test_gradients_prior_readout(tmp_path):
 def test_gradients_prior_readout_per_key(tmp_path):
     op = designmodel.compile(KDA_PRIOR, cache=tmp_path)
     assert op.plan.timing == "prior" and op.plan.decay == "per_key"
-    errs = _errors("kda_prior", module=op.module, spec=KDA_PRIOR, seed=9, T=70, cu_seqlens=[0, 45, 70])
+    errs = _errors("kda_prior", module=op.kernels, spec=KDA_PRIOR, seed=9, T=70, cu_seqlens=[0, 45, 70])
     assert max(errs.values()) <= FP32_TOL, errs
 
 
