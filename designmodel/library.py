@@ -113,12 +113,18 @@ class LibraryOp:
             torch.library.register_fake(qualname, self._fake, lib=_LIB)
             torch.library.register_autograd(qualname, self._backward, setup_context=self._setup_context,
                                             lib=_LIB)
-        grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
         ins = "".join(f", Tensor {n}" for n in self.inputs)
         qualname = f"{NAMESPACE}::{self.name}_backward"
-        torch.library.define(qualname, f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dht, "
-                                       f"float? scale, Tensor? initial_state, Tensor? cu_seqlens) -> ({grads})",
-                             lib=_LIB)
+        if self.kalman:
+            # the gradients of (o, S, P, variance) in; those of the inputs and (S0, P0) out
+            grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 2))
+            schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dS, Tensor? dP, Tensor? dvar, "
+                      f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens) -> ({grads})")
+        else:
+            grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
+            schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dht, "
+                      f"float? scale, Tensor? initial_state, Tensor? cu_seqlens) -> ({grads})")
+        torch.library.define(qualname, schema, lib=_LIB)
         torch.library.impl(qualname, "default", lib=_LIB)(self._backward_implementation)
         torch.library.register_fake(qualname, self._backward_fake, lib=_LIB)
         ns = getattr(torch.ops, NAMESPACE)
@@ -179,15 +185,36 @@ class LibraryOp:
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
         q, k, v, ins, opt = self._split(inputs)
-        ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"])
+        if self.kalman:
+            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["initial_covariance"],
+                                  opt["cu_seqlens"])
+            ctx.output_variance = opt["output_variance"]
+        else:
+            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"])
         ctx.scale = opt["scale"]
         ctx.output_final_state = opt["output_final_state"]
         ctx.n_args = len(inputs)
 
+    def _backward_kalman(self, ctx, do, dS, dP, dvar):
+        saved = ctx.saved_tensors
+        n = len(self.inputs)
+        q, k, v, ins = saved[0], saved[1], saved[2], list(saved[3:3 + n])
+        S0, P0, cu = saved[3 + n], saved[4 + n], saved[5 + n]
+        def given(x, asked):
+            return x.contiguous() if asked and x is not None else None
+        out = self._backward_op(q, k, v, *ins, do.contiguous(), given(dS, ctx.output_final_state),
+                                given(dP, ctx.output_final_state), given(dvar, ctx.output_variance),
+                                ctx.scale, S0, P0, cu)
+        dq, dk, dv, dins = out[0], out[1], out[2], list(out[3:3 + n])
+        dS0, dP0 = out[3 + n], out[4 + n]
+        # one gradient per op argument: q, k, v, inputs, scale, initial_state,
+        # initial_covariance, output_final_state, output_variance, cu_seqlens, check_domain, config
+        return (dq, dk, dv, *dins, None, dS0 if S0 is not None else None,
+                dP0 if P0 is not None else None, None, None, None, None, None)
+
     def _backward(self, ctx, *grads):
         if self.kalman:
-            raise NotImplementedError(
-                f"{self.name}: the kalman family has no backward kernels yet (forward and recurrent only)")
+            return self._backward_kalman(ctx, *grads)
         do, dht = grads[0], grads[1]
         saved = ctx.saved_tensors
         n = len(self.inputs)
@@ -202,11 +229,21 @@ class LibraryOp:
     def _backward_implementation(self, q, k, v, *rest):
         n = len(self.inputs)
         ins = list(rest[:n])
-        do, dht, scale, h0, cu = rest[n:]
         fn = getattr(self.kernels, "backward", None)
         if fn is None:
             raise NotImplementedError(f"{self.name}: the generated {self.family}-family kernels have no "
                                       "backward yet (module.backward is missing)")
+        if self.kalman:
+            do, dS, dP, dvar, scale, S0, P0, cu = rest[n:]
+            state = None if S0 is None and P0 is None else (S0, P0)
+            dht = None if dS is None and dP is None else (dS, dP)
+            out = fn(q, k, v, *ins, do, dht=dht, dvar=dvar, scale=scale, initial_state=state, cu_seqlens=cu)
+            grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], [q, k, v, *ins])]
+            dS0, dP0 = out[3 + n] if out[3 + n] is not None else (None, None)
+            grads.append(_empty(q) if dS0 is None else dS0.to(S0.dtype).contiguous())
+            grads.append(_empty(q) if dP0 is None else dP0.to(P0.dtype).contiguous())
+            return tuple(grads)
+        do, dht, scale, h0, cu = rest[n:]
         out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]
@@ -217,8 +254,12 @@ class LibraryOp:
     def _backward_fake(self, q, k, v, *rest):
         n = len(self.inputs)
         ins = list(rest[:n])
-        h0 = rest[n + 3]
         grads = [_dense(x.shape, x) for x in (q, k, v, *ins)]
+        if self.kalman:
+            S0, P0 = rest[n + 5], rest[n + 6]
+            grads += [_empty(q) if x is None else _dense(x.shape, x) for x in (S0, P0)]
+            return tuple(grads)
+        h0 = rest[n + 3]
         grads.append(_empty(q) if h0 is None else _dense(h0.shape, h0))
         return tuple(grads)
 

@@ -1374,3 +1374,189 @@ def recurrent(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_f
     if output_variance:
         return o, _final, _var
     return o, _final
+
+
+@triton.jit
+def token_quantities_kernel(
+    k,
+    g,
+    p0,
+    r,
+    sigma,
+    log_decay,
+    noise,
+    process_noise,
+    prior,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The per-token quantities of the derivation, from the inputs, for the backward core:
+    log_decay  = g   [B, T, H] float32
+    noise      = r   [B, T, H] float32
+    process_noise = sigma   [B, T, H] float32
+    prior      = p0   [B, T, H] float32
+    (printed from sympy). Rows are the B * T (batch, token) pairs. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program (int64: B * T * H * K may pass 2^31), [BK] all keys
+    o_t = (i_r * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+    b_p0 = tl.load(p0 + i_h).to(tl.float32)
+    b_r = tl.load(r + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
+    b_sigma = tl.load(sigma + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
+    # [BT] log_decay
+    tl.store(log_decay + o_t * H + i_h, (b_g) + tl.zeros([BT], dtype=tl.float32), mask=m_t)
+    # [BT] noise
+    tl.store(noise + o_t * H + i_h, (b_r) + tl.zeros([BT], dtype=tl.float32), mask=m_t)
+    # [BT] process_noise
+    tl.store(process_noise + o_t * H + i_h, (b_sigma) + tl.zeros([BT], dtype=tl.float32), mask=m_t)
+    # [BT] prior
+    tl.store(prior + o_t * H + i_h, (b_p0) + tl.zeros([BT], dtype=tl.float32), mask=m_t)
+
+
+@triton.jit
+def token_chain_kernel(
+    k,
+    g,
+    p0,
+    r,
+    sigma,
+    d_log_decay,
+    d_noise,
+    d_process_noise,
+    d_prior,
+    d_g,
+    d_p0,
+    d_r,
+    d_sigma,
+    NR,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """The chain rule from the per-token quantities to the inputs, d x = sum_Q dQ dQ/dx, with
+    the derivatives printed from sympy:
+    d log_decay / d g = 1.0
+    d noise / d r = 1.0
+    d process_noise / d sigma = 1.0
+    d prior / d p0 = 1.0
+    A constant's gradient is stored per row ([B * T, H(, K)]) and summed over the rows by the
+    caller. Grid: (cdiv(B * T, BT), H).
+    """
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    bos = 0  # rows index the flattened (batch, token) pairs
+    # [BT] rows of this program (int64: B * T * H * K may pass 2^31), [BK] all keys
+    o_t = (i_r * BT + tl.arange(0, BT)).to(tl.int64)
+    m_t = o_t < NR
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+    b_d_g = tl.zeros([BT], dtype=tl.float32)
+    b_p0 = tl.load(p0 + i_h).to(tl.float32)
+    b_d_p0 = tl.zeros([BT], dtype=tl.float32)
+    b_r = tl.load(r + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
+    b_d_r = tl.zeros([BT], dtype=tl.float32)
+    b_sigma = tl.load(sigma + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
+    b_d_sigma = tl.zeros([BT], dtype=tl.float32)
+    # [BT] the gradient w.r.t. log_decay
+    b_dlog_decay = tl.load(d_log_decay + o_t * H + i_h, mask=m_t, other=0.)
+    b_d_g += b_dlog_decay * (1.0)
+    # [BT] the gradient w.r.t. noise
+    b_dnoise = tl.load(d_noise + o_t * H + i_h, mask=m_t, other=0.)
+    b_d_r += b_dnoise * (1.0)
+    # [BT] the gradient w.r.t. process_noise
+    b_dprocess_noise = tl.load(d_process_noise + o_t * H + i_h, mask=m_t, other=0.)
+    b_d_sigma += b_dprocess_noise * (1.0)
+    # [BT] the gradient w.r.t. prior
+    b_dprior = tl.load(d_prior + o_t * H + i_h, mask=m_t, other=0.)
+    b_d_p0 += b_dprior * (1.0)
+    tl.store(d_g + o_t * H + i_h, b_d_g, mask=m_t)
+    tl.store(d_p0 + o_t * H + i_h, b_d_p0, mask=m_t)
+    tl.store(d_r + o_t * H + i_h, b_d_r, mask=m_t)
+    tl.store(d_sigma + o_t * H + i_h, b_d_sigma, mask=m_t)
+
+
+TOKEN_ROWS = 64  # rows per program of the per-token kernels
+
+
+def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+    """Gradients of bayesian_layer's forward w.r.t. every tensor input.
+
+    Arguments as for `forward` (the inputs are not checked against their domains again), plus
+    do: [B, T, H, V] the gradient w.r.t. o; dht: (dS [N, H, K, V], dP [N, H, K, K]) the
+    gradients w.r.t. the final state, either or both None; dvar: [B, T, H] the gradient
+    w.r.t. the predictive variance, or None. config: unused (no backward kernels to tune).
+    Returns (dq, dk, dv, dg, dp0, dr, dsigma, (dS0, dP0)): each gradient in the shape and dtype of its input
+    (constants summed over batch and tokens); the last item is None without an initial state,
+    else the gradients of its given parts.
+
+    Steps: the per-token quantities from the inputs (printed from the derivation), the
+    gradients of the chunked filter w.r.t. them (designmodel.chunked.kalman_backward: the
+    filter recomputed in PyTorch under autograd, exact but not a kernel yet), then the chain
+    rule back to the inputs (sympy's derivatives, printed).
+    """
+    from designmodel.chunked import kalman_backward
+
+    check_inputs(q, k, v, g, p0, r, sigma, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    for _name, _x, _shape in (("do", do, (B, T, H, V)), ("dvar", dvar, (B, T, H))):
+        if _x is None and _name == "dvar":
+            continue
+        if not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape:
+            _got = tuple(_x.shape) if isinstance(_x, torch.Tensor) else type(_x).__name__
+            raise ValueError(f"{_name} must be {list(_shape)}, got {_got}")
+    dS, dP = _split_state(dht)
+    for _name, _x, _shape in (("dht[0] (dS)", dS, (N, H, K, V)), ("dht[1] (dP)", dP, (N, H, K, K))):
+        if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape):
+            _got = tuple(_x.shape) if isinstance(_x, torch.Tensor) else type(_x).__name__
+            raise ValueError(f"{_name} must be {list(_shape)}, got {_got}")
+    scale = K ** -0.5 if scale is None else float(scale)
+    g = g.contiguous()
+    p0 = p0.contiguous()
+    r = r.contiguous()
+    sigma = sigma.contiguous()
+    k = k.contiguous()
+    NR = B * T
+    _grid = (triton.cdiv(NR, TOKEN_ROWS), H)
+    _BK = _block(K, 256)
+    log_decay = q.new_empty(B, T, H, dtype=torch.float32)
+    noise = q.new_empty(B, T, H, dtype=torch.float32)
+    process_noise = q.new_empty(B, T, H, dtype=torch.float32)
+    prior = q.new_empty(B, T, H, dtype=torch.float32)
+    token_quantities_kernel[_grid](
+        k, g, p0, r, sigma, log_decay, noise, process_noise, prior, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    _grads = kalman_backward(
+        q, k, v, log_decay, noise, process_noise,
+        prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
+        initial_state=initial_state if initial_state is None else _split_state(initial_state),
+        cu_seqlens=cu_seqlens, prior_timing=False)
+    dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
+    dlog_decay = _grads["log_decay"]
+    dnoise = _grads["noise"]
+    dprocess_noise = _grads["process_noise"]
+    # the prior is one number per head: its gradient sits on the first row, the chain rule
+    # below sums the rows
+    dprior = torch.zeros(NR, H, dtype=torch.float32, device=q.device)
+    dprior[0] = _grads["prior"]
+    # the chain rule, per token; a constant's gradient per row, summed below
+    d_g = q.new_empty(g.shape, dtype=torch.float32)
+    d_p0 = q.new_empty(NR, *p0.shape, dtype=torch.float32)
+    d_r = q.new_empty(r.shape, dtype=torch.float32)
+    d_sigma = q.new_empty(sigma.shape, dtype=torch.float32)
+    token_chain_kernel[_grid](
+        k, g, p0, r, sigma, dlog_decay.float().contiguous(), dnoise.float().contiguous(), dprocess_noise.float().contiguous(), dprior.float().contiguous(), d_g, d_p0, d_r, d_sigma, NR,
+        H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
+    )
+    d_p0 = d_p0.sum(0)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_g.to(g.dtype), d_p0.to(p0.dtype), d_r.to(r.dtype), d_sigma.to(sigma.dtype), _grads.get("initial_state"))

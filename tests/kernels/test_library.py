@@ -236,14 +236,6 @@ def test_autograd_reaches_the_modules_backward(mode, monkeypatch):
         assert relative_error(x.grad, g) <= 1e-6, f"d{name}: {relative_error(x.grad, g):.2e}"
 
 
-def test_backward_without_kernels_raises_not_implemented():
-    q = torch.randn(1, 6, 1, 16).to(DEVICE).requires_grad_()
-    gt = gates(1, 6, 1, 16)
-    o, _ = ops.bayesian_layer(q, q, q, gt["g"], gt["r"], gt["sigma"])
-    with pytest.raises(NotImplementedError, match="kalman family"):
-        o.sum().backward()
-
-
 def test_fp16_inputs_forward_matches_float64_filter():
     """The chunked kernels take float16 q, k, v (outputs in float16) at the bf16 tolerance."""
     for model in ("gla", "gated_deltanet"):
