@@ -1,0 +1,3 @@
+from examples.mqar.run import main
+
+raise SystemExit(main())

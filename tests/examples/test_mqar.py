@@ -1,0 +1,70 @@
+"""The MQAR example: its data against an independent reading of the sequences, its accuracy
+measure against an oracle, and a smoke run of all four models through the compiled layers."""
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch import nn  # noqa: E402
+
+from examples.mqar import run  # noqa: E402
+from examples.mqar.data import FILLER, IGNORE, mqar_batch  # noqa: E402
+
+
+def test_queries_ask_for_the_value_bound_to_their_key():
+    gen = torch.Generator().manual_seed(0)
+    V, pairs = 100, 7
+    tokens, targets = mqar_batch(gen, 16, 40, pairs, vocab=V)
+    for seq, tgt in zip(tokens.tolist(), targets.tolist()):
+        keys, values = seq[0:2 * pairs:2], seq[1:2 * pairs:2]
+        assert len(set(keys)) == pairs and all(1 <= k < V // 2 for k in keys)
+        assert all(V // 2 <= v < V for v in values)
+        bound = dict(zip(keys, values))
+        asked = [(t, y) for t, y in zip(seq[2 * pairs:], tgt[2 * pairs:]) if y != IGNORE]
+        assert sorted(t for t, _ in asked) == sorted(keys)            # every key once
+        assert all(bound[t] == y for t, y in asked)
+        assert all(t == FILLER for t, y in zip(seq[2 * pairs:], tgt[2 * pairs:]) if y == IGNORE)
+        assert all(y == IGNORE for y in tgt[:2 * pairs])
+
+
+class Oracle(nn.Module):
+    """Reads the pairs from the tokens and puts all its logit on the bound value."""
+
+    def __init__(self, vocab, wrong=False):
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            seq = tokens[b].tolist()
+            bound = {}
+            for t in range(0, T - 1, 2):
+                if seq[t] == FILLER or seq[t] in bound or not seq[t + 1] >= self.vocab // 2:
+                    break
+                bound[seq[t]] = seq[t + 1]
+            for t in range(2 * len(bound), T):
+                if seq[t] in bound:
+                    answer = bound[seq[t]]
+                    logits[b, t, (answer + 1) % self.vocab if self.wrong else answer] = 1.0
+        return logits
+
+
+def test_evaluate_scores_an_oracle_one_and_a_wrong_oracle_zero():
+    cfg = run.config(smoke=True)
+    assert all(a == 1.0 for a in run.evaluate(Oracle(cfg["vocab"]), cfg, "cpu").values())
+    assert all(a == 0.0 for a in run.evaluate(Oracle(cfg["vocab"], wrong=True), cfg, "cpu").values())
+
+
+def test_smoke_run_trains_all_four_models_and_writes_its_outputs(tmp_path):
+    assert run.main(["--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "mqar_smoke.json").read_text())
+    assert set(res["models"]) == set(run.MIXERS)
+    for r in res["models"].values():
+        assert torch.isfinite(torch.tensor(r["final_loss"]))
+        assert set(r["accuracy"]) == {"18,2", "18,4", "30,2", "30,4", "30,8"}
+    assert "beyond it" in (tmp_path / "mqar_smoke.md").read_text()
