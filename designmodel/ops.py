@@ -35,15 +35,16 @@ __all__ = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_del
            "retnet_gamma"]
 
 
-_ZOO = {}
+_MODELS = ("linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda", "rls",
+           "bayesian_layer", "bayesian_layer_diag")
+# Registered when this module is imported (about 0.7 s), not on first use: a first call inside
+# torch.compile(fullgraph=True) could not import the kernels' module while being traced.
+_ZOO = {model: library.register(model, runtime.load_zoo(model)) for model in _MODELS}
 
 
 def _forward(model: str):
     """The zoo model's forward through its torch.library custom op (designmodel.library)."""
-    op = _ZOO.get(model)
-    if op is None:
-        op = _ZOO[model] = library.register(model, runtime.load_zoo(model))
-    return op.forward
+    return _ZOO[model].forward
 
 
 def linear_attention(q, k, v, scale=None, initial_state=None, output_final_state=False,

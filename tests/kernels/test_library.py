@@ -9,6 +9,9 @@ backward itself, through the ops, is tested in test_backward_write.py).
 """
 from dataclasses import replace
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,3 +249,28 @@ def test_fp16_inputs_forward_matches_float64_filter():
 
         err_o, err_s = compare(derive(model), run, 1, 40, 2, 32, 16, dtype=torch.float16)
         assert err_o <= 1e-2 and err_s <= 1e-2, (model, err_o, err_s)
+
+
+def test_first_call_of_an_op_inside_a_compiled_function(tmp_path):
+    """A fresh process whose very first use of an op is inside torch.compile(fullgraph=True):
+    the zoo ops are registered when designmodel.ops is imported, so tracing needs no import."""
+    import subprocess
+    import sys
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import os\n"
+        "import torch\n"
+        "if not torch.cuda.is_available():\n"
+        "    os.environ.setdefault('TRITON_INTERPRET', '1')\n"
+        "from designmodel import ops\n"
+        "d = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "q = torch.randn(1, 8, 1, 16, device=d)\n"
+        "k = torch.nn.functional.normalize(torch.randn(1, 8, 1, 16, device=d), dim=-1)\n"
+        "g = torch.full((1, 8, 1), -0.1, device=d); beta = torch.full((1, 8, 1), 0.5, device=d)\n"
+        "f = torch.compile(lambda q, k, g, beta: ops.gated_deltanet(q, k, q, g, beta)[0], fullgraph=True,\n"
+        "                  backend='aot_eager')\n"
+        "torch.testing.assert_close(f(q, k, g, beta), ops.gated_deltanet(q, k, q, g, beta)[0])\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
