@@ -274,3 +274,31 @@ def test_first_call_of_an_op_inside_a_compiled_function(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None and DEVICE == "cpu",
+                    reason="inductor on CPU needs a C++ compiler")
+def test_inductor_compiles_forward_and_backward_around_an_op():
+    """torch.compile's default backend (inductor) around an op, fullgraph: the same loss and
+    gradients as eager."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, K = 1, 20, 2, 16
+    q, k, v = (torch.randn(B, T, H, K, generator=gen) for _ in range(3))
+    k = F.normalize(k, dim=-1)
+    gt = gates(B, T, H, K, seed=5)
+
+    def loss(q, k, v, g, beta):
+        o, _ = ops.gated_deltanet(2 * q, k, v, g, beta)
+        return torch.tanh(o).pow(2).sum()   # no cancellation: a relative error means something
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        leaves = [t.clone().to(DEVICE).requires_grad_() for t in (q, k, v, gt["g"], gt["beta"])]
+        value = fn(*leaves)
+        value.backward()
+        results.append((value.detach(), [t.grad for t in leaves]))
+    (v0, g0), (v1, g1) = results
+    assert relative_error(v1, v0) <= 1e-5
+    for a, b in zip(g1, g0):
+        assert relative_error(a, b) <= 1e-5
