@@ -1158,7 +1158,7 @@ def backward(q, k, v, gamma, do, dht=None, scale=None, initial_state=None, cu_se
     # the chain rule, per token; a constant's gradient per row, summed below
     d_gamma = q.new_empty(NR, *gamma.shape, dtype=torch.float32)
     token_chain_kernel[_grid](
-        k, gamma, dlog_decay.contiguous(), d_gamma, NR,
+        k, gamma, dlog_decay.float().contiguous(), d_gamma, NR,
         H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
     )
     d_gamma = d_gamma.sum(0)
