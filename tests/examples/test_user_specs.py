@@ -44,6 +44,24 @@ def test_reset_spec_derives_the_normalized_gain_with_a_learned_c():
     assert sp.simplify(d.scalars["gain"] - c / (c * knorm2 + r)) == 0
 
 
+def test_prior_readout_op_variance_matches_the_float64_filter():
+    """The compiled op's readout before the update and its predictive variance q^T P^- q
+    against the float64 step-by-step filter (`check` compares only readout and state)."""
+    import designmodel
+    from designmodel.reference import recurrent
+    spec = spec_path("bayesian_prior_readout")
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 1, 20, 2, 8, 8
+    q, k, v = (torch.randn(B, T, H, K, generator=gen) for _ in range(3))
+    inputs = dict(g=-0.5 * torch.rand(B, T, H, generator=gen), r=torch.rand(B, T, H, generator=gen) + 0.2,
+                  p0=torch.rand(H, generator=gen) + 0.5)
+    o, _, variance = designmodel.compile(spec)(q, k, v, **inputs, scale=1.0, output_variance=True)
+    ref = recurrent(derive(spec), q.double(), k.double(), v.double(),
+                    {n: x.double() for n, x in inputs.items()})
+    for x, y in ((o, ref.o), (variance, ref.variance)):
+        assert (x.double() - y).abs().max() / y.abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_spec_file_defines_a_documented_model(name):
     model = load_spec(spec_path(name))
