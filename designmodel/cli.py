@@ -69,7 +69,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    """Emit a spec's kernels, its derivation and the spec itself into a folder."""
+    """Emit a spec's kernels, its derivation, the spec itself and a layer module into a folder."""
     from pathlib import Path
 
     from designmodel.atomic import write_text
@@ -81,12 +81,33 @@ def cmd_compile(args) -> int:
     out = Path(args.out)
     files = dict(emit.render(d))
     files["spec.toml"] = dumps(d.spec)
+    files["layer.py"] = layer_source(d.spec.name)
+    files["__init__.py"] = files["__init__.py"].replace(  # the package also exports layer()
+        "from .kernels import forward\n\n__all__ = [\"forward\"]",
+        "from .kernels import forward\nfrom .layer import layer\n\n__all__ = [\"forward\", \"layer\"]")
     for name, text in sorted(files.items()):
         write_text(out / name, text)
     print(f"wrote {out}: {', '.join(sorted(files))}")
     print(f"load it with designmodel.codegen.runtime.load_file({str(out / 'kernels.py')!r}), "
-          f"or designmodel.compile({str(out / 'spec.toml')!r})")
+          f"or designmodel.compile({str(out / 'spec.toml')!r}); "
+          f"{out.name}.layer(hidden_size, num_heads, head_dim) builds the nn.Module")
     return 0
+
+
+def layer_source(name: str) -> str:
+    """The text of a compiled folder's layer.py: builds the spec's DesignLayer from spec.toml."""
+    name = " ".join(name.replace("\\", "/").replace('"', "'").split())  # safe in a docstring
+    return (f'"""The sequence layer of {name}: an nn.Module built from this folder\'s spec.toml.\n\n'
+            "Written by `designmodel compile`. With the folder's parent on sys.path:\n\n"
+            "    from DIR import layer\n"
+            "    module = layer(hidden_size=64, num_heads=2, head_dim=16)\n"
+            '"""\n'
+            "from pathlib import Path\n\n"
+            "import designmodel\n\n"
+            'SPEC = Path(__file__).resolve().parent / "spec.toml"\n\n\n'
+            "def layer(hidden_size: int, num_heads: int, head_dim: int, **options):\n"
+            '    """A designmodel.layers.DesignLayer of this spec (options as DesignLayer\'s)."""\n'
+            "    return designmodel.compile(str(SPEC)).module(hidden_size, num_heads, head_dim, **options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("spec")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_check)
-    k = sub.add_parser("compile", help="write a spec's kernels, derivation and spec file to a folder")
+    k = sub.add_parser("compile", help="write a spec's kernels, derivation, spec file and layer module to a folder")
     k.add_argument("spec")
     k.add_argument("-o", "--out", required=True, metavar="DIR")
     k.add_argument("--filter", help="exact, reset, or reset:C (default: the spec's own)")

@@ -95,7 +95,8 @@ def test_compile_writes_a_folder_whose_kernels_match_the_float64_filter(tmp_path
                  "    observation=Regression(noise=1), readout=Readout('posterior'), filter=reset(b / (1 - b)))\n")
     out = tmp_path / "built"
     assert main(["compile", str(f), "-o", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["__init__.py", "derivation.md", "kernels.py", "spec.toml"]
+    assert sorted(os.listdir(out)) == ["__init__.py", "derivation.md", "kernels.py", "layer.py",
+                                   "spec.toml"]
     assert "wrote" in capsys.readouterr().out
     d = derive(str(f))
     assert load(out / "spec.toml") == d.spec
@@ -117,3 +118,31 @@ def test_compile_refuses_a_spec_without_kernels_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: spec:") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_compiled_folder_layer_builds_the_specs_module(tmp_path, capsys, monkeypatch):
+    """The written layer.py (and the package's `layer`) builds a DesignLayer of the written spec
+    whose output equals a layer built directly from the spec with the same weights."""
+    import importlib
+    import sys
+
+    import torch
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import designmodel
+    out = tmp_path / "gdn_built"
+    assert main(["compile", "gated_deltanet", "-o", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = importlib.import_module("gdn_built")
+    try:
+        built = package.layer(hidden_size=32, num_heads=2, head_dim=8)
+        assert package.forward is not None and built.op.plan.family == "reset"
+        direct = designmodel.compile("gated_deltanet").module(32, 2, 8)
+        direct.load_state_dict(built.state_dict())   # same parameter names and shapes
+        x = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(built(x)[0], direct(x)[0])
+    finally:
+        for name in [m for m in sys.modules if m == "gdn_built" or m.startswith("gdn_built.")]:
+            del sys.modules[name]
