@@ -20,12 +20,12 @@ import argparse
 import hashlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import jinja2
 
 from designmodel import __version__
+from designmodel.atomic import write_text
 
 from . import plan as planning
 
@@ -103,26 +103,13 @@ def zoo_models() -> list[str]:
     return [n for n in zoo.NAMES if classify(zoo.SPECS[n]).family in planning.FAMILIES]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_model(name: str, root: Path = GENERATED) -> Path:
     """Regenerate root/<name>/ for a zoo model; returns the folder."""
     from designmodel.derive import derive
     files = render(derive(name))
     folder = Path(root) / name
     for fname, text in sorted(files.items()):
-        _atomic_write(folder / fname, text)
+        write_text(folder / fname, text)
     return folder
 
 
@@ -132,7 +119,7 @@ def write_zoo(root: Path = GENERATED) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     init = root / "__init__.py"
     if not init.exists() or root != GENERATED:
-        _atomic_write(init, '"""Kernels emitted by designmodel for the zoo (committed, reproducible)."""\n')
+        write_text(init, '"""Kernels emitted by designmodel for the zoo (committed, reproducible)."""\n')
     return [write_model(n, root) for n in zoo_models()]
 
 
@@ -193,9 +180,9 @@ def build(derivation, root: Path | None = None) -> Path:
         return folder
     files = render(derivation)
     for fname in ("derivation.md", "kernels.py"):
-        _atomic_write(folder / fname, files[fname])
+        write_text(folder / fname, files[fname])
     # the stamp last: an entry without a matching stamp is rebuilt
-    _atomic_write(folder / "kernels.py.sha256", _digest(files["kernels.py"]) + "\n")
+    write_text(folder / "kernels.py.sha256", _digest(files["kernels.py"]) + "\n")
     return folder
 
 

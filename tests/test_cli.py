@@ -146,3 +146,14 @@ def test_compiled_folder_layer_builds_the_specs_module(tmp_path, capsys, monkeyp
     finally:
         for name in [m for m in sys.modules if m == "gdn_built" or m.startswith("gdn_built.")]:
             del sys.modules[name]
+
+
+def test_compile_writes_files_with_the_usual_permissions(tmp_path):
+    """Atomic writes go through a 0600 temporary file; the result has 0666 less the umask."""
+    import os
+    import stat
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert main(["compile", "deltanet", "-o", str(tmp_path / "out")]) == 0
+    for f in (tmp_path / "out").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
