@@ -107,15 +107,17 @@ def kalman_chunked(q, k, v, log_decay, noise, process_noise=None, prior=1.0, sca
     g = g.transpose(1, 2)
     r = noise.to(f).transpose(1, 2)
     sigma = torch.zeros_like(r) if process_noise is None else process_noise.to(f).transpose(1, 2)
-    bounds = [0, T] if cu_seqlens is None else [int(x) for x in cu_seqlens]
-    N = B if cu_seqlens is None else len(bounds) - 1
+    # (rows of the batch, span of tokens) filtered together: the whole batch, or each packed sequence
+    if cu_seqlens is None:
+        runs = [(slice(None), slice(0, T))]
+    else:
+        bounds = [int(x) for x in cu_seqlens]
+        runs = [(slice(n, n + 1), slice(bounds[n], bounds[n + 1])) for n in range(len(bounds) - 1)]
     S0, P0 = initial_state if initial_state is not None else (None, None)
     p0 = torch.as_tensor(prior, dtype=f, device=q.device).reshape(-1)
     eye = torch.eye(K, dtype=f, device=q.device)
     outs, states, covs, variances = [], [], [], []
-    for n in range(N if cu_seqlens is not None else 1):
-        rows = slice(None) if cu_seqlens is None else slice(n, n + 1)
-        seg = slice(bounds[n], bounds[n + 1]) if cu_seqlens is not None else slice(0, T)
+    for rows, seg in runs:
         b = B if cu_seqlens is None else 1
         S = (torch.zeros(b, H, K, v.shape[-1], device=q.device, dtype=f) if S0 is None
              else S0[rows].to(f))
