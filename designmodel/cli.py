@@ -77,14 +77,15 @@ def cmd_compile(args) -> int:
     from designmodel.derive import derive
     from designmodel.specfile import dumps
     d = derive(args.spec, filter=_parse_filter(args.filter))
-    emit.planning.plan(d)  # a spec these kernels cannot implement fails here, with the reason
     out = Path(args.out)
+    # render plans first: a spec these kernels cannot implement fails there, before any write
     files = dict(emit.render(d))
     files["spec.toml"] = dumps(d.spec)
     files["layer.py"] = layer_source(d.spec.name)
-    files["__init__.py"] = files["__init__.py"].replace(  # the package also exports layer()
-        "from .kernels import forward\n\n__all__ = [\"forward\"]",
-        "from .kernels import forward\nfrom .layer import layer\n\n__all__ = [\"forward\", \"layer\"]")
+    # the folder is a package exporting the kernels' forward and the layer
+    files["__init__.py"] = (f'"""{d.spec.name}: compiled by designmodel ({d.structure.family} family)."""\n'
+                            "from .kernels import forward\nfrom .layer import layer\n\n"
+                            '__all__ = ["forward", "layer"]\n')
     for name, text in sorted(files.items()):
         write_text(out / name, text)
     print(f"wrote {out}: {', '.join(sorted(files))}")
