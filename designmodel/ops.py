@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from designmodel import library
+from designmodel import library, zoo
 from designmodel.codegen import runtime
 
 __all__ = ["linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda",
            "retnet_gamma"]
 
 
-_MODELS = ("linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda", "rls",
-           "bayesian_layer", "bayesian_layer_diag")
 # Registered when this module is imported (about 0.7 s), not on first use: a first call inside
 # torch.compile(fullgraph=True) could not import the kernels' module while being traced.
-_ZOO = {model: library.register(model, runtime.load_zoo(model)) for model in _MODELS}
+_ZOO = {model: library.register(model, runtime.load_zoo(model)) for model in zoo.NAMES}
 
 
 def _forward(model: str):
