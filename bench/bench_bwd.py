@@ -108,20 +108,24 @@ def rel(a, b) -> float:
 def grad_check(model, shape=(1, 256, 4, 64)):
     """Relative error of every gradient against autograd through the float64 filter."""
     from designmodel.derive import derive
-    from designmodel.reference import recurrent
+    from designmodel.reference import delta_gain_gradients, recurrent
     q, k, v, x = inputs(model, *shape, seed=1)
     do = torch.randn_like(v)
     o = ours_call(model, q, k, v, x)
     leaves = [q, k, v, *x.values()]
     grads = torch.autograd.grad(o, leaves, do)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    # the float64 filter runs on the CPU, where it builds its own tensors
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
     rq, rk, rv, *rx = ref_leaves
     names = list(x)
     inp = dict(zip(names, rx))
     scale = shape[-1] ** -0.5
     ref = recurrent(derive(model), rq * scale, rk, rv, inp, unit_key_tol=1e-2).o
-    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    return {n: rel(g, r) for n, g, r in zip(["q", "k", "v", *names], grads, ref_grads)}
+    ref_grads = dict(zip(["q", "k", "v", *names], torch.autograd.grad(ref, ref_leaves, do.double().cpu())))
+    if "beta" in ref_grads:   # the delta rule's gain is beta itself, not the spec's c / (c|k|^2 + r)
+        ref_grads["k"], ref_grads["beta"] = delta_gain_gradients(
+            ref_grads["k"], ref_grads["beta"], rk.detach(), inp["beta"].detach())
+    return {n: rel(g.cpu(), ref_grads[n]) for n, g in zip(ref_grads, grads)}
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,10 @@ import torch.nn.functional as F  # noqa: E402
 from designmodel.chunked import kalman_chunked  # noqa: E402  (the plain-PyTorch chunked filter)
 
 
+# the shapes of ../shared/design/BENCH.md, (B, T, H, D)
+SHAPES = [(4, 4096, 16, 128), (8, 2048, 32, 64), (1, 16384, 16, 128), (2, 65536, 8, 128)]
+
+
 def rel(a, b) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     if not torch.isfinite(a).all():

@@ -27,7 +27,7 @@ from torch import Tensor
 from designmodel.family import Structure, classify
 from designmodel.spec import DesignModel, Regression, Reset, inputs_of
 
-__all__ = ["ReferenceOutput", "coefficients", "prior_covariance", "input_shape", "recurrent",
+__all__ = ["ReferenceOutput", "coefficients", "delta_gain_gradients", "prior_covariance", "input_shape", "recurrent",
            "implicit_attention", "implicit", "TORCH_FUNCTIONS", "UNIT_KEY_TOL"]
 
 DTYPE = torch.float64
@@ -350,6 +350,21 @@ def recurrent(derivation, q: Tensor, k: Tensor, v: Tensor, inputs: dict, initial
     return ReferenceOutput(torch.cat(outs, 1), torch.cat(states, 0),
                            torch.cat(covs, 0) if P0 is not None else None,
                            torch.cat(variances, 1) if structure.variance else None)
+
+
+def delta_gain_gradients(dk: Tensor, dbeta: Tensor, k: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients through the delta rule's gain beta, from gradients through the spec's gain.
+
+    The zoo's delta models (deltanet, gated_deltanet, kda) declare unit keys with c = beta,
+    r = 1 - beta. This filter evaluates their gain as c / (c |k|^2 + r), which is beta on the
+    sphere but depends on |k|^2, so autograd through it adds a radial term to dk that the
+    derived gain beta (what fla and the kernels use) does not have. With
+    s = beta |k|^2 + 1 - beta, d(gain)/d(beta) = 1 / s^2 and d(gain)/dk = -2 beta^2 k / s^2,
+    so the gradients for the derived gain are dk + 2 beta^2 dbeta k and s^2 dbeta.
+    k [..., K] and dk like it; beta and dbeta [...].
+    """
+    s = beta * (k * k).sum(-1) + 1 - beta
+    return dk + 2 * (beta * beta * dbeta)[..., None] * k, dbeta * s * s
 
 
 # --- implicit attention (closed form, one chunk) --------------------------------------------

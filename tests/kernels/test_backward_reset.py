@@ -10,9 +10,7 @@ float64 on the same rounded values.
 One correction: the float64 filter evaluates the gain from the spec as c / (c |k|^2 + r)
 with c = beta, r = 1 - beta, which equals beta on unit keys but depends on |k|^2 off them,
 so autograd adds a radial term to dk. The core works with the derived gain beta (the spec
-declares unit keys), whose dk has no such term. With s = beta |k|^2 + 1 - beta the chain rule
-gives d(gain)/d(beta) = 1 / s^2 and d(gain)/dk = -2 beta^2 k / s^2, so the core's gradients
-are dk = dk_ref + 2 beta^2 k dbeta_ref and dgain = s^2 dbeta_ref.
+declares unit keys), whose dk has no such term: `reference.delta_gain_gradients` removes it.
 """
 from __future__ import annotations
 
@@ -78,10 +76,8 @@ def _reference(d, q, k, v, ins, S0, do, dht, cu, scale):
     loss = (ref.o * do.double()).sum() + (ref.state * dht.double()).sum()
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
     # the spec's gain c / (c |k|^2 + r) against the derived gain beta (module docstring)
-    beta, kk = leaves["beta"].detach(), leaves["k"].detach()
-    s = beta * (kk * kk).sum(-1) + 1 - beta
-    grads["k"] = grads["k"] + 2 * (beta * beta * grads["beta"])[..., None] * kk
-    grads["beta"] = grads["beta"] * s * s
+    grads["k"], grads["beta"] = reference.delta_gain_gradients(
+        grads["k"], grads["beta"], leaves["k"].detach(), leaves["beta"].detach())
     return grads
 
 
