@@ -68,3 +68,46 @@ def test_smoke_run_trains_all_four_models_and_writes_its_outputs(tmp_path):
         assert torch.isfinite(torch.tensor(r["final_loss"]))
         assert set(r["accuracy"]) == {"18,2", "18,4", "30,2", "30,4", "30,8"}
     assert "beyond it" in (tmp_path / "mqar_smoke.md").read_text()
+
+
+def test_merge_keeps_each_models_best_run_across_partial_studies(tmp_path):
+    cfg = run.config(smoke=True)
+    def part(lr, scores):
+        runs = {m: dict(lr=lr, final_loss=1.0, accuracy={"18,2": s}, score_in_regime=s, seconds=0.)
+                for m, s in scores.items()}
+        return dict(config={**cfg, "lrs": [lr]}, device="cpu", models=runs)
+    a = part(1e-3, {"mamba2": 0.2, "gated_deltanet": 0.9})
+    b = part(3e-3, {"mamba2": 0.7, "gated_deltanet": 0.4})
+    c = part(1e-2, {"linear_attention": 0.5})
+    files = []
+    for i, p in enumerate((a, b, c)):
+        files.append(tmp_path / f"p{i}.json")
+        files[-1].write_text(json.dumps(p))
+    assert run.main(["--merge", ",".join(map(str, files)), "--out", str(tmp_path / "m")]) == 0
+    res = json.loads((tmp_path / "m" / "mqar.json").read_text())
+    assert {m: r["lr"] for m, r in res["models"].items()} == {
+        "mamba2": 3e-3, "gated_deltanet": 1e-3, "linear_attention": 1e-2}
+    assert res["config"]["lrs"] == [1e-3, 3e-3, 1e-2]
+    bad = {**c, "config": {**c["config"], "steps": 99}}
+    files[2].write_text(json.dumps(bad))
+    try:
+        run.merge([a, bad])
+    except ValueError as e:
+        assert "different configurations" in str(e)
+    else:
+        raise AssertionError("merge accepted partial studies of different configurations")
+
+
+def test_accuracy_in_sub_batches_counts_every_query_once():
+    """Rows alternately answered right and wrong (every row asks the same number of queries):
+    accuracy exactly 1/2 for sub-batches of any even size: no query is lost or counted twice."""
+    vocab = 64
+    right, wrong = Oracle(vocab), Oracle(vocab, wrong=True)
+
+    class Alternating(nn.Module):
+        def forward(self, tokens):
+            return torch.stack([(right if i % 2 == 0 else wrong)(t[None])[0] for i, t in enumerate(tokens)])
+
+    tokens, targets = mqar_batch(torch.Generator().manual_seed(3), 6, 24, 4, vocab=vocab)
+    for rows in (2, 4, 32):   # even sizes: every sub-batch starts on an even row, so the alternation holds
+        assert run._accuracy(Alternating(), tokens, targets, rows=rows) == 0.5

@@ -1,0 +1,154 @@
+"""Compile time, registers and spills of a generated module's kernels for a GPU, on any machine.
+
+    python bench/compile_report.py bayesian_layer --shape 4,4096,16,128 [--dtype bf16] [--arch 90]
+        [--config '{"covariance": {"num_warps": 4}}'] [--variance]
+
+No GPU is needed: a child process runs the op's launcher in Triton's interpreter with its
+kernels replaced by recorders (nothing is launched) and prints the launches; this process
+compiles each for the target (sm_90 for the H100 by default) and assembles its PTX with
+ptxas -v, whose report gives registers per thread and spill stores/loads. The Triton on this machine may differ from the GPU machine's,
+so the figures are a guide (spills of a few hundred bytes or more are what to look for), not
+the GPU's numbers. Device time is scarce; this is what to look at before spending it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECORDING = os.environ.get("TRITON_INTERPRET") == "1"   # the child: kernels recorded, never run
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"               # time the compile, not the cache
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from designmodel import ops  # noqa: E402
+
+TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+         torch.int32: "*i32", torch.int64: "*i64", torch.float64: "*fp64"}
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kw)` records the launch."""
+
+    def __init__(self, name, fn, launches):
+        self.name, self.fn, self.launches = name, fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((self.name, self.fn, args, kw))
+
+
+def signature(fn, args, kw):
+    """(signature, constexprs, options) of one launch, as triton.compile takes them."""
+    names = fn.arg_names
+    values = dict(zip(names, args))
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    values.update(kw)
+    sig, const = {}, {}
+    for i, name in enumerate(names):
+        x = values[name]
+        if fn.params[i].is_constexpr or x is None:
+            sig[name], const[name] = "constexpr", x
+        elif isinstance(x, torch.Tensor):
+            sig[name] = TYPES[x.dtype]
+        elif isinstance(x, bool):
+            sig[name] = "i1"
+        elif isinstance(x, int):
+            sig[name] = "i32" if -2 ** 31 <= x < 2 ** 31 else "i64"
+        else:
+            sig[name] = "fp32"
+    return sig, const, options
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes from ptxas -v."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(arch).path     # the ptxas Triton itself chose for this target
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True)
+    text = out.stderr + out.stdout
+    grab = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else 0  # noqa: E731
+    if out.returncode:
+        raise RuntimeError(f"ptxas failed: {text[-500:]}")
+    return dict(regs=grab(r"Used (\d+) registers"), spill_st=grab(r"(\d+) bytes spill stores"),
+                spill_ld=grab(r"(\d+) bytes spill loads"))
+
+
+def record(model, shape, dtype, **kw):
+    """The launches of one forward of a zoo op at shape (B, T, H, D), in the interpreter:
+    a list of (kernel name, signature, constexprs, options)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from designmodel.codegen import runtime
+    module = runtime.load_zoo(model)
+    launches = []
+    for name in dir(module):
+        obj = getattr(module, name)
+        if isinstance(obj, InterpretedFunction) and name.endswith("_kernel"):
+            setattr(module, name, Recorder(name, JITFunction(obj.fn), launches))
+    B, T, H, D = shape
+    q, k, v = (torch.randn(B, T, H, D).to(dtype) for _ in range(3))
+    inputs = {}
+    for name, (shp, domain) in module.INPUTS.items():
+        dims = {"B": B, "T": T, "H": H, "K": D, "V": D}
+        size = [dims[s.strip()] for s in shp.strip("[]").split(",")]
+        inputs[name] = torch.full(size, 0.5 if domain in ("unit", "positive", "nonnegative") else -0.1)
+    try:
+        module.forward(q, k, v, **inputs, **kw)
+    except Exception:
+        if not launches:
+            raise
+    return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--shape", default="4,4096,16,128")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--variance", action="store_true")
+    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"num_warps": 4}}\'')
+    args = ap.parse_args(argv)
+    if RECORDING:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        kw = {"output_variance": True} if args.variance else {}
+        if args.config:
+            kw["config"] = json.loads(args.config)
+        print(json.dumps(record(args.model, tuple(int(x) for x in args.shape.split(",")), dtype, **kw)))
+        return 0
+    child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
+                           env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"recording the launches failed:\n{child.stderr[-2000:]}")
+    launches = json.loads(child.stdout.strip().splitlines()[-1])
+    from designmodel.codegen import runtime
+    module = runtime.load_zoo(args.model)
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.model} at {args.shape} {args.dtype}")
+    print("| kernel | compile s | regs | spill st/ld B | smem B |")
+    print("|---|---|---|---|---|")
+    for name, sig, const, options in launches:
+        t0 = time.time()
+        compiled = triton.compile(ASTSource(fn=getattr(module, name), signature=sig, constexprs=const),
+                                  target=GPUTarget("cuda", args.arch, 32), options=options)
+        secs = time.time() - t0
+        rep = ptxas_report(compiled.asm["ptx"], args.arch)
+        print(f"| {name} | {secs:.1f} | {rep['regs']} | {rep['spill_st']}/{rep['spill_ld']} | "
+              f"{compiled.metadata.shared} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
