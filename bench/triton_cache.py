@@ -1,0 +1,84 @@
+"""Carry designmodel's compiled kernels from one GPU call to the next.
+
+    python3 bench/triton_cache.py pack $OUT/tcache.tgz      # at the end of a GPU call
+    python3 bench/triton_cache.py unpack .tcache/tcache.tgz  # at the start of the next
+
+A fresh GPU machine spends minutes compiling (about 90 s for the Riccati kernel alone on
+Triton 3.6), and a device call's budget is 10 minutes. Triton's cache (TRITON_CACHE_DIR, else
+~/.triton/cache) holds one folder per compiled kernel; `pack` keeps only the folders of
+kernels whose names appear in designmodel's templates (fla's own kernels, which fill most of
+the cache, are left out, so the archive stays under the 16 MiB a call can return), and
+`unpack` puts them back. Triton checks its cache by a hash of the source, the options and
+its own version, so an entry made by other code or another Triton is never used by mistake.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+
+
+def our_kernel_names() -> set[str]:
+    """Every @triton.jit function name of the templates and of the generated zoo (user specs
+    compile from the same templates, so their kernels have these names too)."""
+    names = set()
+    for path in [*(ROOT / "templates").rglob("*.j2"), *(ROOT / "generated").rglob("*.py")]:
+        names.update(re.findall(r"@triton\.jit[^\n]*\ndef (\w+)\(", path.read_text()))
+    return names
+
+
+def ours(entry: Path, names: set[str]) -> bool:
+    """Whether a cache folder holds one of our kernels (its metadata JSON names it)."""
+    for meta in entry.glob("*.json"):
+        if meta.name.startswith("__grp__"):
+            continue
+        try:
+            return json.loads(meta.read_text()).get("name") in names
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def pack(archive: Path) -> int:
+    names, src = our_kernel_names(), cache_dir()
+    entries = [e for e in sorted(src.iterdir()) if e.is_dir() and ours(e, names)] if src.is_dir() else []
+    tmp = archive.with_name(archive.name + ".part")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for e in entries:
+            tar.add(e, arcname=e.name)
+    os.replace(tmp, archive)   # never a half-written archive under the final name
+    print(f"packed {len(entries)} kernels, {archive.stat().st_size / 2**20:.1f} MiB -> {archive}")
+    return 0
+
+
+def unpack(archive: Path) -> int:
+    if not archive.is_file():
+        print(f"no {archive}: starting with an empty cache")
+        return 0
+    dst = cache_dir()
+    dst.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dst, filter="data")
+    print(f"unpacked {archive} into {dst}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in ("pack", "unpack"):
+        print(__doc__)
+        return 2
+    return (pack if argv[0] == "pack" else unpack)(Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
