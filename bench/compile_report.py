@@ -1,7 +1,7 @@
 """Compile time, registers and spills of a generated module's kernels for a GPU, on any machine.
 
     python bench/compile_report.py bayesian_layer --shape 4,4096,16,128 [--dtype bf16] [--arch 90]
-        [--config '{"covariance": {"num_warps": 4}}'] [--variance]
+        [--config '{"covariance": {"num_warps": 4}}'] [--variance] [--backward] [--check]
 
 No GPU is needed: a child process runs the op's launcher in Triton's interpreter with its
 kernels replaced by recorders (nothing is launched) and prints the launches; this process
@@ -87,9 +87,10 @@ def ptxas_report(ptx: str, arch: int) -> dict:
                 spill_ld=grab(r"(\d+) bytes spill loads"))
 
 
-def record(model, shape, dtype, **kw):
+def record(model, shape, dtype, backward=False, **kw):
     """The launches of one forward of a zoo op at shape (B, T, H, D), in the interpreter:
-    a list of (kernel name, signature, constexprs, options)."""
+    a list of (kernel name, signature, constexprs, options), with the backward's after the
+    forward's when asked."""
     from triton.runtime.interpreter import InterpretedFunction
     from designmodel.codegen import runtime
     module = runtime.load_zoo(model)
@@ -105,11 +106,10 @@ def record(model, shape, dtype, **kw):
         dims = {"B": B, "T": T, "H": H, "K": D, "V": D}
         size = [dims[s.strip()] for s in shp.strip("[]").split(",")]
         inputs[name] = torch.full(size, 0.5 if domain in ("unit", "positive", "nonnegative") else -0.1)
-    try:
-        module.forward(q, k, v, **inputs, **kw)
-    except Exception:
-        if not launches:
-            raise
+    module.forward(q, k, v, **inputs, **kw)
+    if backward and module.FAMILY != "kalman":   # the kalman backward has no kernels of its own yet
+        kw.pop("output_variance", None)
+        module.backward(q, k, v, **inputs, do=torch.randn_like(v), **kw)
     return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
 
 
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--variance", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="the backward's kernels too")
+    ap.add_argument("--check", action="store_true",
+                    help="only compile (no ptxas report); exit 1 if a kernel does not compile")
     ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"num_warps": 4}}\'')
     args = ap.parse_args(argv)
     if RECORDING:
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
         kw = {"output_variance": True} if args.variance else {}
         if args.config:
             kw["config"] = json.loads(args.config)
-        print(json.dumps(record(args.model, tuple(int(x) for x in args.shape.split(",")), dtype, **kw)))
+        print(json.dumps(record(args.model, tuple(int(x) for x in args.shape.split(",")), dtype,
+                                backward=args.backward, **kw)))
         return 0
     child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
@@ -139,15 +143,21 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.model} at {args.shape} {args.dtype}")
     print("| kernel | compile s | regs | spill st/ld B | smem B |")
     print("|---|---|---|---|---|")
+    failed = 0
     for name, sig, const, options in launches:
         t0 = time.time()
-        compiled = triton.compile(ASTSource(fn=getattr(module, name), signature=sig, constexprs=const),
-                                  target=GPUTarget("cuda", args.arch, 32), options=options)
+        try:
+            compiled = triton.compile(ASTSource(fn=getattr(module, name), signature=sig, constexprs=const),
+                                      target=GPUTarget("cuda", args.arch, 32), options=options)
+        except Exception as exc:      # report every kernel that fails, not only the first
+            failed += 1
+            print(f"| {name} | failed: {type(exc).__name__}: {' '.join(str(exc).split())[-600:]} |||", flush=True)
+            continue
         secs = time.time() - t0
-        rep = ptxas_report(compiled.asm["ptx"], args.arch)
+        rep = ptxas_report(compiled.asm["ptx"], args.arch) if not args.check else dict(regs="-", spill_st="-", spill_ld="-")
         print(f"| {name} | {secs:.1f} | {rep['regs']} | {rep['spill_st']}/{rep['spill_ld']} | "
               f"{compiled.metadata.shared} |", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -826,29 +826,33 @@ def chunk_gain_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         p_tv = ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :]
         m_tv = m_t0[:, None] & (o_v < V)[None, :]
-        b_R = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        b_X0 = tl.dot(b_L00, b_R, input_precision=DOT_PRECISION)
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_X0 = tl.dot(b_L00, b_Rv, input_precision=DOT_PRECISION)
         tl.store(_u + p_tv, b_X0.to(_u.dtype.element_ty), mask=m_tv)
         p_tv = ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :]
         m_tv = m_t1[:, None] & (o_v < V)[None, :]
-        b_R = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        b_R -= tl.dot(b_L10, b_X0, input_precision=DOT_PRECISION)
-        b_X1 = tl.dot(b_L11, b_R, input_precision=DOT_PRECISION)
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L10, b_X0, input_precision=DOT_PRECISION)
+        b_X1 = tl.dot(b_L11, b_Rv, input_precision=DOT_PRECISION)
         tl.store(_u + p_tv, b_X1.to(_u.dtype.element_ty), mask=m_tv)
         p_tv = ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :]
         m_tv = m_t2[:, None] & (o_v < V)[None, :]
-        b_R = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        b_R -= tl.dot(b_L20, b_X0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L21, b_X1, input_precision=DOT_PRECISION)
-        b_X2 = tl.dot(b_L22, b_R, input_precision=DOT_PRECISION)
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L20, b_X0, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L21, b_X1, input_precision=DOT_PRECISION)
+        b_X2 = tl.dot(b_L22, b_Rv, input_precision=DOT_PRECISION)
         tl.store(_u + p_tv, b_X2.to(_u.dtype.element_ty), mask=m_tv)
         p_tv = ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :]
         m_tv = m_t3[:, None] & (o_v < V)[None, :]
-        b_R = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        b_R -= tl.dot(b_L30, b_X0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L31, b_X1, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L32, b_X2, input_precision=DOT_PRECISION)
-        b_X3 = tl.dot(b_L33, b_R, input_precision=DOT_PRECISION)
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L30, b_X0, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L31, b_X1, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L32, b_X2, input_precision=DOT_PRECISION)
+        b_X3 = tl.dot(b_L33, b_Rv, input_precision=DOT_PRECISION)
         tl.store(_u + p_tv, b_X3.to(_u.dtype.element_ty), mask=m_tv)
     if OUTPUT_VARIANCE:
         # [BT] q^T P_t q = q^^T P q^ + e |q|^2 - sum_j B_tj^2 D_j
