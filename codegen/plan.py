@@ -22,7 +22,7 @@ import sympy as sp
 from designmodel import structure as st
 from designmodel.spec import Input, inputs_of
 
-from .printer import triton_code
+from .printer import torch_code, triton_code
 
 CHUNK = 64        # tokens per chunk (BT)
 SUB_CHUNK = 16    # tokens per sub-chunk (BC): blocks of the triangular solve, per-key decay ratios
@@ -65,14 +65,15 @@ class InputPlan:
 
     @property
     def shape(self) -> str:
-        """The tensor shape the op expects, in words."""
+        """The tensor shape the op expects, in words ("matrix": a named full prior covariance)."""
         return {(True, "head"): "[B, T, H]", (True, "key"): "[B, T, H, K]",
-                (False, "head"): "[H]", (False, "key"): "[H, K]"}[(self.per_token, self.per)]
+                (False, "head"): "[H]", (False, "key"): "[H, K]",
+                (False, "matrix"): "[H, K, K]"}[(self.per_token, self.per)]
 
     @property
     def ndim(self) -> int:
-        return {(True, "head"): 3, (True, "key"): 4, (False, "head"): 1, (False, "key"): 2}[
-            (self.per_token, self.per)]
+        return {(True, "head"): 3, (True, "key"): 4, (False, "head"): 1, (False, "key"): 2,
+                (False, "matrix"): 3}[(self.per_token, self.per)]
 
     @property
     def domain_check(self) -> str | None:
@@ -153,6 +154,18 @@ class Plan:
     noise: Quantity | None = None
     process_noise: Quantity | None = None
     prior: Quantity | None = None
+    # kalman family with a diagonal or full prior: the launcher builds the prior covariance
+    # [H, K, K] from the spec and passes it to the kernels as their initial covariance
+    prior_kind: str = "isotropic"
+    prior_inputs: tuple[InputPlan, ...] = ()   # inputs only the prior reads (not kernel arguments)
+    prior_reads: tuple[str, ...] = ()          # names of every input the prior reads, sorted
+    prior_matrix: str | None = None            # torch code of the prior covariance [H, K, K]
+    prior_size: int | None = None              # K of a prior written out as numbers
+
+    @property
+    def arguments(self) -> tuple[InputPlan, ...]:
+        """Every input the op takes, sorted by name: the kernels' and the prior's."""
+        return tuple(sorted(self.inputs + self.prior_inputs, key=lambda i: i.name))
 
     @property
     def has_decay(self) -> bool:
@@ -342,6 +355,40 @@ def plan(derivation) -> Plan:
                 kernels=tuple(kernels), notes=tuple(notes))
 
 
+def _number(x, name: str) -> float:
+    """A prior entry written out as a number."""
+    x = sp.sympify(x)
+    if not x.is_number:
+        raise PlanError(f"{name}: a prior covariance given entry by entry takes numbers, got {x}")
+    return float(x)
+
+
+def _prior_matrix(spec) -> tuple[str, tuple, int | None]:
+    """(torch code of the prior covariance [H, K, K] float32, the inputs it reads, K of a prior
+    written out as numbers or None) for a diagonal or full prior. The code reads each input by
+    its name, and H, K and `device`."""
+    name, cov = spec.name, spec.prior.covariance
+    f32 = "dtype=torch.float32, device=device"
+    if cov.kind == "diagonal" and isinstance(cov.value, tuple):
+        d = ", ".join(repr(_number(x, name)) for x in cov.value)
+        return (f"torch.diag_embed(torch.tensor([{d}], {f32})).expand(H, K, K)", (), len(cov.value))
+    if cov.kind == "diagonal":
+        used = sorted(inputs_of(cov.value), key=lambda i: i.name)
+        if any(i.per_token for i in used):
+            raise PlanError(f"{name}: the prior's diagonal must be constant (no per-token inputs)")
+        if not used:
+            return (f"torch.diag_embed(torch.full((H, K), {_number(cov.value, name)!r}, {f32}))", (), None)
+        # per-key constants are [H, K]; per-head ones [H], broadcast along the keys
+        names = {i: f"{i.name}.float()" + ("" if i.per == "key" else "[:, None]") for i in used}
+        code = torch_code(cov.value, names)
+        return f"torch.diag_embed(({code}).expand(H, K))", tuple(used), None
+    if isinstance(cov.value, str):
+        return f"{cov.value}.float()", (cov.value,), None
+    rows = ", ".join("[" + ", ".join(repr(_number(x, name)) for x in row) + "]"
+                     for row in cov.value.tolist())
+    return f"torch.tensor([{rows}], {f32}).expand(H, K, K)", (), cov.value.shape[0]
+
+
 def plan_kalman(derivation) -> Plan:
     """The kernel plan of a kalman-family derivation (MATH.md 6.3).
 
@@ -351,30 +398,49 @@ def plan_kalman(derivation) -> Plan:
     parallel over chunks then computes W, U_v, B and the variance. With per-key decay one
     kernel still does both. The mean then passes across chunks like the reset family's,
     reading out as it goes.
+
+    The prior may be any covariance of the spec. An isotropic prior p0 I is built inside the
+    kernels (from p0 per head); a diagonal or full one (numbers, constants per key or per head,
+    or a full [H, K, K] covariance named in the spec and given at run time) is built by the
+    launcher as a [H, K, K] matrix (`Plan.prior_matrix`) and passed to the kernels as their
+    initial covariance when the caller gives none.
     """
     s = derivation.structure
     name = derivation.spec.name
     spec = derivation.spec
-    if spec.prior.covariance.kind != "isotropic":
-        raise PlanError(f"{name}: the kalman kernels take an isotropic prior p0 I (or an initial "
-                        f"covariance at run time), not a {spec.prior.covariance.kind} prior")
+    kind = spec.prior.covariance.kind
     exprs = {"log_decay": derivation.scalars["log_decay"], "noise": derivation.scalars["noise"],
-             "process_noise": derivation.scalars["process_noise"],
-             "prior": spec.prior.covariance.value}
+             "process_noise": derivation.scalars["process_noise"]}
+    if kind == "isotropic":
+        exprs["prior"] = spec.prior.covariance.value
     used = [i for e in exprs.values() for i in inputs_of(sp.sympify(e))]
     inputs = sorted(set(used), key=lambda i: i.name)
-    for i in inputs:
-        if reserved(i.name):
-            raise PlanError(f"{name}: input name {i.name!r} is reserved by the kernels; rename it")
+    prior_matrix, prior_inputs, prior_size, read = None, (), None, ()
+    if kind != "isotropic":
+        prior_matrix, read, prior_size = _prior_matrix(spec)
+        # a named full covariance is an input of its own, [H, K, K]; constants of a diagonal
+        # are inputs unless the kernels read them already
+        prior_inputs = tuple(
+            InputPlan(x, "matrix", False, "real") if isinstance(x, str)
+            else InputPlan(x.name, x.per, False, x.domain)
+            for x in read if isinstance(x, str) or x not in inputs)
+    for n in [i.name for i in inputs] + [i.name for i in prior_inputs]:
+        if reserved(n):
+            raise PlanError(f"{name}: input name {n!r} is reserved by the kernels; rename it")
+    kernel_names = {i.name for i in inputs}
+    clash = [i.name for i in prior_inputs if i.per == "matrix" and i.name in kernel_names]
+    if clash:
+        raise PlanError(f"{name}: the full prior covariance {clash[0]!r} has the name of an input")
     log_decay = _quantity("log_decay", exprs["log_decay"])
     noise = _quantity("noise", exprs["noise"])
     pnoise = _quantity("process_noise", exprs["process_noise"])
     if pnoise is not None and pnoise.expr == 0:
         pnoise = None
-    prior = _quantity("prior", exprs["prior"])
+    prior = _quantity("prior", exprs["prior"]) if kind == "isotropic" else None
     if noise.per_key:
         raise PlanError(f"{name}: the observation noise r must be one number per head and token")
-    if any(i.per_token for i in inputs_of(sp.sympify(exprs["prior"]))) or prior.per_key:
+    if prior is not None and (any(i.per_token for i in inputs_of(sp.sympify(exprs["prior"])))
+                              or prior.per_key):
         raise PlanError(f"{name}: the prior variance p0 must be a constant per head")
     per_key = s.decay == "per_key" or (pnoise is not None and pnoise.per_key)
     per_token = [n for n, q in (("log_decay", log_decay), ("noise", noise),
@@ -418,7 +484,10 @@ def plan_kalman(derivation) -> Plan:
                            "B = tril(A L^-T) D^-1"),
                 per_state=("P (the covariance, [K, K] per head; sequential, value-independent)",
                            "S (the mean, [K, V] per head)"),
-                kernels=kernels, notes=tuple(notes), noise=noise, process_noise=pnoise, prior=prior)
+                kernels=kernels, notes=tuple(notes), noise=noise, process_noise=pnoise, prior=prior,
+                prior_kind=kind, prior_inputs=prior_inputs, prior_matrix=prior_matrix,
+                prior_reads=tuple(sorted(x if isinstance(x, str) else x.name for x in read)),
+                prior_size=prior_size)
 
 
 __all__ = ["Plan", "InputPlan", "Quantity", "KernelPlan", "PlanError", "plan", "token_quantities", "plan_kalman",

@@ -43,6 +43,8 @@ class TritonPrinter(PythonCodePrinter):
         "sigmoid": "tl.sigmoid",
         "softplus": "softplus",
         "logsigmoid": "logsigmoid",
+        "Max": "tl.maximum",
+        "Min": "tl.minimum",
     }
 
     def __init__(self, names: dict, settings=None):
@@ -92,26 +94,30 @@ class TritonPrinter(PythonCodePrinter):
             return f"{self._kf[name]}({', '.join(self._print(a) for a in expr.args)})"
         raise ValueError(f"{name} has no Triton translation")
 
+    def _call(self, fn: str, *args: str) -> str:
+        """The target's function `fn` (a key of _kf) applied to printed arguments."""
+        return f"{self._kf[fn]}({', '.join(args)})"
+
     def _print_exp(self, expr):
-        return f"tl.exp({self._print(expr.args[0])})"
+        return self._call("exp", self._print(expr.args[0]))
 
     def _print_log(self, expr):
         arg = expr.args[0]
         # log(sigmoid(x)) and log(exp(x)) have stable closed forms.
         if isinstance(arg, sigmoid):
-            return f"logsigmoid({self._print(arg.args[0])})"
+            return self._call("logsigmoid", self._print(arg.args[0]))
         if isinstance(arg, sp.exp):
             return self._print(arg.args[0])
-        return f"tl.log({self._print(arg)})"
+        return self._call("log", self._print(arg))
 
     def _print_sigmoid(self, expr):
-        return f"tl.sigmoid({self._print(expr.args[0])})"
+        return self._call("sigmoid", self._print(expr.args[0]))
 
     def _print_softplus(self, expr):
-        return f"softplus({self._print(expr.args[0])})"
+        return self._call("softplus", self._print(expr.args[0]))
 
     def _print_logsigmoid(self, expr):
-        return f"logsigmoid({self._print(expr.args[0])})"
+        return self._call("logsigmoid", self._print(expr.args[0]))
 
     def parenthesize(self, item, level, strict=False):
         """As sympy's, but an integer power printed as a product (x * x) is parenthesized
@@ -124,32 +130,32 @@ class TritonPrinter(PythonCodePrinter):
     def _print_Pow(self, expr, rational=False):
         base, e = expr.args
         if base == sp.E:
-            return f"tl.exp({self._print(e)})"
+            return self._call("exp", self._print(e))
         b = self.parenthesize(base, precedence(expr), strict=False)
         if e.is_Integer and 0 < e <= 4:
             return " * ".join([b] * int(e)) if e > 1 else b
         if e.is_Integer and -4 <= e < 0:
             return f"1.0 / ({' * '.join([b] * int(-e))})"
         if e == sp.S.Half:
-            return f"tl.sqrt({self._print(base)})"
+            return self._call("sqrt", self._print(base))
         if e == -sp.S.Half:
-            return f"1.0 / tl.sqrt({self._print(base)})"
+            return f"1.0 / {self._call('sqrt', self._print(base))}"
         # x**e = exp(e log x); the bounds checks of the spec keep x > 0 here.
-        return f"tl.exp({self._print(e)} * tl.log({self._print(base)}))"
+        return self._call("exp", f"{self._print(e)} * {self._call('log', self._print(base))}")
 
     def _print_Abs(self, expr):
-        return f"tl.abs({self._print(expr.args[0])})"
+        return self._call("Abs", self._print(expr.args[0]))
 
     def _print_Max(self, expr):
         out = self._print(expr.args[0])
         for a in expr.args[1:]:
-            out = f"tl.maximum({out}, {self._print(a)})"
+            out = self._call("Max", out, self._print(a))
         return out
 
     def _print_Min(self, expr):
         out = self._print(expr.args[0])
         for a in expr.args[1:]:
-            out = f"tl.minimum({out}, {self._print(a)})"
+            out = self._call("Min", out, self._print(a))
         return out
 
     def _print_Piecewise(self, expr):
@@ -170,4 +176,29 @@ def triton_code(expr, names: dict) -> str:
     return TritonPrinter(names).doprint(_fold_numbers(sp.sympify(expr)))
 
 
-__all__ = ["TritonPrinter", "triton_code", "HELPERS"]
+class TorchPrinter(TritonPrinter):
+    """Print a scalar sympy expression as PyTorch code over tensors (the launcher's prior
+    covariance): the Triton printer with the functions mapped to torch's."""
+
+    printmethod = "_torchcode"
+    language = "PyTorch"
+
+    _kf = {
+        "exp": "torch.exp",
+        "log": "torch.log",
+        "sqrt": "torch.sqrt",
+        "Abs": "torch.abs",
+        "sigmoid": "torch.sigmoid",
+        "softplus": "torch.nn.functional.softplus",
+        "logsigmoid": "torch.nn.functional.logsigmoid",
+        "Max": "torch.maximum",
+        "Min": "torch.minimum",
+    }
+
+
+def torch_code(expr, names: dict) -> str:
+    """`expr` as PyTorch code, each symbol read through `names`."""
+    return TorchPrinter(names).doprint(_fold_numbers(sp.sympify(expr)))
+
+
+__all__ = ["TritonPrinter", "TorchPrinter", "triton_code", "torch_code", "HELPERS"]

@@ -18,7 +18,8 @@ differentiates it. It serves two purposes:
 Canonical quantities, the kernels' own: log_decay None (no decay), [B, T, H] or
 [B, T, H, K] (natural log, <= 0); noise r [B, T, H] > 0; process_noise sigma None or
 [B, T, H] >= 0 (sigma_t I added to the predicted covariance); prior p0 [H] > 0 (P_0 = p0 I
-when no initial covariance is given).
+when no initial covariance is given), or the prior covariance itself [H, K, K] (a diagonal or
+full prior; its gradient is then the matrix's, which the caller chains to the prior's inputs).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def kalman_chunked(q, k, v, log_decay, noise, process_noise=None, prior=1.0, sca
     """The chunked filter: (o [B, T, H, V], S [N, H, K, V], P [N, H, K, K], var [B, T, H] or None).
 
     q, k [B, T, H, K], v [B, T, H, V]; the canonical quantities as in the module docstring
-    (prior a number or [H]); scale default K ** -0.5; initial_state (S0 [N, H, K, V], P0
+    (prior a number, p0 [H], or the prior covariance [H, K, K]); scale default K ** -0.5; initial_state (S0 [N, H, K, V], P0
     [N, H, K, K] or None); cu_seqlens [N + 1] packs N sequences along T (B = 1). Computes in
     float64 for float64 inputs, else float32. prior_timing reads out before each token's
     update (o_t = S_pred^T q_t, variance of the predicted state).
@@ -114,14 +115,16 @@ def kalman_chunked(q, k, v, log_decay, noise, process_noise=None, prior=1.0, sca
         bounds = [int(x) for x in cu_seqlens]
         runs = [(slice(n, n + 1), slice(bounds[n], bounds[n + 1])) for n in range(len(bounds) - 1)]
     S0, P0 = initial_state if initial_state is not None else (None, None)
-    p0 = torch.as_tensor(prior, dtype=f, device=q.device).reshape(-1)
+    p0 = prior.to(f) if isinstance(prior, torch.Tensor) else torch.as_tensor(prior, dtype=f, device=q.device)
     eye = torch.eye(K, dtype=f, device=q.device)
+    # [H, K, K] the covariance every sequence starts from when no initial covariance is given
+    prior_cov = p0 if p0.dim() == 3 else p0.reshape(-1).expand(H)[:, None, None] * eye
     outs, states, covs, variances = [], [], [], []
     for rows, seg in runs:
         b = B if cu_seqlens is None else 1
         S = (torch.zeros(b, H, K, v.shape[-1], device=q.device, dtype=f) if S0 is None
              else S0[rows].to(f))
-        P = ((p0.expand(H)[:, None, None] * eye).expand(b, H, K, K) if P0 is None else P0[rows].to(f))
+        P = prior_cov.expand(b, H, K, K) if P0 is None else P0[rows].to(f)
         o, S, P, var = _segment(q[:, :, seg], k[:, :, seg], v[:, :, seg], g[:, :, seg], r[:, :, seg],
                                 sigma[:, :, seg], S, P, chunk, prior_timing, output_variance)
         outs.append(o)
