@@ -213,7 +213,7 @@ class _Param:
     """How one input of the spec is computed: its kind, shape and the layer attributes it owns."""
 
     name: str
-    kind: str            # mamba, logsigmoid, sigmoid, log_snr, linear, stationary, zero, constant
+    kind: str            # mamba, logsigmoid, sigmoid, log_snr, linear, stationary, zero, constant, matrix
     domain: str
     per_token: bool
     per_key: bool
@@ -340,7 +340,9 @@ class DesignLayer(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps,
                                    activation=gate_activation if use_output_gate else None)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-        self.params = [self._make_param(i, names or {}, decay_rank) for i in plan.inputs]
+        # every input the op takes: the kernels' and, for a kalman spec, its prior's
+        self.params = [self._make_param(i, names or {}, decay_rank)
+                       for i in getattr(plan, "arguments", plan.inputs)]
 
     @property
     def op(self):
@@ -355,6 +357,8 @@ class DesignLayer(nn.Module):
         per_key = i.per == "key"
         width = H * K if per_key else H
         prefix = "" if i.name in ("g", "beta") else f"{i.name}_"
+        if i.per == "matrix":
+            return self._make_matrix(i)
         if not i.per_token:
             return self._make_constant(i, per_key)
         if i.domain == "logdecay" and self.decay == "logsigmoid":
@@ -412,6 +416,14 @@ class DesignLayer(nn.Module):
         self._own(name, nn.Parameter(init))
         return _Param(i.name, "constant", i.domain, False, per_key, dict(value=name))
 
+    def _make_matrix(self, i) -> _Param:
+        """A learned covariance per head ([H, K, K], a named full prior): A A^T from a learned
+        factor A, so it stays symmetric positive semidefinite; A starts at I (the unit prior)."""
+        H, K = self.num_heads, self.head_k_dim
+        name = f"{i.name}_factor"
+        self._own(name, nn.Parameter(torch.eye(K).expand(H, K, K).clone()))
+        return _Param(i.name, "matrix", i.domain, False, False, dict(factor=name))
+
     def _constant(self, p: _Param) -> Tensor:
         v = getattr(self, p.attrs["value"]).float()
         return {"unit": torch.sigmoid, "positive": torch.exp, "nonnegative": torch.exp,
@@ -425,6 +437,10 @@ class DesignLayer(nn.Module):
         for p in sorted(self.params, key=lambda p: p.kind in ("stationary", "zero")):
             if p.kind == "constant":
                 out[p.name] = self._constant(p)
+                continue
+            if p.kind == "matrix":
+                A = getattr(self, p.attrs["factor"]).float()
+                out[p.name] = A @ A.mT                                          # [H, K, K]
                 continue
             if p.kind in ("stationary", "zero"):
                 out[p.name] = self._process_noise(p, out, B, T)

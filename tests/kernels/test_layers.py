@@ -210,6 +210,39 @@ def test_kalman_layers_with_learned_noises(model):
     assert relative_error(var, ref_var) <= VAR_TOL
 
 
+@pytest.mark.parametrize("prior", ["diagonal", "full"])
+def test_kalman_layer_learns_its_prior(tmp_path, prior):
+    """A Bayesian Layer spec whose prior is a per-key Constant p (diagonal) or a named full
+    covariance: the layer owns it (exp(log_p) per head and key, or A A^T from a factor A), and
+    its gradient reaches that parameter; output against the float64 recomputation."""
+    from designmodel.spec import Constant, DesignModel, Input, Prior, Regression, Transition, diagonal, exp, full
+    g, r = Input("g", domain="logdecay"), Input("r", domain="positive")
+    cov = diagonal(Constant("p", per="key", domain="positive")) if prior == "diagonal" else full("Pprior")
+    spec = DesignModel(f"bl_{prior}_prior", prior=Prior(covariance=cov), transition=Transition(decay=exp(g)),
+                       observation=Regression(noise=r))
+    op = designmodel.compile(spec, cache=tmp_path)
+    torch.manual_seed(0)
+    layer = L.DesignLayer(op, HID, HEADS, HEAD_DIM, qk_norm="l2", layer_idx=0).to(DEVICE)
+    name = "log_p" if prior == "diagonal" else "Pprior_factor"
+    with torch.no_grad():
+        getattr(layer, name).add_(0.3 * torch.randn_like(getattr(layer, name)))
+        layer.r_proj.bias.normal_()
+    x = hidden(2, 40)
+    P = {n: p.detach().cpu().double() for n, p in layer.named_parameters()}
+    xd = x.cpu().double()
+    inputs = {"g": -P["A_log"].exp() * F.softplus(_linear(P, "a_proj", xd) + P["dt_bias"]),
+              "r": torch.exp(-_linear(P, "r_proj", xd))}
+    if prior == "diagonal":
+        inputs["p"] = P["log_p"].exp()
+    else:
+        inputs["Pprior"] = P["Pprior_factor"] @ P["Pprior_factor"].mT
+    out = layer(x)[0]
+    assert relative_error(out, reference_layer(layer, x, inputs=inputs)) <= FWD_TOL
+    out.square().sum().backward()
+    grad = getattr(layer, name).grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
 # --- (b) padding masks become variable-length sequences -----------------------------------------
 
 PAD_LAYERS = ["GatedDeltaNet", "GLA", "BayesianLayer", "RetNet"]
