@@ -163,6 +163,28 @@ def test_tiny_noise_long_sequence_stays_finite():
     assert relative_error(o, ref.o) <= 0.1
 
 
+@pytest.mark.parametrize("model", ["bayesian_layer", "bayesian_layer_diag"])
+def test_stress_grid_corners_stay_finite_and_exact_where_well_conditioned(model):
+    """Issue 4's stress grid, every corner as one batch row: decay alpha in {0.01, 1},
+    r in {1e-4, 1e2}, sigma in {0, 1}, keys unit or not (norm 3). Nothing is NaN or inf, and
+    the rows with r = 1e2 (well conditioned) agree with the float64 filter to 1e-4."""
+    corners = [(a, r, s, u) for a in (0.01, 1.0) for r in (1e-4, 1e2) for s in (0.0, 1.0) for u in (True, False)]
+    B, T, H, K, V = len(corners), 96, 1, 16, 16
+    q, k, v, ins, p0 = draw(model, B, T, H, K, V, seed=7, unit_keys=True)
+    for b, (a, r, s, unit) in enumerate(corners):
+        k[b] = k[b] * (1.0 if unit else 3.0)
+        ins["g"][b] = torch.log(torch.tensor(a)) if a < 1 else 0.0
+        ins["r"][b], ins["sigma"][b] = r, s
+    o, (S, P), var = getattr(ops, model)(*to_dev(q, k, v), **{n: x.to(DEVICE) for n, x in ins.items()},
+                                         p0=p0.to(DEVICE), output_final_state=True, output_variance=True)
+    for x in (o, S, P, var):
+        assert torch.isfinite(x).all()
+    ref = reference(model, q, k, v, ins, p0)
+    calm = [b for b, (_, r, _, _) in enumerate(corners) if r == 1e2]
+    assert relative_error(o[calm], ref.o[calm]) <= TOLERANCE[torch.float32]
+    assert relative_error(var[calm], ref.variance[calm]) <= TOLERANCE[torch.float32]
+
+
 def test_domain_errors_name_the_input():
     q, k, v, ins, p0 = draw("bayesian_layer", 1, 8, 1, 16, 16)
     with pytest.raises(ValueError, match="r must be > 0"):
