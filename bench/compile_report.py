@@ -88,7 +88,7 @@ def ptxas_report(ptx: str, arch: int) -> dict:
 
 
 def record(model, shape, dtype, backward=False, **kw):
-    """The launches of one forward of a zoo op at shape (B, T, H, D), in the interpreter:
+    """The launches of one forward of a zoo op at shape (B, T, H, D) or (B, T, H, K, V), in the interpreter:
     a list of (kernel name, signature, constexprs, options), with the backward's after the
     forward's when asked."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -99,11 +99,12 @@ def record(model, shape, dtype, backward=False, **kw):
         obj = getattr(module, name)
         if isinstance(obj, InterpretedFunction) and name.endswith("_kernel"):
             setattr(module, name, Recorder(name, JITFunction(obj.fn), launches))
-    B, T, H, D = shape
-    q, k, v = (torch.randn(B, T, H, D).to(dtype) for _ in range(3))
+    B, T, H, K, V = shape if len(shape) == 5 else (*shape, shape[-1])
+    q, k = (torch.randn(B, T, H, K).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V).to(dtype)
     inputs = {}
     for name, (shp, domain) in module.INPUTS.items():
-        dims = {"B": B, "T": T, "H": H, "K": D, "V": D}
+        dims = {"B": B, "T": T, "H": H, "K": K, "V": V}
         size = [dims[s.strip()] for s in shp.strip("[]").split(",")]
         inputs[name] = torch.full(size, 0.5 if domain in ("unit", "positive", "nonnegative") else -0.1)
     module.forward(q, k, v, **inputs, **kw)
@@ -116,7 +117,7 @@ def record(model, shape, dtype, backward=False, **kw):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model")
-    ap.add_argument("--shape", default="4,4096,16,128")
+    ap.add_argument("--shape", default="4,4096,16,128", help="B,T,H,D or B,T,H,K,V")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--variance", action="store_true")
