@@ -48,13 +48,24 @@ def ours(entry: Path, names: set[str]) -> bool:
     return False
 
 
+# what a device call may carry in all is 64 MiB, the working tree included
+LIMIT_MIB = 40
+
+
 def pack(archive: Path) -> int:
+    """Our kernels' cache folders into archive, the newest first, halving their number
+    until the archive is under LIMIT_MIB."""
     names, src = our_kernel_names(), cache_dir()
-    entries = [e for e in sorted(src.iterdir()) if e.is_dir() and ours(e, names)] if src.is_dir() else []
+    entries = [e for e in src.iterdir() if e.is_dir() and ours(e, names)] if src.is_dir() else []
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
     tmp = archive.with_name(archive.name + ".part")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for e in entries:
-            tar.add(e, arcname=e.name)
+    while True:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for e in entries:
+                tar.add(e, arcname=e.name)
+        if tmp.stat().st_size <= LIMIT_MIB * 2 ** 20 or len(entries) <= 1:
+            break
+        entries = entries[:len(entries) // 2]
     os.replace(tmp, archive)   # never a half-written archive under the final name
     print(f"packed {len(entries)} kernels, {archive.stat().st_size / 2**20:.1f} MiB -> {archive}")
     return 0
