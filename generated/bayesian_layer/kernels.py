@@ -97,6 +97,7 @@ def chunk_riccati_kernel(
     _var,
     _P0,
     _Pt,
+    _Sc,
     cu_seqlens,
     scale,
     T,
@@ -120,6 +121,9 @@ def chunk_riccati_kernel(
         U    = a o (K^ P) + e o K,   U^ = U o (a_C / a),   Y = L^-1 U^ (blocked substitution)
         P'   = a_C P a_C + e_C I - Y^T D^-1 Y,  symmetrized
 
+    K^ P, U, K^ P K^^T and K K^T are dots over the whole chunk (64 rows: with 16-row
+    dots every warp but one repeats the same rows); the last two go through a per-program
+    scratch _Sc ([2, BT, BT], L1/L2-resident) from which the LDL reads its 16x16 blocks.
     Stores per chunk Z = D^-1 Y (for the mean kernel), U, D, and L as blocks (the inverse of
     each diagonal block on the diagonal, L itself below it) for chunk_gain_kernel, and
     q^^T P q^ into the variance when asked. One program per sequence and head carries P
@@ -171,13 +175,63 @@ def chunk_riccati_kernel(
         tl.store(p_Pbb, tl.where(o_kb[:, None] == o_kb[None, :], b_p0, 0.), mask=m_Pbb)
     tl.debug_barrier()
 
+    # scratch of this program: the chunk's [BT, BT] K^ P K^^T and K K^T, read back by 16x16 blocks
+    p_Sc = _Sc + i_nh.to(tl.int64) * 2 * BT * BT
+    o_c = tl.arange(0, BT)
     for i_t in range(tl.cdiv(T, BT)):
+        # the whole chunk's dots at once: 64-row dots keep every warp on rows of its own, where
+        # 16-row ones leave all but one warp repeating the same rows
+        o_t = i_t * BT + o_c
+        m_t = o_t < T
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)                                  # [BT] log2 a_t
+        b_sigma = tl.load(sigma + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
+        b_sig = tl.where(m_t, b_sigma, 0.)
+        m_cl = o_c[:, None] >= o_c[None, :]
+        # e_t = sum_{j <= t} Gamma_tj^2 sigma_j
+        b_G = tl.where(m_cl, tl.exp2(tl.where(m_cl, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
+        b_e = tl.sum(b_G * b_G * b_sig[None, :], axis=1)                # [BT]
+        b_kca = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.).to(tl.float32)
+        b_khca = b_kca * tl.exp2(b_gc)[:, None]             # [BT, BKH] K^
+        b_kcb = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32)
+        b_khcb = b_kcb * tl.exp2(b_gc)[:, None]             # [BT, BKH] K^
+        # [BT, BKH] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
+        b_S = tl.zeros([BT, BT], dtype=tl.float32)
+        b_KP = tl.dot(b_khca, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KP, input_precision=DOT_PRECISION)
+        b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kca
+        tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=(m_t[:, None] & m_ka[None, :]))
+        b_S = tl.dot(b_KP, tl.trans(b_khca), b_S, input_precision=DOT_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KP, input_precision=DOT_PRECISION)
+        b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kcb
+        tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=(m_t[:, None] & m_kb[None, :]))
+        b_S = tl.dot(b_KP, tl.trans(b_khcb), b_S, input_precision=DOT_PRECISION)
+        tl.store(p_Sc + o_c[:, None] * BT + o_c[None, :], b_S)
+        b_S = tl.dot(b_kca, tl.trans(b_kca), input_precision=DOT_PRECISION)
+        b_S = tl.dot(b_kcb, tl.trans(b_kcb), b_S, input_precision=DOT_PRECISION)
+        tl.store(p_Sc + BT * BT + o_c[:, None] * BT + o_c[None, :], b_S)
+        if OUTPUT_VARIANCE:
+            # [BT] q^^T P q^ (chunk_gain_kernel adds the rest), also over the whole chunk
+            b_qha = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.).to(tl.float32) * scale
+            b_qha = b_qha * tl.exp2(b_gc)[:, None]
+            b_qhb = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32) * scale
+            b_qhb = b_qhb * tl.exp2(b_gc)[:, None]
+            b_qPq = tl.zeros([BT], dtype=tl.float32)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qha, axis=1)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
+            tl.store(_var + (bos + o_t) * H + i_h, b_qPq, mask=m_t)
+        # every thread's scratch stores are done before any thread reads a block back
+        tl.debug_barrier()
         b_gcar = 0.
         # rows 0..15 of the chunk
         o_t0 = i_t * BT + 0 * BC + o_s
         m_t0 = o_t0 < T
-        b_k0a = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_k0b = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
         b_r0 = tl.where(m_t0, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
@@ -191,49 +245,16 @@ def chunk_riccati_kernel(
         b_e0 = tl.sum(b_G * b_G * b_sig0[None, :], axis=1)
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e0, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        b_kha = b_k0a * tl.exp2(b_gc0)[:, None]
-        b_khb = b_k0b * tl.exp2(b_gc0)[:, None]
-        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
-        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
-        b_U = b_KPa * tl.exp2(b_gc0)[:, None] + b_e0[:, None] * b_k0a
-        tl.store(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]))
-        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
-        b_U = b_KPb * tl.exp2(b_gc0)[:, None] + b_e0[:, None] * b_k0b
-        tl.store(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]))
         # row 0 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        b_kja = b_k0a
-        b_khja = b_kha
-        b_kjb = b_k0b
-        b_khjb = b_khb
-        b_S00 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S00 = tl.dot(b_KPb, tl.trans(b_khjb), b_S00, input_precision=DOT_PRECISION)
+        b_S00 = tl.load(p_Sc + (0 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.) * b_e0[None, :]
-        b_KK = tl.dot(b_k0a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k0b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (0 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :]) * b_C
         b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
         b_S00 += b_C
         b_S00 += tl.where(m_sd, b_r0[:, None], 0.)
-        if OUTPUT_VARIANCE:
-            # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qha = tl.load(q + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
-            b_qha = b_qha * tl.exp2(b_gc0)[:, None]
-            b_qhb = tl.load(q + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
-            b_qhb = b_qhb * tl.exp2(b_gc0)[:, None]
-            b_qPq = tl.zeros([BC], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
-            tl.store(_var + (bos + o_t0) * H + i_h, b_qPq, mask=m_t0)
         # rows 16..31 of the chunk
         o_t1 = i_t * BT + 1 * BC + o_s
         m_t1 = o_t1 < T
-        b_k1a = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_k1b = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
         b_r1 = tl.where(m_t1, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
@@ -248,61 +269,20 @@ def chunk_riccati_kernel(
         b_e1 += b_ecar * tl.exp2(2. * (b_gc1 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e1, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        b_kha = b_k1a * tl.exp2(b_gc1)[:, None]
-        b_khb = b_k1b * tl.exp2(b_gc1)[:, None]
-        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
-        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
-        b_U = b_KPa * tl.exp2(b_gc1)[:, None] + b_e1[:, None] * b_k1a
-        tl.store(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]))
-        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
-        b_U = b_KPb * tl.exp2(b_gc1)[:, None] + b_e1[:, None] * b_k1b
-        tl.store(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]))
         # row 1 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
-        b_S10 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S10 = tl.dot(b_KPb, tl.trans(b_khjb), b_S10, input_precision=DOT_PRECISION)
+        b_S10 = tl.load(p_Sc + (1 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc1[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_KK = tl.dot(b_k1a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k1b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (1 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :]) * b_C
         b_S10 += b_C
-        b_kja = b_k1a
-        b_khja = b_kha
-        b_kjb = b_k1b
-        b_khjb = b_khb
-        b_S11 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S11 = tl.dot(b_KPb, tl.trans(b_khjb), b_S11, input_precision=DOT_PRECISION)
+        b_S11 = tl.load(p_Sc + (1 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc1[:, None] - b_gc1[None, :], 0.)), 0.) * b_e1[None, :]
-        b_KK = tl.dot(b_k1a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k1b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (1 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :]) * b_C
         b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
         b_S11 += b_C
         b_S11 += tl.where(m_sd, b_r1[:, None], 0.)
-        if OUTPUT_VARIANCE:
-            # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qha = tl.load(q + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
-            b_qha = b_qha * tl.exp2(b_gc1)[:, None]
-            b_qhb = tl.load(q + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
-            b_qhb = b_qhb * tl.exp2(b_gc1)[:, None]
-            b_qPq = tl.zeros([BC], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
-            tl.store(_var + (bos + o_t1) * H + i_h, b_qPq, mask=m_t1)
         # rows 32..47 of the chunk
         o_t2 = i_t * BT + 2 * BC + o_s
         m_t2 = o_t2 < T
-        b_k2a = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_k2b = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
         b_r2 = tl.where(m_t2, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
@@ -317,73 +297,24 @@ def chunk_riccati_kernel(
         b_e2 += b_ecar * tl.exp2(2. * (b_gc2 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e2, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        b_kha = b_k2a * tl.exp2(b_gc2)[:, None]
-        b_khb = b_k2b * tl.exp2(b_gc2)[:, None]
-        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
-        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
-        b_U = b_KPa * tl.exp2(b_gc2)[:, None] + b_e2[:, None] * b_k2a
-        tl.store(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]))
-        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
-        b_U = b_KPb * tl.exp2(b_gc2)[:, None] + b_e2[:, None] * b_k2b
-        tl.store(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]))
         # row 2 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
-        b_S20 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S20 = tl.dot(b_KPb, tl.trans(b_khjb), b_S20, input_precision=DOT_PRECISION)
+        b_S20 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (2 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :]) * b_C
         b_S20 += b_C
-        # block 1's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc1)[:, None]
-        # block 1's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc1)[:, None]
-        b_S21 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S21 = tl.dot(b_KPb, tl.trans(b_khjb), b_S21, input_precision=DOT_PRECISION)
+        b_S21 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc1[None, :], 0.)) * b_e1[None, :]
-        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (2 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :]) * b_C
         b_S21 += b_C
-        b_kja = b_k2a
-        b_khja = b_kha
-        b_kjb = b_k2b
-        b_khjb = b_khb
-        b_S22 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S22 = tl.dot(b_KPb, tl.trans(b_khjb), b_S22, input_precision=DOT_PRECISION)
+        b_S22 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (2 * BC + o_s)[None, :])
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc2[:, None] - b_gc2[None, :], 0.)), 0.) * b_e2[None, :]
-        b_KK = tl.dot(b_k2a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k2b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (2 * BC + o_s)[:, None] * BT + (2 * BC + o_s)[None, :]) * b_C
         b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
         b_S22 += b_C
         b_S22 += tl.where(m_sd, b_r2[:, None], 0.)
-        if OUTPUT_VARIANCE:
-            # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qha = tl.load(q + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
-            b_qha = b_qha * tl.exp2(b_gc2)[:, None]
-            b_qhb = tl.load(q + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
-            b_qhb = b_qhb * tl.exp2(b_gc2)[:, None]
-            b_qPq = tl.zeros([BC], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
-            tl.store(_var + (bos + o_t2) * H + i_h, b_qPq, mask=m_t2)
         # rows 48..63 of the chunk
         o_t3 = i_t * BT + 3 * BC + o_s
         m_t3 = o_t3 < T
-        b_k3a = tl.load(k + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_k3b = tl.load(k + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
         b_r = tl.load(r + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
         b_r3 = tl.where(m_t3, b_r, 1.)
         b_sigma = tl.load(sigma + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
@@ -398,80 +329,25 @@ def chunk_riccati_kernel(
         b_e3 += b_ecar * tl.exp2(2. * (b_gc3 - b_gcar))
         b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e3, 0.), axis=0)
         b_gcar = b_gcar + tl.sum(b_ld, axis=0)
-        b_kha = b_k3a * tl.exp2(b_gc3)[:, None]
-        b_khb = b_k3b * tl.exp2(b_gc3)[:, None]
-        # [BC, BK] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
-        b_KPa = tl.dot(b_kha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-        b_KPa = tl.dot(b_khb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KPa, input_precision=DOT_PRECISION)
-        b_U = b_KPa * tl.exp2(b_gc3)[:, None] + b_e3[:, None] * b_k3a
-        tl.store(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]))
-        b_KPb = tl.dot(b_kha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-        b_KPb = tl.dot(b_khb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KPb, input_precision=DOT_PRECISION)
-        b_U = b_KPb * tl.exp2(b_gc3)[:, None] + b_e3[:, None] * b_k3b
-        tl.store(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]))
         # row 3 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc0)[:, None]
-        # block 0's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc0)[:, None]
-        b_S30 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S30 = tl.dot(b_KPb, tl.trans(b_khjb), b_S30, input_precision=DOT_PRECISION)
+        b_S30 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
-        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (3 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :]) * b_C
         b_S30 += b_C
-        # block 1's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc1)[:, None]
-        # block 1's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc1)[:, None]
-        b_S31 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S31 = tl.dot(b_KPb, tl.trans(b_khjb), b_S31, input_precision=DOT_PRECISION)
+        b_S31 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc1[None, :], 0.)) * b_e1[None, :]
-        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (3 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :]) * b_C
         b_S31 += b_C
-        # block 2's keys again (from L1): fewer registers live across the blocks
-        b_kja = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32)
-        b_khja = b_kja * tl.exp2(b_gc2)[:, None]
-        # block 2's keys again (from L1): fewer registers live across the blocks
-        b_kjb = tl.load(k + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32)
-        b_khjb = b_kjb * tl.exp2(b_gc2)[:, None]
-        b_S32 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S32 = tl.dot(b_KPb, tl.trans(b_khjb), b_S32, input_precision=DOT_PRECISION)
+        b_S32 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (2 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc2[None, :], 0.)) * b_e2[None, :]
-        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (3 * BC + o_s)[:, None] * BT + (2 * BC + o_s)[None, :]) * b_C
         b_S32 += b_C
-        b_kja = b_k3a
-        b_khja = b_kha
-        b_kjb = b_k3b
-        b_khjb = b_khb
-        b_S33 = tl.dot(b_KPa, tl.trans(b_khja), input_precision=DOT_PRECISION)
-        b_S33 = tl.dot(b_KPb, tl.trans(b_khjb), b_S33, input_precision=DOT_PRECISION)
+        b_S33 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (3 * BC + o_s)[None, :])
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc3[:, None] - b_gc3[None, :], 0.)), 0.) * b_e3[None, :]
-        b_KK = tl.dot(b_k3a, tl.trans(b_kja), input_precision=DOT_PRECISION)
-        b_C = tl.dot(b_k3b, tl.trans(b_kjb), b_KK, input_precision=DOT_PRECISION) * b_C
+        b_C = tl.load(p_Sc + BT * BT + (3 * BC + o_s)[:, None] * BT + (3 * BC + o_s)[None, :]) * b_C
         b_C = b_C + tl.trans(b_C) - tl.where(m_sd, b_C, 0.)
         b_S33 += b_C
         b_S33 += tl.where(m_sd, b_r3[:, None], 0.)
-        if OUTPUT_VARIANCE:
-            # q^^T P q^ (chunk_gain_kernel adds the rest)
-            b_qha = tl.load(q + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.).to(tl.float32) * scale
-            b_qha = b_qha * tl.exp2(b_gc3)[:, None]
-            b_qhb = tl.load(q + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.).to(tl.float32) * scale
-            b_qhb = b_qhb * tl.exp2(b_gc3)[:, None]
-            b_qPq = tl.zeros([BC], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
-            b_qPq += tl.sum(b_QP * b_qhb, axis=1)
-            tl.store(_var + (bos + o_t3) * H + i_h, b_qPq, mask=m_t3)
         # blocked LDL: factor the diagonal block, then the panel below it and its Schur update
         b_Li0, b_D0 = ldl_block(b_S00, o_s, BC)
         tl.store(_D + (bos + o_t0) * H + i_h, b_D0, mask=m_t0)
@@ -1108,9 +984,10 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     _D = q.new_empty(B, T, H, dtype=torch.float32)
     _var = q.new_empty(B, T, H, dtype=torch.float32) if output_variance else None
     _Pt = q.new_empty(N, H, K, K, dtype=torch.float32)   # P across the chunks; the final covariance
+    _Sc = q.new_empty(N * H, 2, BT, BT, dtype=torch.float32)   # per program: a chunk's S_in parts
     _launch = _cfg["covariance"]
     chunk_riccati_kernel[(N * H,)](
-        q, k, g, p0, r, sigma, _z, _L, _D, _U, _var, _P0, _Pt, cu_seqlens, scale, T,
+        q, k, g, p0, r, sigma, _z, _L, _D, _U, _var, _P0, _Pt, _Sc, cu_seqlens, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
