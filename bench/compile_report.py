@@ -6,8 +6,8 @@
 No GPU is needed: a child process runs the op's launcher in Triton's interpreter with its
 kernels replaced by recorders (nothing is launched) and prints the launches; this process
 compiles each for the target (sm_90 for the H100 by default) and assembles its PTX with
-ptxas -v, whose report gives registers per thread and spill stores/loads. The Triton on this machine may differ from the GPU machine's,
-so the figures are a guide (spills of a few hundred bytes or more are what to look for), not
+ptxas -v, whose report gives registers per thread and spill stores/loads. The Triton on this
+machine may differ from the GPU machine's, so the figures are a guide (spills of a few hundred bytes or more are what to look for), not
 the GPU's numbers. Device time is scarce; this is what to look at before spending it.
 """
 from __future__ import annotations
@@ -31,8 +31,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
-
-from designmodel import ops  # noqa: E402
 
 TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
          torch.int32: "*i32", torch.int64: "*i64", torch.float64: "*fp64"}

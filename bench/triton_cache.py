@@ -7,7 +7,8 @@ A fresh GPU machine spends minutes compiling (about 90 s for the Riccati kernel 
 Triton 3.6), and a device call's budget is 10 minutes. Triton's cache (TRITON_CACHE_DIR, else
 ~/.triton/cache) holds one folder per compiled kernel; `pack` keeps only the folders of
 kernels whose names appear in designmodel's templates (fla's own kernels, which fill most of
-the cache, are left out, so the archive stays under the 16 MiB a call can return), and
+the cache, are left out), newest first and at most LIMIT_MIB (a call carries 64 MiB in all;
+bench/device_call.sh splits the archive into the 16 MiB files a call can return), and
 `unpack` puts them back. Triton checks its cache by a hash of the source, the options and
 its own version, so an entry made by other code or another Triton is never used by mistake.
 """
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cache_dir() -> Path:
+    """Where this Triton keeps its compiled kernels."""
     return Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
 
 
@@ -72,6 +74,7 @@ def pack(archive: Path) -> int:
 
 
 def unpack(archive: Path) -> int:
+    """The cache folders of archive back into this Triton's cache (none: nothing to do)."""
     if not archive.is_file():
         print(f"no {archive}: starting with an empty cache")
         return 0

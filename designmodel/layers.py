@@ -341,8 +341,7 @@ class DesignLayer(nn.Module):
                                    activation=gate_activation if use_output_gate else None)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         # every input the op takes: the kernels' and, for a kalman spec, its prior's
-        self.params = [self._make_param(i, names or {}, decay_rank)
-                       for i in getattr(plan, "arguments", plan.inputs)]
+        self.params = [self._make_param(i, names or {}, decay_rank) for i in plan.arguments]
 
     @property
     def op(self):

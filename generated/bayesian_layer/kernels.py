@@ -52,6 +52,12 @@ def logsigmoid(x):
 
 
 @triton.jit
+def select_rows(b_x, o_r, o_k):
+    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
+    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
+
+
+@triton.jit
 def ldl_block(b_A, o_s, BC: tl.constexpr):
     """A = L D L^T for one [BC, BC] diagonal block (BC = 16), returning (L^-1, D).
 
@@ -186,12 +192,14 @@ def chunk_riccati_kernel(
         b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=-1.).to(tl.float32)
         b_ld = tl.where(m_t, (b_g) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)                                  # [BT] log2 a_t
+        b_gcar = tl.sum(b_ld, axis=0)                                   # log2 a_C
         b_sigma = tl.load(sigma + (bos + o_t) * H + i_h, mask=m_t, other=1.).to(tl.float32)
         b_sig = tl.where(m_t, b_sigma, 0.)
         m_cl = o_c[:, None] >= o_c[None, :]
         # e_t = sum_{j <= t} Gamma_tj^2 sigma_j
         b_G = tl.where(m_cl, tl.exp2(tl.where(m_cl, b_gc[:, None] - b_gc[None, :], 0.)), 0.)
         b_e = tl.sum(b_G * b_G * b_sig[None, :], axis=1)                # [BT]
+        b_ecar = tl.sum(tl.where(o_c == BT - 1, b_e, 0.), axis=0)       # e_C
         b_kca = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.).to(tl.float32)
         b_khca = b_kca * tl.exp2(b_gc)[:, None]             # [BT, BKH] K^
         b_kcb = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32)
@@ -228,23 +236,14 @@ def chunk_riccati_kernel(
             tl.store(_var + (bos + o_t) * H + i_h, b_qPq, mask=m_t)
         # every thread's scratch stores are done before any thread reads a block back
         tl.debug_barrier()
-        b_gcar = 0.
         # rows 0..15 of the chunk
         o_t0 = i_t * BT + 0 * BC + o_s
         m_t0 = o_t0 < T
         b_r = tl.load(r + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
         b_r0 = tl.where(m_t0, b_r, 1.)
-        b_sigma = tl.load(sigma + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
-        b_sig0 = tl.where(m_t0, b_sigma, 0.)
-        b_g = tl.load(g + (bos + o_t0) * H + i_h, mask=m_t0, other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t0, (b_g) * RCP_LN2, 0.)
-        # cumulative log2-decay since the chunk start
-        b_gc0 = b_gcar + tl.cumsum(b_ld, axis=0)
-        # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
-        b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.)
-        b_e0 = tl.sum(b_G * b_G * b_sig0[None, :], axis=1)
-        b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e0, 0.), axis=0)
-        b_gcar = b_gcar + tl.sum(b_ld, axis=0)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
+        b_gc0 = select_rows(b_gc, 0 * BC + o_s, o_c)
+        b_e0 = select_rows(b_e, 0 * BC + o_s, o_c)
         # row 0 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
         b_S00 = tl.load(p_Sc + (0 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc0[:, None] - b_gc0[None, :], 0.)), 0.) * b_e0[None, :]
@@ -257,18 +256,9 @@ def chunk_riccati_kernel(
         m_t1 = o_t1 < T
         b_r = tl.load(r + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
         b_r1 = tl.where(m_t1, b_r, 1.)
-        b_sigma = tl.load(sigma + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
-        b_sig1 = tl.where(m_t1, b_sigma, 0.)
-        b_g = tl.load(g + (bos + o_t1) * H + i_h, mask=m_t1, other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t1, (b_g) * RCP_LN2, 0.)
-        # cumulative log2-decay since the chunk start
-        b_gc1 = b_gcar + tl.cumsum(b_ld, axis=0)
-        # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
-        b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc1[:, None] - b_gc1[None, :], 0.)), 0.)
-        b_e1 = tl.sum(b_G * b_G * b_sig1[None, :], axis=1)
-        b_e1 += b_ecar * tl.exp2(2. * (b_gc1 - b_gcar))
-        b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e1, 0.), axis=0)
-        b_gcar = b_gcar + tl.sum(b_ld, axis=0)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
+        b_gc1 = select_rows(b_gc, 1 * BC + o_s, o_c)
+        b_e1 = select_rows(b_e, 1 * BC + o_s, o_c)
         # row 1 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
         b_S10 = tl.load(p_Sc + (1 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc1[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
@@ -285,18 +275,9 @@ def chunk_riccati_kernel(
         m_t2 = o_t2 < T
         b_r = tl.load(r + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
         b_r2 = tl.where(m_t2, b_r, 1.)
-        b_sigma = tl.load(sigma + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
-        b_sig2 = tl.where(m_t2, b_sigma, 0.)
-        b_g = tl.load(g + (bos + o_t2) * H + i_h, mask=m_t2, other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t2, (b_g) * RCP_LN2, 0.)
-        # cumulative log2-decay since the chunk start
-        b_gc2 = b_gcar + tl.cumsum(b_ld, axis=0)
-        # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
-        b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc2[:, None] - b_gc2[None, :], 0.)), 0.)
-        b_e2 = tl.sum(b_G * b_G * b_sig2[None, :], axis=1)
-        b_e2 += b_ecar * tl.exp2(2. * (b_gc2 - b_gcar))
-        b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e2, 0.), axis=0)
-        b_gcar = b_gcar + tl.sum(b_ld, axis=0)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
+        b_gc2 = select_rows(b_gc, 2 * BC + o_s, o_c)
+        b_e2 = select_rows(b_e, 2 * BC + o_s, o_c)
         # row 2 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
         b_S20 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc2[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
@@ -317,18 +298,9 @@ def chunk_riccati_kernel(
         m_t3 = o_t3 < T
         b_r = tl.load(r + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
         b_r3 = tl.where(m_t3, b_r, 1.)
-        b_sigma = tl.load(sigma + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
-        b_sig3 = tl.where(m_t3, b_sigma, 0.)
-        b_g = tl.load(g + (bos + o_t3) * H + i_h, mask=m_t3, other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t3, (b_g) * RCP_LN2, 0.)
-        # cumulative log2-decay since the chunk start
-        b_gc3 = b_gcar + tl.cumsum(b_ld, axis=0)
-        # e_t = sum_{j <= t} Gamma_tj^2 sigma_j: within the block, plus the carry from its start
-        b_G = tl.where(m_sl, tl.exp2(tl.where(m_sl, b_gc3[:, None] - b_gc3[None, :], 0.)), 0.)
-        b_e3 = tl.sum(b_G * b_G * b_sig3[None, :], axis=1)
-        b_e3 += b_ecar * tl.exp2(2. * (b_gc3 - b_gcar))
-        b_ecar = tl.sum(tl.where(o_s == BC - 1, b_e3, 0.), axis=0)
-        b_gcar = b_gcar + tl.sum(b_ld, axis=0)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
+        b_gc3 = select_rows(b_gc, 3 * BC + o_s, o_c)
+        b_e3 = select_rows(b_e, 3 * BC + o_s, o_c)
         # row 3 of the lower blocks of S_in = K^ P K^^T + (K K^T) o C + diag(r)
         b_S30 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_C = tl.exp2(tl.minimum(b_gc3[:, None] - b_gc0[None, :], 0.)) * b_e0[None, :]
@@ -582,7 +554,7 @@ def chunk_gain_kernel(
     b_D0 = tl.load(_D + (bos + o_t0) * H + i_h, mask=m_t0, other=1.)
     b_L00 = tl.load(_L + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t0[:, None], other=0.)
     b_kh = tl.load(k + p_tk0, mask=m_tk0, other=0.).to(tl.float32)
-    b_ldb = tl.sum(tl.where(o_c[None, :] == (0 * BC + o_s)[:, None], b_ld[None, :], 0.), axis=1)
+    b_ldb = select_rows(b_ld, 0 * BC + o_s, o_c)
     b_gc0 = b_gcar + tl.cumsum(b_ldb, axis=0)
     b_gcar = b_gcar + tl.sum(b_ldb, axis=0)
     b_kh = b_kh * tl.exp2(b_gc0)[:, None]
@@ -609,7 +581,7 @@ def chunk_gain_kernel(
     b_L10 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
     b_L11 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
     b_kh = tl.load(k + p_tk1, mask=m_tk1, other=0.).to(tl.float32)
-    b_ldb = tl.sum(tl.where(o_c[None, :] == (1 * BC + o_s)[:, None], b_ld[None, :], 0.), axis=1)
+    b_ldb = select_rows(b_ld, 1 * BC + o_s, o_c)
     b_gc1 = b_gcar + tl.cumsum(b_ldb, axis=0)
     b_gcar = b_gcar + tl.sum(b_ldb, axis=0)
     b_kh = b_kh * tl.exp2(b_gc1)[:, None]
@@ -639,7 +611,7 @@ def chunk_gain_kernel(
     b_L21 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
     b_L22 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
     b_kh = tl.load(k + p_tk2, mask=m_tk2, other=0.).to(tl.float32)
-    b_ldb = tl.sum(tl.where(o_c[None, :] == (2 * BC + o_s)[:, None], b_ld[None, :], 0.), axis=1)
+    b_ldb = select_rows(b_ld, 2 * BC + o_s, o_c)
     b_gc2 = b_gcar + tl.cumsum(b_ldb, axis=0)
     b_gcar = b_gcar + tl.sum(b_ldb, axis=0)
     b_kh = b_kh * tl.exp2(b_gc2)[:, None]
@@ -672,7 +644,7 @@ def chunk_gain_kernel(
     b_L32 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
     b_L33 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
     b_kh = tl.load(k + p_tk3, mask=m_tk3, other=0.).to(tl.float32)
-    b_ldb = tl.sum(tl.where(o_c[None, :] == (3 * BC + o_s)[:, None], b_ld[None, :], 0.), axis=1)
+    b_ldb = select_rows(b_ld, 3 * BC + o_s, o_c)
     b_gc3 = b_gcar + tl.cumsum(b_ldb, axis=0)
     b_gcar = b_gcar + tl.sum(b_ldb, axis=0)
     b_kh = b_kh * tl.exp2(b_gc3)[:, None]
@@ -940,6 +912,12 @@ def check_inputs(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, cu_se
                                  f"but has entries outside it (min {_x.float().min().item():.4g}, max {_x.float().max().item():.4g})")
 
 
+def _initial_covariance(_P0, N, H, K, device):
+    """The caller's covariance P0 [N, H, K, K] for the kernels, or None: the kernels build the
+    isotropic prior themselves."""
+    return None if _P0 is None else _P0.contiguous()
+
+
 def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None):
     """The chunked forward pass of bayesian_layer: the exact Kalman filter over a matrix memory.
 
@@ -970,8 +948,8 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     sigma = sigma.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = max(16, triton.next_power_of_2(K))   # both kernels hold all K rows
 
     # per state (covariance): P over the chunks, storing per chunk L (blocks), D, U and Z
@@ -1014,12 +992,6 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     if output_variance:
         return o, _final, _var
     return o, _final
-
-
-@triton.jit
-def select_rows(b_x, o_r, o_k):
-    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
-    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1228,8 +1200,8 @@ def recurrent(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_f
     sigma = sigma.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = triton.next_power_of_2(K)
     _u = q.new_empty(B, T, H, K, dtype=torch.float32)
     _s = q.new_empty(B, T, H, dtype=torch.float32)

@@ -50,6 +50,12 @@ def logsigmoid(x):
     return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
 
 
+@triton.jit
+def select_rows(b_x, o_r, o_k):
+    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
+    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_covariance_kernel(
     q,
@@ -423,6 +429,12 @@ def check_inputs(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, cu_se
                                  f"but has entries outside it (min {_x.float().min().item():.4g}, max {_x.float().max().item():.4g})")
 
 
+def _initial_covariance(_P0, N, H, K, device):
+    """The caller's covariance P0 [N, H, K, K] for the kernels, or None: the kernels build the
+    isotropic prior themselves."""
+    return None if _P0 is None else _P0.contiguous()
+
+
 def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None):
     """The chunked forward pass of bayesian_layer_diag: the exact Kalman filter over a matrix memory.
 
@@ -453,8 +465,8 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     sigma = sigma.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = max(16, triton.next_power_of_2(K))   # both kernels hold all K rows
 
     # per state (covariance), and per chunk what the mean needs, all float32
@@ -485,12 +497,6 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     if output_variance:
         return o, _final, _var
     return o, _final
-
-
-@triton.jit
-def select_rows(b_x, o_r, o_k):
-    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
-    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -699,8 +705,8 @@ def recurrent(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_f
     sigma = sigma.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = triton.next_power_of_2(K)
     _u = q.new_empty(B, T, H, K, dtype=torch.float32)
     _s = q.new_empty(B, T, H, dtype=torch.float32)

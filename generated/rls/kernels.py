@@ -50,6 +50,12 @@ def logsigmoid(x):
 
 
 @triton.jit
+def select_rows(b_x, o_r, o_k):
+    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
+    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
+
+
+@triton.jit
 def ldl_block(b_A, o_s, BC: tl.constexpr):
     """A = L D L^T for one [BC, BC] diagonal block (BC = 16), returning (L^-1, D).
 
@@ -215,6 +221,7 @@ def chunk_riccati_kernel(
         m_t0 = o_t0 < T
         b_r = tl.load(r + (bos + o_t0) * H + i_h, mask=m_t0, other=1.).to(tl.float32)
         b_r0 = tl.where(m_t0, b_r, 1.)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
         # row 0 of the lower blocks of S_in = K^ P K^^T + diag(r)
         b_S00 = tl.load(p_Sc + (0 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_S00 += tl.where(m_sd, b_r0[:, None], 0.)
@@ -223,6 +230,7 @@ def chunk_riccati_kernel(
         m_t1 = o_t1 < T
         b_r = tl.load(r + (bos + o_t1) * H + i_h, mask=m_t1, other=1.).to(tl.float32)
         b_r1 = tl.where(m_t1, b_r, 1.)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
         # row 1 of the lower blocks of S_in = K^ P K^^T + diag(r)
         b_S10 = tl.load(p_Sc + (1 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_S11 = tl.load(p_Sc + (1 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
@@ -232,6 +240,7 @@ def chunk_riccati_kernel(
         m_t2 = o_t2 < T
         b_r = tl.load(r + (bos + o_t2) * H + i_h, mask=m_t2, other=1.).to(tl.float32)
         b_r2 = tl.where(m_t2, b_r, 1.)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
         # row 2 of the lower blocks of S_in = K^ P K^^T + diag(r)
         b_S20 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_S21 = tl.load(p_Sc + (2 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
@@ -242,6 +251,7 @@ def chunk_riccati_kernel(
         m_t3 = o_t3 < T
         b_r = tl.load(r + (bos + o_t3) * H + i_h, mask=m_t3, other=1.).to(tl.float32)
         b_r3 = tl.where(m_t3, b_r, 1.)
+        # this block's rows of the chunk's cumulative decay and accumulated process noise
         # row 3 of the lower blocks of S_in = K^ P K^^T + diag(r)
         b_S30 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (0 * BC + o_s)[None, :])
         b_S31 = tl.load(p_Sc + (3 * BC + o_s)[:, None] * BT + (1 * BC + o_s)[None, :])
@@ -786,6 +796,12 @@ def check_inputs(q, k, v, p0, r, scale=None, initial_state=None, cu_seqlens=None
                                  f"but has entries outside it (min {_x.float().min().item():.4g}, max {_x.float().max().item():.4g})")
 
 
+def _initial_covariance(_P0, N, H, K, device):
+    """The caller's covariance P0 [N, H, K, K] for the kernels, or None: the kernels build the
+    isotropic prior themselves."""
+    return None if _P0 is None else _P0.contiguous()
+
+
 def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None):
     """The chunked forward pass of rls: the exact Kalman filter over a matrix memory.
 
@@ -814,8 +830,8 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     r = r.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = max(16, triton.next_power_of_2(K))   # both kernels hold all K rows
 
     # per state (covariance): P over the chunks, storing per chunk L (blocks), D, U and Z
@@ -858,12 +874,6 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     if output_variance:
         return o, _final, _var
     return o, _final
-
-
-@triton.jit
-def select_rows(b_x, o_r, o_k):
-    """[BR] entries o_r of the [BK] vector b_x (indexed by o_k), exactly: a masked row sum."""
-    return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1058,8 +1068,8 @@ def recurrent(q, k, v, p0, r, scale=None, initial_state=None, output_final_state
     r = r.contiguous()
     _S0, _P0 = _split_state(initial_state)
     _S0 = None if _S0 is None else _S0.contiguous()
-    _P0 = None if _P0 is None else _P0.contiguous()
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = triton.next_power_of_2(K)
     _u = q.new_empty(B, T, H, K, dtype=torch.float32)
     _s = q.new_empty(B, T, H, dtype=torch.float32)
