@@ -101,6 +101,22 @@ def peak_mb(run) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def profile(model, run, reps=5) -> dict:
+    """Device time per kernel of one call of run (torch profiler), ms, largest first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    run()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    res = {e.key[:60]: e.device_time_total / reps / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+    res = dict(sorted(res.items(), key=lambda a: -a[1]))
+    for name, ms in res.items():
+        print(f"  profile {model:16s} {name:60s} {ms:8.3f} ms", flush=True)
+    return res
+
+
 def rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
@@ -134,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new work after this many seconds")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 gradient check")
+    ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd, ours and fla's")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_bwd.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,10 +174,14 @@ def main(argv=None) -> int:
                 do = torch.randn_like(v)
                 ours = fwd_bwd(lambda: ours_call(model, q, k, v, x), do)
                 row.update(shape=shape, ours_ms=bench(ours), ours_peak_mb=peak_mb(ours))
+                if args.profile:
+                    row["ours_profile"] = profile(model, ours)
                 try:
                     fla = fwd_bwd(lambda: fla_call(FLA[model], q, k, v, x), do)
                     row.update(fla_op=FLA[model], fla_ms=bench(fla), fla_peak_mb=peak_mb(fla))
                     row["ratio"] = row["ours_ms"] / row["fla_ms"]
+                    if args.profile:
+                        row["fla_profile"] = profile("fla " + FLA[model], fla)
                 except Exception as err:  # noqa: BLE001 (fla refusing is reported)
                     row["fla_error"] = f"{type(err).__name__}: {str(err)[:160]}"
                 print(json.dumps(row), flush=True)
