@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -98,15 +99,38 @@ def loss_and_accuracy(model, tokens, targets):
     return loss, acc
 
 
-def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress | None = None):
-    """A model trained on the training regime; returns (model, the losses)."""
+class WarmupCosine:
+    """The learning-rate factor at a step: linear warm-up over the first tenth of the steps, then a
+    cosine to zero. `total` may be set after training has begun (a run with a time budget learns
+    its step count from its measured rate)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, step: int) -> float:
+        warm = max(1, self.total // 10)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.total - warm))))
+
+
+def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress | None = None,
+          seconds: float | None = None):
+    """A model trained on the training regime; returns (model, the losses).
+
+    cfg["steps"] steps, or, with `seconds`, as many as fit in that time: the rate is measured
+    over steps 10 to 40 (the first steps compile kernels) and the schedule is stretched to it.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = Model(mixer, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg["steps"], pct_start=0.1)
-    losses = []
-    for step in range(cfg["steps"]):
+    shape = WarmupCosine(cfg["steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
+    losses = []   # on the device: reading each loss would wait for the GPU every step
+    start = time.perf_counter()
+    step = 0
+    while step < shape.total:
         T = cfg["train_T"][step % len(cfg["train_T"])]
         pairs = [p for p in cfg["train_pairs"] if 3 * p <= T]
         tokens, targets = mqar_batch(gen, cfg["batch"], T, pairs[step % len(pairs)], cfg["vocab"])
@@ -116,10 +140,22 @@ def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())
+        step += 1
+        if seconds is not None and step in (10, 40):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if step == 10:
+                t10 = now
+            else:
+                rate = 30 / max(now - t10, 1e-9)
+                shape.total = max(step + 1, int(step + rate * (seconds - (now - start))))
+                if bar is not None:
+                    bar.total += shape.total - cfg["steps"]
         if bar is not None:
             bar.update(1)
-    return model, losses
+    return model, [float(x) for x in torch.stack(losses).cpu()]
 
 
 @torch.no_grad()
@@ -153,8 +189,9 @@ def in_training_regime(key: str, cfg: dict) -> bool:
     return T <= max(cfg["train_T"]) and pairs <= max(cfg["train_pairs"])
 
 
-def study(cfg: dict, models: list[str], device) -> dict:
-    """Train every model at every learning rate, keep the best in the training regime."""
+def study(cfg: dict, models: list[str], device, seconds: float | None = None) -> dict:
+    """Train every model at every learning rate (each for cfg["steps"] steps, or for `seconds`),
+    keep the best in the training regime."""
     runs = len(models) * len(cfg["lrs"])
     results = {}
     with Progress(total=runs * cfg["steps"], unit="step", label="mqar") as bar:
@@ -162,12 +199,14 @@ def study(cfg: dict, models: list[str], device) -> dict:
             best = None
             for lr in cfg["lrs"]:
                 t0 = time.time()
-                model, losses = train(mixer, lr, cfg, device, bar=bar)
+                model, losses = train(mixer, lr, cfg, device, bar=bar, seconds=seconds)
                 acc = evaluate(model, cfg, device)
                 inside = [a for k, a in acc.items() if in_training_regime(k, cfg)]
                 score = sum(inside) / max(len(inside), 1)
                 run = dict(lr=lr, final_loss=sum(losses[-10:]) / len(losses[-10:]), accuracy=acc,
-                           score_in_regime=score, seconds=time.time() - t0)
+                           score_in_regime=score, seconds=time.time() - t0, steps=len(losses),
+                           loss_curve=[sum(losses[i:i + 100]) / len(losses[i:i + 100])
+                                       for i in range(0, len(losses), 100)])
                 if best is None or score > best["score_in_regime"]:
                     best = run
             results[mixer] = best
@@ -176,15 +215,17 @@ def study(cfg: dict, models: list[str], device) -> dict:
 
 def table(res: dict, cfg: dict) -> str:
     keys = [f"{T},{p}" for T in cfg["eval_T"] for p in cfg["eval_pairs"] if 3 * p <= T]
-    head = "| model | lr | final loss | " + " | ".join(
+    head = "| model | lr | steps | final loss | " + " | ".join(
         f"T={k.split(',')[0]}, {k.split(',')[1]} pairs{'' if in_training_regime(k, cfg) else ' *'}" for k in keys) + " |"
     lines = [f"MQAR accuracy at the query positions (best learning rate by accuracy inside the training "
              f"regime; * beyond it: more pairs or longer sequences than in training). Training: T in "
-             f"{cfg['train_T']}, pairs in {cfg['train_pairs']}, {cfg['steps']} steps of batch {cfg['batch']}, "
+             f"{cfg['train_T']}, pairs in {cfg['train_pairs']}, "
+             + (f"{cfg['minutes']:g} minutes" if cfg.get("minutes") else f"{cfg['steps']} steps")
+             + f" per run, batches of {cfg['batch']}, "
              f"vocabulary {cfg['vocab']}, d_model {cfg['d_model']}, {cfg['heads']} heads of K = V = {cfg['head_dim']}.",
-             "", head, "|" + "---|" * (3 + len(keys))]
+             "", head, "|" + "---|" * (4 + len(keys))]
     for name, r in res["models"].items():
-        lines.append(f"| {name} | {r['lr']:g} | {r['final_loss']:.3f} | "
+        lines.append(f"| {name} | {r['lr']:g} | {r.get('steps', cfg['steps'])} | {r['final_loss']:.3f} | "
                      + " | ".join(f"{r['accuracy'].get(k, float('nan')):.3f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
@@ -250,6 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MIXERS))
     ap.add_argument("--lrs", default=None, help="comma-separated learning rates")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="train each (model, learning rate) for this long instead of a step count")
     ap.add_argument("--merge", default=None, help="comma-separated mqar.json files of partial studies")
     args = ap.parse_args(argv)
     if args.merge:
@@ -266,7 +309,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(MIXERS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = dict(config=cfg, device=str(device), models=study(cfg, models, device))
+    seconds = None if args.minutes is None else 60 * args.minutes
+    if seconds is not None:
+        cfg["minutes"] = args.minutes
+    res = dict(config=cfg, device=str(device), models=study(cfg, models, device, seconds))
     write(res, Path(args.out), "mqar_smoke" if args.smoke else "mqar")
     return 0
 

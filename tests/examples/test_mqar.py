@@ -111,3 +111,17 @@ def test_accuracy_in_sub_batches_counts_every_query_once():
     tokens, targets = mqar_batch(torch.Generator().manual_seed(3), 6, 24, 4, vocab=vocab)
     for rows in (2, 4, 32):   # even sizes: every sub-batch starts on an even row, so the alternation holds
         assert run._accuracy(Alternating(), tokens, targets, rows=rows) == 0.5
+
+
+def test_warmup_cosine_schedule_shape():
+    """The factor rises linearly to 1 over the first tenth, then falls as a cosine to 0, and a
+    total set late (a timed run) stretches it."""
+    import math
+
+    import pytest
+    f = run.WarmupCosine(100)
+    assert [f(s) for s in range(10)] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert f(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert f(100) == pytest.approx(0.0) and f(99) > 0
+    f.total = 1000
+    assert f(99) == pytest.approx(1.0) and f(550) == pytest.approx(0.5)

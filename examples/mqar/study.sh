@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The full MQAR study on one GPU: every (model, learning rate) in its own process side by side
+# (these models are far too small to fill a GPU alone), each trained for MINUTES, then merged.
+#
+#   bash examples/mqar/study.sh MINUTES OUT [LRS] [MODELS]
+#
+# Writes OUT/mqar.{md,json,png} (the merged study) and OUT/runs.tgz (each run's log and JSON).
+set -u
+minutes=$1 out=$2
+lrs=${3:-3e-3,1e-2}
+models=${4:-linear_attention,mamba2,gated_deltanet,bayesian_layer}
+work=$(mktemp -d)
+for m in ${models//,/ }; do
+    for lr in ${lrs//,/ }; do
+        python3 -m examples.mqar.run --models "$m" --lrs "$lr" --minutes "$minutes" --out "$work/$m-$lr" \
+            > "$work/$m-$lr.log" 2>&1 &
+    done
+done
+wait
+parts=$(ls "$work"/*/mqar.json 2>/dev/null | paste -sd, -)
+mkdir -p "$out"
+tar czf "$out/runs.tgz" -C "$work" .
+if [ -z "$parts" ]; then
+    echo "no run finished; logs in $out/runs.tgz" >&2
+    tail -5 "$work"/*.log >&2
+    exit 1
+fi
+python3 -m examples.mqar.run --merge "$parts" --out "$out"
