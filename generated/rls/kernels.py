@@ -697,10 +697,11 @@ def default_config(K, V):
 
     precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32").
     The covariance path is float32 throughout, its dots "tf32x3" (near float32) at every K:
-    the Riccati kernel's dots take 16-row blocks and quarters of P (about 16 KB of shared memory at K = 128).
+    the Riccati kernel's dots take the chunk's rows and quarters of P (about 16 KB of shared memory at
+    K = 128). 4 warps: at K = 128 on an H100 they beat 8 by 5% and 2 by 8x (bench/RESULTS.md).
     """
     return {
-        "covariance": dict(num_warps=4 if K <= 64 else 8, num_stages=1, precision="tf32x3"),
+        "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3"),
         "gain": dict(BV=_block(V, 64), num_warps=4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=4, num_stages=2, precision="tf32x3"),
     }
