@@ -122,7 +122,7 @@ def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress
     over steps 10 to 40 (the first steps compile kernels) and the schedule is stretched to it.
     """
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     model = Model(mixer, cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     shape = WarmupCosine(cfg["steps"])

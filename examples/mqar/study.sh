@@ -10,6 +10,8 @@ minutes=$1 out=$2
 lrs=${3:-3e-3,1e-2}
 models=${4:-linear_attention,mamba2,gated_deltanet,bayesian_layer}
 work=$(mktemp -d)
+# one CPU thread per run: the data is drawn on the GPU, and many runs share the host's cores
+export OMP_NUM_THREADS=1
 for m in ${models//,/ }; do
     for lr in ${lrs//,/ }; do
         python3 -m examples.mqar.run --models "$m" --lrs "$lr" --minutes "$minutes" --out "$work/$m-$lr" \
