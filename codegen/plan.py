@@ -470,9 +470,13 @@ def plan_kalman(derivation) -> Plan:
         )
     kernels = kernels + (
         KernelPlan("chunk_mean_kernel", f"(NV, {bh})", "per state",
-                   "E = U_v - W S; O = (Q o a) S + B E; S' = a_C S + Z^T E",
-                   ("q", "w", "u", "z", "Bm", *(log_decay.inputs if log_decay else ()), "S0"),
-                   ("o", "St")),
+                   "E = U_v - W S; S' = a_C S + Z^T E (stores S per chunk and E)",
+                   ("w", "u", "z", *(log_decay.inputs if log_decay else ()), "S0"),
+                   ("h", "e", "St")),
+        KernelPlan("chunk_readout_kernel", f"(NV, NT, {bh})", "per chunk",
+                   "O = (Q o a) S + B E",
+                   ("q", "Bm", *(log_decay.inputs if log_decay else ()), "h", "e"),
+                   ("o",)),
     )
     notes = [f"dataflow nodes computed per token: {', '.join(token_quantities(derivation)) or 'none'}",
              "decay and process noise per key: the decayed grams loop over the chunk's columns"

@@ -19,7 +19,8 @@ Gamma_tj = a_t / a_j <= 1, e_t = accumulated process noise since the chunk start
     per state   P (the covariance, [K, K] per head; sequential, value-independent); S (the mean, [K, V] per head)
 Kernels, in launch order:
     chunk_covariance_kernel  grid (N * H)    S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)
-    chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; O = (Q o a) S + B E; S' = a_C S + Z^T E
+    chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; S' = a_C S + Z^T E (stores S per chunk and E)
+    chunk_readout_kernel     grid (NV, NT, N * H) O = (Q o a) S + B E
 """
 import torch
 import triton
@@ -229,17 +230,16 @@ def chunk_covariance_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def chunk_mean_kernel(
-    q,
     _w,
     _u,
     _z,
-    _Bm,
     g,
-    o,
+    _h,
+    _e,
     h0,
     ht,
     cu_seqlens,
-    scale,
+    chunk_offsets,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -252,22 +252,25 @@ def chunk_mean_kernel(
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """The mean across chunks, with the readout (MATH.md 6.3): linear in S, like the reset family.
+    """The mean across chunks (MATH.md 6.3): linear in S, like the reset family.
 
         E   = U_v - W S                    (the innovations L^-1 (V - K^ S))
-        O   = (Q o a) S + B E
         S'  = a_C S + Z^T E
 
-    W, U_v, Z and B come from the covariance kernel. Each program carries all K rows (BK >= K)
-    of a [K, BV] block of one sequence's mean. Grid: (NV, N * H).
+    W, U_v and Z come from the covariance kernels. Stores each chunk's starting S and its E for
+    chunk_readout_kernel, which reads them out in parallel: the readout's operands (Q, B) stay
+    out of this serial loop. Each program carries all K rows (BK >= K) of a [K, BV] block of
+    one sequence's mean. Grid: (NV, N * H).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
         bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
     o_c = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -287,29 +290,83 @@ def chunk_mean_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_tk = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         p_tv = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        tl.store(_h + ((boc + i_t) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                 b_h.to(_h.dtype.element_ty), mask=m_h)
         # [BT, BK]
         b_w = tl.load(_w + p_tk, mask=m_tk, other=0.).to(tl.float32)
         b_z = tl.load(_z + p_tk, mask=m_tk, other=0.).to(tl.float32)
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32) * scale
-        # [BT, BV]
-        b_u = tl.load(_u + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        # [BT, BT]
-        b_B = tl.load(_Bm + ((bos + o_t[:, None]) * H + i_h) * BT + o_c[None, :], mask=m_t[:, None], other=0.).to(tl.float32)
+        # [BT, BV] the innovations
+        b_E = tl.load(_u + p_tv, mask=m_tv, other=0.).to(tl.float32) - tl.dot(b_w, b_h, input_precision=DOT_PRECISION)
+        tl.store(_e + p_tv, b_E.to(_e.dtype.element_ty), mask=m_tv)
+        # S' = a_C S + Z^T E
         b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_gl = tl.sum(b_ld, axis=0)
-        b_q = b_q * tl.exp2(b_gc)
-        # innovations, then the readout
-        b_E = b_u - tl.dot(b_w, b_h, input_precision=DOT_PRECISION)
-        b_o = tl.dot(b_q, b_h, input_precision=DOT_PRECISION) + tl.dot(b_B, b_E, input_precision=DOT_PRECISION)
-        tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-        # S' = a_C S + Z^T E
-        b_h = b_h * tl.exp2(b_gl)[:, None]
+        b_h = b_h * tl.exp2(tl.sum(b_ld, axis=0))[:, None]
         b_h = tl.dot(tl.trans(b_z), b_E, b_h, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_readout_kernel(
+    q,
+    _Bm,
+    g,
+    _h,
+    _e,
+    o,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The readout of every chunk, in parallel, from the chunk's starting mean S and innovations E
+    that chunk_mean_kernel stored (MATH.md 6.3):
+
+        O = (Q o a) S + B E
+
+    Grid: (NV, chunks of the longest sequence, N * H); programs past their sequence's end return.
+    """
+    i_v, i_t, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+        boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    if i_t * BT >= T:
+        return
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_t = i_t * BT + o_c
+    m_t = o_t < T
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    # [BT, BK] the decayed, scaled queries
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+    b_q = b_q * tl.exp2(tl.cumsum(b_ld, axis=0))
+    # [BK, BV] S at the chunk's start, [BT, BT] B, [BT, BV] E
+    b_h = tl.load(_h + ((boc + i_t) * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
+    b_B = tl.load(_Bm + ((bos + o_t[:, None]) * H + i_h) * BT + o_c[None, :], mask=m_t[:, None], other=0.).to(tl.float32)
+    b_E = tl.load(_e + p_tv, mask=m_tv, other=0.).to(tl.float32)
+    b_o = tl.dot(b_q, b_h, input_precision=DOT_PRECISION) + tl.dot(b_B, b_E, input_precision=DOT_PRECISION)
+    tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 def _block(n, cap):
@@ -324,12 +381,17 @@ def default_config(K, V):
     The covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
     K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
     its dots run in tf32 (about 1e-3 relative).
+    The mean's serial pass keeps "tf32x3" (its rounding would accumulate over the chunks). The
+    readout, which feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and
+    "tf32" (about 5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones, whose
+    split operands would otherwise spill.
     """
     return {
         "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
                            precision="tf32x3" if K <= 64 else "tf32"),
         "gain": dict(BV=_block(V, 64), num_warps=4, num_stages=1, precision="tf32x3"),
-        "mean": dict(BV=_block(V, 32), num_warps=4, num_stages=2, precision="tf32x3"),
+        "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
+        "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
 
 
@@ -483,15 +545,31 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         STORE_FINAL_COV=output_final_state, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    # per state (mean), with the readout
-    o = torch.empty_like(v)
+    # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
+    if cu_seqlens is not None:
+        _chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1) // BT
+        _chunk_offsets = torch.cat([_chunks.new_zeros(1), _chunks.cumsum(0)]).to(torch.int32)
+        NS = triton.cdiv(T, BT) + N   # at least the chunks of all sequences, without a sync
+    else:
+        _chunk_offsets, NS = None, B * triton.cdiv(T, BT)
+    _h = q.new_empty(NS, H, K, V, dtype=v.dtype)
+    _e = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     _launch = _cfg["mean"]
     chunk_mean_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-        q, _w, _u, _z, _Bm, g, o, _S0, ht, cu_seqlens, scale, T,
+        _w, _u, _z, g, _h, _e, _S0, ht, cu_seqlens, _chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=_S0 is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    # per chunk, in parallel: the readout
+    o = torch.empty_like(v)
+    _launch = _cfg["readout"]
+    chunk_readout_kernel[(triton.cdiv(V, _launch["BV"]), triton.cdiv(T, BT), N * H)](
+        q, _Bm, g, _h, _e, o, cu_seqlens, _chunk_offsets, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=_launch["precision"] or ("tf32x3" if v.dtype == torch.float32 else "tf32"),
+        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     _final = (ht, _Pt) if output_final_state else None
     if output_variance:
