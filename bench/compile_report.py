@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backward", action="store_true", help="the backward's kernels too")
     ap.add_argument("--check", action="store_true",
                     help="only compile (no ptxas report); exit 1 if a kernel does not compile")
+    ap.add_argument("--dump", default=None, help="write each kernel's TTGIR and PTX into this folder")
+    ap.add_argument("--only", default=None, help="compile only the kernels whose names hold this text")
     ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"num_warps": 4}}\'')
     args = ap.parse_args(argv)
     if RECORDING:
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     failed = 0
     for name, sig, const, options in launches:
+        if args.only and args.only not in name:
+            continue
         t0 = time.time()
         try:
             compiled = triton.compile(ASTSource(fn=getattr(module, name), signature=sig, constexprs=const),
@@ -153,6 +157,10 @@ def main(argv=None) -> int:
             print(f"| {name} | failed: {type(exc).__name__}: {' '.join(str(exc).split())[-600:]} |||", flush=True)
             continue
         secs = time.time() - t0
+        if args.dump:
+            Path(args.dump).mkdir(parents=True, exist_ok=True)
+            for ext in ("ttgir", "ptx"):
+                (Path(args.dump) / f"{name}.{ext}").write_text(compiled.asm[ext])
         rep = ptxas_report(compiled.asm["ptx"], args.arch) if not args.check else dict(regs="-", spill_st="-", spill_ld="-")
         print(f"| {name} | {secs:.1f} | {rep['regs']} | {rep['spill_st']}/{rep['spill_ld']} | "
               f"{compiled.metadata.shared} |", flush=True)
