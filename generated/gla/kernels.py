@@ -120,12 +120,14 @@ def chunk_attention_kernel(
         # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
         # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
         # the diagonal, which is masked out at the store)
+        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
         b_qd = tl.reshape(b_q, [4, BC, BK])
-        b_gd = tl.reshape(b_gc, [4, BC, BK])
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
         for i_c in range(BC):
-            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay
+            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
             o_tc = i_t * BT + o_s + i_c
-            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=(o_tc < T)[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            m_tc = o_tc < T
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
             b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
             b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
             b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
@@ -841,12 +843,14 @@ def chunk_attention_canonical_kernel(
         # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
         # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
         # the diagonal, which is masked out at the store)
+        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
         b_qd = tl.reshape(b_q, [4, BC, BK])
-        b_gd = tl.reshape(b_gc, [4, BC, BK])
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
         for i_c in range(BC):
-            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay
+            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
             o_tc = i_t * BT + o_s + i_c
-            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=(o_tc < T)[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            m_tc = o_tc < T
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
             b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
             b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
             b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
@@ -1325,12 +1329,14 @@ def chunk_bwd_dqk_kernel(
     b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
     # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
     # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
-    b_gd = tl.reshape(b_gc, [4, BC, BK])
+    # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
+    b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
     b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
     b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
     m_dr = (i_t * BT + o_dr) < T
     for i_c in range(BC):
         # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
+        # (taken from b_gd)
         o_tc = i_t * BT + o_s + i_c
         m_tc = o_tc < T
         b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
