@@ -573,6 +573,20 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
                "logdecay": "<= 0 (a log-decay)"}
 
 
+# the forward's tensors that backward takes (`saved=`, with the final state) instead of
+# recomputing them: the state at every chunk start and the intra-chunk attention
+SAVED = ("h", "A")
+
+
+def saved_shapes(q, v, N, varlen):
+    """[(shape, dtype)] of SAVED for q [B, T, H, K], v [B, T, H, V] and N sequences: h holds
+    room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N of them)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
+    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32)]
+
+
 def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
     """The chunked forward pass of gla.
 
@@ -582,6 +596,16 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
     default_config(K, V).
     Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    """
+    o, ht, _ = forward_saving(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens, check_domain=check_domain, config=config)
+    return o, ht
+
+
+def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+    """`forward`, also returning what backward takes instead of recomputing it:
+    (o, final state or None, (h, A)), h [NS, H, K, V] the state at every chunk start (None on
+    the fused path), A [B, T, H, CHUNK] float32 the intra-chunk attention (SAVED, saved_shapes).
     """
     check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -636,10 +660,10 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
             H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht
+        return o, ht, (None, A)
     # per state: S across chunks; the state at every chunk start (in the input dtype, like fla)
-    # for the output kernel
-    h = k.new_empty(NS, H, K, V)
+    # for the output kernel and the backward (room for saved_shapes' bound)
+    h = k.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[0][0])
     _launch = _cfg["state"]
     chunk_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
         k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
@@ -654,7 +678,7 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    return o, ht
+    return o, ht, (h, A)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1435,7 +1459,7 @@ def default_backward_config(K, V):
     }
 
 
-def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config):
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved=None):
     """Gradients of the write family's canonical recurrence S_t = Diag(a_t) S_{t-1} + k_t v_t^T,
     a_t = exp(log_decay_t), o_t = scale S_t^T q_t.
 
@@ -1443,10 +1467,12 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
+    saved: (h, A, final state or None) from forward_saving, or None: then they are recomputed
+    (also when dht is given without the final state).
     Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
     the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
-    Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
-    the dtype of k); nothing per token beyond the gradients.
+    Memory: the states at the chunk boundaries and A are the forward's (or recomputed), the
+    states' gradients are stored (in the dtype of k); nothing per token beyond the gradients.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -1474,32 +1500,37 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     if dht is not None:
         dht = dht.contiguous()
 
-    # recompute the state at every chunk start (and the final state, for the decay's gradient)
-    h = k.new_empty(NS, H, K, V)
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
-    _launch = _cfg["state"]
-    chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
-    A = v.new_empty(B, T, H, BT, dtype=torch.float32)
-    _launch = _cfg["attention"]
-    if _launch.get("rows", False):
-        # one program per row sub-chunk of each chunk
-        chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
+    if saved is not None and saved[0] is not None and saved[1] is not None and (dht is None or saved[2] is not None):
+        # the forward's states at the chunk starts, intra-chunk attention and final state
+        # (forward_saving)
+        h, A, ht = saved[0], saved[1], saved[2] if dht is not None else None
     else:
-        chunk_attention_canonical_kernel[(NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+        # recompute the state at every chunk start (and the final state, for the decay's gradient)
+        h = k.new_empty(NS, H, K, V)
+        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
+        _launch = _cfg["state"]
+        chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+            k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+            H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
+        # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
+        A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+        _launch = _cfg["attention"]
+        if _launch.get("rows", False):
+            # one program per row sub-chunk of each chunk
+            chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
+                q, k, g, A, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            )
+        else:
+            chunk_attention_canonical_kernel[(NT, B * H)](
+                q, k, g, A, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
     dh = k.new_empty(NS, H, K, V)
@@ -1551,12 +1582,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
-def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of gla's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
+    saved: (h, A, final state or None), forward_saving's tensors and final state, or None
+    (then recomputed).
     Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1578,10 +1611,17 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
             raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    if saved is not None:
+        if not isinstance(saved, (tuple, list)) or len(saved) != 3:
+            raise ValueError("saved must be (h, A, final state or None): forward_saving's tensors and final state")
+        for _name, _x, (_shape, _dtype) in zip(SAVED, saved, saved_shapes(q, v, N, cu_seqlens is not None)):
+            if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape or _x.dtype != _dtype or _x.device != q.device):
+                _got = (tuple(_x.shape), _x.dtype, str(_x.device)) if isinstance(_x, torch.Tensor) else type(_x).__name__
+                raise ValueError(f"saved {_name} must be {_shape} {_dtype} on {q.device} (forward_saving's), got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
     # log_decay is the input g as it is
     log_decay = g.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
-        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved)
     d_g = dlog_decay
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_g.to(g.dtype), dh0)
