@@ -1455,7 +1455,9 @@ def default_backward_config(K, V):
         # in registers without spills (bench/compile_report.py, sm_90)
         "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
         "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2),
-        "decay": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # a sequential scan per program: narrow key blocks for more programs, BT rows per step
+        # (not the chunk) for fewer steps
+        "decay": dict(BT=256, BK=_block(K, 16), BV=_block(V, 64), num_warps=4, num_stages=2),
     }
 
 
@@ -1573,7 +1575,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _launch = _cfg["decay"]
     chunk_bwd_decay_kernel[(triton.cdiv(K, _launch["BK"]), N * H)](
         dgk, ht, dht, dg, cu_seqlens, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        H=H, K=K, V=V, BT=_launch["BT"], BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
         IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return dq, dk, dv, None, dg, dh0

@@ -223,7 +223,9 @@ SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(
 
 @pytest.mark.parametrize("model,config", [
     ("mamba2", SMALL_BLOCKS),
-    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)}),
+    # the decay's scan in steps of 32 rows (several per sequence)
+    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2),
+             "decay": dict(BT=32, BK=16)}),
 ])
 def test_backward_with_small_blocks(model, config, cache):
     B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
