@@ -50,6 +50,9 @@ def chunk_attention_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -58,6 +61,7 @@ def chunk_attention_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
@@ -68,7 +72,10 @@ def chunk_attention_kernel(
     exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
     [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
     no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
-    of every diagonal block at a time ([NC, BC, BK] per column). Grid: (NT, B * H).
+    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
+    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
+    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
+    Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -104,6 +111,12 @@ def chunk_attention_kernel(
         b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
+        if STORE_DECAYED:
+            b_glast = tl.sum(b_ld, axis=0)
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # off the diagonal blocks, per column sub-chunk j: r = gc at its end
         b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
         b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
@@ -146,6 +159,9 @@ def chunk_attention_rows_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -154,13 +170,15 @@ def chunk_attention_rows_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
     the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
     sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
-    Grid: (BT // BC, NT, B * H).
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
+    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
+    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
     """
     i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -214,6 +232,20 @@ def chunk_attention_rows_kernel(
         m_k = o_k < K
         b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if STORE_DECAYED:
+            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
+            b_glast = tl.sum(b_ldt, axis=0)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
+            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            if i_i == 0:
+                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # cumulative log2-decay within the sub-chunk (the ratios need no offset)
         b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
@@ -230,7 +262,7 @@ def chunk_attention_rows_kernel(
 def chunk_state_kernel(
     k,
     v,
-    g,
+    gl,
     h,
     h0,
     ht,
@@ -251,6 +283,8 @@ def chunk_state_kernel(
 
     Stores S at the start of every chunk into h for the output kernel. Each program carries
     one [BK, BV] block of one sequence's state. Grid: (NK * NV, N * H).
+    k holds the decayed keys K o (a_C / a) in the input dtype and gl [NS, H, K] the chunks'
+    total log2-decays, both stored by the attention kernel.
     """
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -283,15 +317,10 @@ def chunk_state_kernel(
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BT, BV]
         b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
+        # [BK] the chunk's total log2-decay per key (k is decayed to the chunk end already)
+        b_glast = tl.load(gl + ((boc + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
         b_h *= tl.exp2(b_glast)[:, None]
-        b_k = b_k * tl.exp2(b_glast[None, :] - b_gc)
-        b_v = b_v.to(tl.float32)
-        # write: S += K^T V (decayed operands in float32, tf32 on the GPU)
+        # write: S += K^T V (operands in the input dtype)
         b_h = tl.dot(tl.trans(b_k), b_v, b_h)
 
     if STORE_FINAL_STATE:
@@ -382,7 +411,6 @@ def chunk_output_kernel(
     v,
     h,
     A,
-    g,
     o,
     cu_seqlens,
     chunk_indices,
@@ -400,6 +428,7 @@ def chunk_output_kernel(
 
     S is the state at the chunk start (from the state kernel), the intra-chunk attention
     A comes from the attention kernel. Grid: (NV, NT, B * H).
+    q holds the decayed queries Q o a in the input dtype (from the attention kernel).
     """
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -428,11 +457,7 @@ def chunk_output_kernel(
         b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BK, BV]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] decay since the chunk start, a = exp(gc), per key
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_q = (b_q * tl.exp2(b_gc)).to(b_q.dtype)
+        # (q is Q o a already)
         b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o)
 
     # [BT, BT] intra-chunk attention, already causal and decayed
@@ -463,9 +488,12 @@ def default_config(K, V):
     return {
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=3),
-        "attention": dict(BK=_block(K, 32), num_warps=4, num_stages=2),
+        # 8 warps: the [BT, BT] block, the [BT, BK] operands and the decayed operands' stores fit
+        # in registers without spills (bench/compile_report.py, sm_90); not timed yet
+        "attention": dict(BK=_block(K, 32), num_warps=8, num_stages=2),
         "state": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=2, num_stages=3),
-        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # the decayed queries come from the attention kernel; 8 warps: no spills (sm_90), not timed yet
+        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=8, num_stages=2),
     }
 
 
@@ -636,20 +664,26 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
                   IS_VARLEN=cu_seqlens is not None)
     BK = max(16, triton.next_power_of_2(K))  # the state kernels of the fused path hold all K rows
 
-    # per chunk: the intra-chunk attention A = tril(Q K^T o Gamma)
+    # per chunk: the intra-chunk attention A = tril(Q K^T o Gamma); for the two passes also the
+    # decayed queries Q o a and keys K o (a_C / a) (in the input dtype) and each chunk's total
+    # log2-decay, so that the state and output kernels read no log-decay
     A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+    _decayed = _path != "fused"
+    qd = torch.empty_like(q) if _decayed else None
+    kd = torch.empty_like(k) if _decayed else None
+    gl = q.new_empty(NS, H, K, dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
         chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
     else:
         chunk_attention_kernel[(NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
     if _path == "fused":
@@ -666,7 +700,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
     h = k.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[0][0])
     _launch = _cfg["state"]
     chunk_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+        kd, v, gl, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], **_flags,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -674,7 +708,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
     # per chunk: the readout
     _launch = _cfg["output"]
     chunk_output_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
-        q, k, v, h, A, g, o, cu_seqlens, chunk_indices, scale, T,
+        qd, k, v, h, A, o, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -797,6 +831,9 @@ def chunk_attention_canonical_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -805,6 +842,7 @@ def chunk_attention_canonical_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
@@ -815,7 +853,10 @@ def chunk_attention_canonical_kernel(
     exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
     [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
     no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
-    of every diagonal block at a time ([NC, BC, BK] per column). Grid: (NT, B * H).
+    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
+    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
+    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
+    Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -851,6 +892,12 @@ def chunk_attention_canonical_kernel(
         b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
+        if STORE_DECAYED:
+            b_glast = tl.sum(b_ld, axis=0)
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # off the diagonal blocks, per column sub-chunk j: r = gc at its end
         b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
         b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
@@ -893,6 +940,9 @@ def chunk_attention_rows_canonical_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -901,13 +951,15 @@ def chunk_attention_rows_canonical_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
     the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
     sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
-    Grid: (BT // BC, NT, B * H).
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
+    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
+    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
     """
     i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -961,6 +1013,20 @@ def chunk_attention_rows_canonical_kernel(
         m_k = o_k < K
         b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if STORE_DECAYED:
+            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
+            b_glast = tl.sum(b_ldt, axis=0)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
+            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            if i_i == 0:
+                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # cumulative log2-decay within the sub-chunk (the ratios need no offset)
         b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
@@ -1450,7 +1516,8 @@ def default_backward_config(K, V):
         "state": _fwd["state"],
         "attention": _fwd["attention"],
         "dh": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "dv": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # key blocks of 32: the per-key decayed keys in float32 fit without spills (sm_90)
+        "dv": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
         # 8 warps: the [BT, BT] blocks of dA and the [BT, BK] float32 operands of dQ and dK fit
         # in registers without spills (bench/compile_report.py, sm_90)
         "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
@@ -1523,14 +1590,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         if _launch.get("rows", False):
             # one program per row sub-chunk of each chunk
             chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
-                q, k, g, A, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+                q, k, g, A, None, None, None, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=False, IS_VARLEN=IS_VARLEN,
                 num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
         else:
             chunk_attention_canonical_kernel[(NT, B * H)](
-                q, k, g, A, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+                q, k, g, A, None, None, None, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=False, IS_VARLEN=IS_VARLEN,
                 num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
 
