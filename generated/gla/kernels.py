@@ -602,17 +602,19 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
 
 
 # the forward's tensors that backward takes (`saved=`, with the final state) instead of
-# recomputing them: the state at every chunk start and the intra-chunk attention
-SAVED = ("h", "A")
+# recomputing them: the state at every chunk start, the intra-chunk attention, the decayed
+# queries and keys and the chunks' total log2-decays
+SAVED = ("h", "A", "qd", "kd", "gl")
 
 
 def saved_shapes(q, v, N, varlen):
-    """[(shape, dtype)] of SAVED for q [B, T, H, K], v [B, T, H, V] and N sequences: h holds
-    room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N of them)."""
+    """[(shape, dtype)] of SAVED for q [B, T, H, K], v [B, T, H, V] and N sequences: h and gl
+    hold room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N of them)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
-    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32)]
+    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32), (tuple(q.shape), q.dtype),
+            (tuple(q.shape), q.dtype), ((NS, H, K), torch.float32)]
 
 
 def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
@@ -632,8 +634,10 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
 
 def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
     """`forward`, also returning what backward takes instead of recomputing it:
-    (o, final state or None, (h, A)), h [NS, H, K, V] the state at every chunk start (None on
-    the fused path), A [B, T, H, CHUNK] float32 the intra-chunk attention (SAVED, saved_shapes).
+    (o, final state or None, (h, A, qd, kd, gl)): h [NS, H, K, V] the state at every chunk start,
+    A [B, T, H, CHUNK] float32 the intra-chunk attention, qd, kd [B, T, H, K] the decayed
+    queries and keys, gl [NS, H, K] float32 the chunks' total log2-decays (SAVED,
+    saved_shapes); on the fused path only A (the others None).
     """
     check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -671,7 +675,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
     _decayed = _path != "fused"
     qd = torch.empty_like(q) if _decayed else None
     kd = torch.empty_like(k) if _decayed else None
-    gl = q.new_empty(NS, H, K, dtype=torch.float32) if _decayed else None
+    gl = q.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
@@ -694,7 +698,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
             H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht, (None, A)
+        return o, ht, (None, A, None, None, None)
     # per state: S across chunks; the state at every chunk start (in the input dtype, like fla)
     # for the output kernel and the backward (room for saved_shapes' bound)
     h = k.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[0][0])
@@ -712,7 +716,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    return o, ht, (h, A)
+    return o, ht, (h, A, qd, kd, gl)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1114,7 +1118,7 @@ def chunk_state_canonical_kernel(
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_state_kernel(
     q,
-    g,
+    gl,
     do,
     dh,
     dht,
@@ -1140,6 +1144,8 @@ def chunk_bwd_state_kernel(
     dS' is the gradient w.r.t. the state at the end of a chunk; it is stored into dh for the
     chunk (for dK and dV), and the gradient at the sequence start into dh0. Each program
     carries one [BK, BV] block of one sequence's gradient. Grid: (NK * NV, N * H).
+    q holds the decayed queries Q o a and gl [NS, H, K] the chunks' total log2-decays, from
+    the attention kernel.
     """
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -1172,15 +1178,11 @@ def chunk_bwd_state_kernel(
         b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BT, BV]
         b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key since the chunk start
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
+        # [BK] the chunk's total log2-decay per key (q holds Q o a already)
+        b_glast = tl.load(gl + ((boc + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
         b_dh *= tl.exp2(b_glast)[:, None]
-        b_q = (b_q * (scale * tl.exp2(b_gc))).to(b_do.dtype)
         # dS += scale (Q o a)^T dO
-        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+        b_dh += scale * tl.dot(tl.trans(b_q), b_do)
 
     if STORE_INITIAL_GRAD:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dh0.dtype.element_ty), mask=m_h)
@@ -1190,7 +1192,6 @@ def chunk_bwd_state_kernel(
 def chunk_bwd_dv_kernel(
     q,
     k,
-    g,
     A,
     do,
     dh,
@@ -1210,7 +1211,8 @@ def chunk_bwd_dv_kernel(
     """The values' gradient of one chunk: dV = scale tril(Q K^T o Gamma)^T dO + (K o (a_C / a)) dS',
 
     dS' the gradient w.r.t. the state at the chunk end (from chunk_bwd_state_kernel), the
-    intra-chunk attention A recomputed by the attention kernel. Grid: (NV, NT, B * H).
+    intra-chunk attention A from the attention kernel. Grid: (NV, NT, B * H).
+    k holds the decayed keys K o (a_C / a), from the attention kernel.
     """
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1239,12 +1241,7 @@ def chunk_bwd_dv_kernel(
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BK, BV]
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
-        b_k = (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(b_k.dtype)
+        # (k is K o (a_C / a) already)
         b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), b_dv)
 
     # [BT, BT] the intra-chunk attention (rows t, columns s), already causal and decayed
@@ -1536,7 +1533,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
-    saved: (h, A, final state or None) from forward_saving, or None: then they are recomputed
+    saved: (h, A, qd, kd, gl, final state or None) from forward_saving, or None: then they are recomputed
     (also when dht is given without the final state).
     Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
     the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
@@ -1569,10 +1566,11 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     if dht is not None:
         dht = dht.contiguous()
 
-    if saved is not None and saved[0] is not None and saved[1] is not None and (dht is None or saved[2] is not None):
-        # the forward's states at the chunk starts, intra-chunk attention and final state
-        # (forward_saving)
-        h, A, ht = saved[0], saved[1], saved[2] if dht is not None else None
+    if saved is not None and all(x is not None for x in saved[:5]) and (dht is None or saved[5] is not None):
+        # the forward's states at the chunk starts, intra-chunk attention, decayed queries and
+        # keys, chunks' total log2-decays and final state (forward_saving)
+        h, A, qd, kd, gl = saved[:5]
+        ht = saved[5] if dht is not None else None
     else:
         # recompute the state at every chunk start (and the final state, for the decay's gradient)
         h = k.new_empty(NS, H, K, V)
@@ -1584,20 +1582,23 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
             STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
+        # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV, and the
+        # decayed queries and keys and the chunks' total log2-decays, for dS and dV
         A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+        qd, kd = torch.empty_like(q), torch.empty_like(k)
+        gl = q.new_empty(NS, H, K, dtype=torch.float32)
         _launch = _cfg["attention"]
         if _launch.get("rows", False):
             # one program per row sub-chunk of each chunk
             chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
-                q, k, g, A, None, None, None, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=False, IS_VARLEN=IS_VARLEN,
+                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
                 num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
         else:
             chunk_attention_canonical_kernel[(NT, B * H)](
-                q, k, g, A, None, None, None, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=False, IS_VARLEN=IS_VARLEN,
+                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
                 num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
 
@@ -1606,7 +1607,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     _launch = _cfg["dh"]
     chunk_bwd_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        q, g, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        qd, gl, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
         STORE_INITIAL_GRAD=dh0 is not None, IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
@@ -1616,7 +1617,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     dv = torch.empty_like(v)
     _launch = _cfg["dv"]
     chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
-        q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
+        q, kd, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -1657,8 +1658,8 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
-    saved: (h, A, final state or None), forward_saving's tensors and final state, or None
-    (then recomputed).
+    saved: (h, A, qd, kd, gl, final state or None), forward_saving's tensors and final
+    state, or None (then recomputed).
     Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1681,8 +1682,8 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
     if saved is not None:
-        if not isinstance(saved, (tuple, list)) or len(saved) != 3:
-            raise ValueError("saved must be (h, A, final state or None): forward_saving's tensors and final state")
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED) + 1:
+            raise ValueError(f"saved must be ({', '.join(SAVED)}, final state or None): forward_saving's tensors and final state")
         for _name, _x, (_shape, _dtype) in zip(SAVED, saved, saved_shapes(q, v, N, cu_seqlens is not None)):
             if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape or _x.dtype != _dtype or _x.device != q.device):
                 _got = (tuple(_x.shape), _x.dtype, str(_x.device)) if isinstance(_x, torch.Tensor) else type(_x).__name__

@@ -93,10 +93,10 @@ def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, c
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     kw = {}
     if saved:
-        _, ht, (h, A) = module.forward_saving(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], scale=scale,
+        _, ht, fwd = module.forward_saving(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], scale=scale,
                                               initial_state=dev(S0), output_final_state=with_dht,
                                               cu_seqlens=dev(cu_t))
-        kw["saved"] = (h, A, ht)
+        kw["saved"] = (*fwd, ht)
     out = module.backward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], dev(do), dev(dht),
                           scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t), config=config, **kw)
     assert len(out) == 4 + len(names)
@@ -210,11 +210,11 @@ def test_backward_rejects_bad_saved_tensors():
     q, k, v = (torch.randn(B, T, H, D, device=DEVICE) for D in (K, K, V))
     g = -torch.rand(B, T, H, K, device=DEVICE)
     do = torch.randn(B, T, H, V, device=DEVICE)
-    _, _, (h, A) = module.forward_saving(q, k, v, g)
+    _, _, (h, A, qd, kd, gl) = module.forward_saving(q, k, v, g)
     with pytest.raises(ValueError, match="saved A"):
-        module.backward(q, k, v, g, do, saved=(h, A[:, :10], None))
+        module.backward(q, k, v, g, do, saved=(h, A[:, :10], qd, kd, gl, None))
     with pytest.raises(ValueError, match="saved must be"):
-        module.backward(q, k, v, g, do, saved=(h, A))
+        module.backward(q, k, v, g, do, saved=(h, A, qd, kd, gl))
 
 
 # several key and value blocks per program's loop, and several key blocks of programs
