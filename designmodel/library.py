@@ -94,6 +94,9 @@ class LibraryOp:
         self.family = module.FAMILY
         self.kalman = self.family == "kalman"
         self.inputs = list(module.INPUTS)
+        # tensors the forward op also returns, for the backward to take instead of recomputing
+        # them (module.SAVED, module.forward_saving); the recurrent op returns none
+        self.saved = () if self.kalman else tuple(getattr(module, "SAVED", ()))
         self._define()
 
     # --- schema and registration ----------------------------------------------------------
@@ -106,11 +109,13 @@ class LibraryOp:
 
     def _define(self) -> None:
         outputs = "(Tensor, Tensor, Tensor, Tensor)" if self.kalman else "(Tensor, Tensor)"
+        saving = "(Tensor, Tensor" + ", Tensor" * len(self.saved) + ")"
         for suffix, fn in (("", "forward"), ("_recurrent", "recurrent")):
             qualname = f"{NAMESPACE}::{self.name}{suffix}"
-            torch.library.define(qualname, self._schema(outputs), lib=_LIB)
+            torch.library.define(qualname, self._schema(saving if suffix == "" and self.saved else outputs), lib=_LIB)
             torch.library.impl(qualname, "default", lib=_LIB)(self._implementation(fn))
-            torch.library.register_fake(qualname, self._fake, lib=_LIB)
+            torch.library.register_fake(qualname, self._fake_saving if suffix == "" and self.saved else self._fake,
+                                        lib=_LIB)
             torch.library.register_autograd(qualname, self._backward, setup_context=self._setup_context,
                                             lib=_LIB)
         ins = "".join(f", Tensor {n}" for n in self.inputs)
@@ -122,8 +127,9 @@ class LibraryOp:
                       f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens) -> ({grads})")
         else:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
+            saved = ", Tensor[] saved" if self.saved else ""
             schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dht, "
-                      f"float? scale, Tensor? initial_state, Tensor? cu_seqlens) -> ({grads})")
+                      f"float? scale, Tensor? initial_state, Tensor? cu_seqlens{saved}) -> ({grads})")
         torch.library.define(qualname, schema, lib=_LIB)
         torch.library.impl(qualname, "default", lib=_LIB)(self._backward_implementation)
         torch.library.register_fake(qualname, self._backward_fake, lib=_LIB)
@@ -158,6 +164,9 @@ class LibraryOp:
                 S, P = final if final is not None else (_empty(q), _empty(q))
                 var = out[2] if opt["output_variance"] else _empty(q)
                 return o, S, P, var
+            if fn == "forward" and self.saved:
+                o, ht, saved = self.kernels.forward_saving(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
+                return (o, ht if ht is not None else _empty(q), *[x if x is not None else _empty(q) for x in saved])
             o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
             return o, (ht if ht is not None else _empty(q))
         run.__name__ = f"{self.name}_{fn}"
@@ -182,6 +191,16 @@ class LibraryOp:
         var = _dense((B, T, H), q, torch.float32) if opt["output_variance"] else _empty(q)
         return o, ht, Pt, var
 
+    def _fake_saving(self, *args):
+        """The forward op's outputs with the saved tensors (module.saved_shapes)."""
+        q, k, v, inputs, opt = self._split(args)
+        o, ht = self._fake(*args)
+        if q.dim() != 4 or v.dim() != 4:
+            return (o, ht, *[_empty(q) for _ in self.saved])
+        cu = opt["cu_seqlens"]
+        N = q.shape[0] if cu is None else cu.shape[0] - 1
+        return (o, ht, *[_dense(shape, q, dtype) for shape, dtype in self.kernels.saved_shapes(q, v, N, cu is not None)])
+
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
         q, k, v, ins, opt = self._split(inputs)
@@ -190,7 +209,9 @@ class LibraryOp:
                                   opt["cu_seqlens"])
             ctx.output_variance = opt["output_variance"]
         else:
-            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"])
+            # the forward op's saved tensors and final state (none from the recurrent op)
+            extra = [*output[2:], output[1]] if len(output) > 2 else []
+            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"], *extra)
         ctx.scale = opt["scale"]
         ctx.output_final_state = opt["output_final_state"]
         ctx.n_args = len(inputs)
@@ -220,7 +241,8 @@ class LibraryOp:
         n = len(self.inputs)
         q, k, v, ins, h0, cu = saved[0], saved[1], saved[2], list(saved[3:3 + n]), saved[3 + n], saved[4 + n]
         dht = dht.contiguous() if ctx.output_final_state and dht is not None else None
-        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu)
+        extra = ([list(saved[5 + n:])] if self.saved else [])
+        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu, *extra)
         dq, dk, dv, dins, dh0 = out[0], out[1], out[2], list(out[3:3 + n]), out[3 + n]
         # one gradient per op argument: q, k, v, inputs, scale, initial_state, output_final_state,
         # cu_seqlens, check_domain, config
@@ -243,8 +265,13 @@ class LibraryOp:
             grads.append(_empty(q) if dS0 is None else dS0.to(S0.dtype).contiguous())
             grads.append(_empty(q) if dP0 is None else dP0.to(P0.dtype).contiguous())
             return tuple(grads)
-        do, dht, scale, h0, cu = rest[n:]
-        out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None)
+        do, dht, scale, h0, cu = rest[n:n + 5]
+        kw = {}
+        if self.saved:
+            # (h, A, final state) of the forward op, [] after the recurrent op; empty means absent
+            saved = [None if x.numel() == 0 else x for x in rest[n + 5]]
+            kw["saved"] = tuple(saved) if saved else None
+        out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]
         dh0 = out[3 + n]
@@ -314,8 +341,8 @@ class LibraryOp:
             state = kwargs.get("initial_state")
             if state is not None and not isinstance(state, torch.Tensor):
                 raise ValueError(f"initial_state must be a [N, H, K, V] tensor, got {type(state).__name__}")
-            o, ht = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
-            return o, (ht if ofs else None)
+            out = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
+            return out[0], (out[1] if ofs else None)
         S0, P0 = self.kernels._split_state(kwargs.get("initial_state"))
         for what, x in (("initial_state[0] (mean S)", S0), ("initial_state[1] (covariance P)", P0)):
             if x is not None and not isinstance(x, torch.Tensor):

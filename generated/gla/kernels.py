@@ -50,6 +50,9 @@ def chunk_attention_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -58,15 +61,21 @@ def chunk_attention_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
 
-    The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks i > j the decay
-    ratio splits at r, the cumulative decay at the end of sub-chunk j:
-    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1, and the block is one matmul. Within a
-    sub-chunk the ratios are taken elementwise, as a [BC, BC, BK] block. Grid: (NT, B * H).
+    The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks the decay ratio
+    splits at r, the cumulative decay at the end of a column sub-chunk j:
+    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
+    [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
+    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
+    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
+    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
+    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
+    Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -79,104 +88,69 @@ def chunk_attention_kernel(
     else:
         bos = i_b.to(tl.int64) * T
         i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    # [BT] sub-chunk of each row of the chunk
+    o_blk = o_r // BC
+    # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
+    # diagonal blocks within the chunk
     o_c = tl.arange(0, BC)
-    o_t0 = i_t * BT + 0 * BC + o_c
-    m_t0 = o_t0 < T
-    o_t1 = i_t * BT + 1 * BC + o_c
-    m_t1 = o_t1 < T
-    o_t2 = i_t * BT + 2 * BC + o_c
-    m_t2 = o_t2 < T
-    o_t3 = i_t * BT + 3 * BC + o_c
-    m_t3 = o_t3 < T
-    # [BC, BC] blocks of A, row sub-chunk i, column sub-chunk j
-    b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A10 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A20 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A21 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A30 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A31 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A32 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    o_s = tl.arange(0, 4) * BC
+    o_dr = o_s[:, None, None] + o_c[None, :, None]
+    o_dc = o_s[:, None, None] + o_c[None, None, :]
+    # [BT, BT] A off the diagonal blocks; [NC, BC, BC] the diagonal blocks
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        # [BK] cumulative log2-decay at the end of the sub-chunk before
-        b_gn = tl.zeros([BK], dtype=tl.float32)
-        # sub-chunk 0: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q0 = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc0 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn0 = b_gn
-        # sub-chunk 1: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q1 = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc1 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn1 = b_gn
-        # sub-chunk 2: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q2 = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc2 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn2 = b_gn
-        # sub-chunk 3: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q3 = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc3 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn3 = b_gn
-        # off-diagonal blocks i > j: exp2(gc_t - r) exp2(r - gc_s), r = gc at the end of sub-chunk j
-        b_kr = b_k0 * tl.exp2(b_gn0[None, :] - b_gc0)
-        b_A10 = tl.dot(b_q1 * tl.exp2(b_gc1 - b_gn0[None, :]), tl.trans(b_kr), b_A10)
-        b_A20 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn0[None, :]), tl.trans(b_kr), b_A20)
-        b_A30 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn0[None, :]), tl.trans(b_kr), b_A30)
-        b_kr = b_k1 * tl.exp2(b_gn1[None, :] - b_gc1)
-        b_A21 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn1[None, :]), tl.trans(b_kr), b_A21)
-        b_A31 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn1[None, :]), tl.trans(b_kr), b_A31)
-        b_kr = b_k2 * tl.exp2(b_gn2[None, :] - b_gc2)
-        b_A32 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn2[None, :]), tl.trans(b_kr), b_A32)
-        # diagonal blocks: [BC, BC, BK] products q_tm k_sm exp2(gc_tm - gc_sm), summed over the keys
-        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
-        b_A00 += tl.sum(b_q0[:, None, :] * b_k0[None, :, :] * tl.exp2(tl.minimum(b_gc0[:, None, :] - b_gc0[None, :, :], 0.)), axis=2)
-        b_A11 += tl.sum(b_q1[:, None, :] * b_k1[None, :, :] * tl.exp2(tl.minimum(b_gc1[:, None, :] - b_gc1[None, :, :], 0.)), axis=2)
-        b_A22 += tl.sum(b_q2[:, None, :] * b_k2[None, :, :] * tl.exp2(tl.minimum(b_gc2[:, None, :] - b_gc2[None, :, :], 0.)), axis=2)
-        b_A33 += tl.sum(b_q3[:, None, :] * b_k3[None, :, :] * tl.exp2(tl.minimum(b_gc3[:, None, :] - b_gc3[None, :, :], 0.)), axis=2)
+        # [BT, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        if STORE_DECAYED:
+            b_glast = tl.sum(b_ld, axis=0)
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
+        # off the diagonal blocks, per column sub-chunk j: r = gc at its end
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
+        # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
+        # the diagonal, which is masked out at the store)
+        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
+        b_qd = tl.reshape(b_q, [4, BC, BK])
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+        for i_c in range(BC):
+            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
+            o_tc = i_t * BT + o_s + i_c
+            m_tc = o_tc < T
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+            b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
+            b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
 
-    # row sub-chunk 0
-    p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    # row sub-chunk 1
-    p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A10.to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 1 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A11, 0.).to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
-    # row sub-chunk 2
-    p_A = A + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A20.to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 1 * BC, b_A21.to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 2 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t2[:, None])
-    # row sub-chunk 3
-    p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A30.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 1 * BC, b_A31.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 2 * BC, b_A32.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 3 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
+    # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
+    m_off = o_blk[:, None] != o_blk[None, :]
+    tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
+    b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
+    p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
+    tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -185,6 +159,9 @@ def chunk_attention_rows_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -193,13 +170,15 @@ def chunk_attention_rows_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
     the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
     sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
-    Grid: (BT // BC, NT, B * H).
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
+    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
+    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
     """
     i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -253,6 +232,20 @@ def chunk_attention_rows_kernel(
         m_k = o_k < K
         b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if STORE_DECAYED:
+            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
+            b_glast = tl.sum(b_ldt, axis=0)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
+            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            if i_i == 0:
+                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # cumulative log2-decay within the sub-chunk (the ratios need no offset)
         b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
@@ -269,7 +262,7 @@ def chunk_attention_rows_kernel(
 def chunk_state_kernel(
     k,
     v,
-    g,
+    gl,
     h,
     h0,
     ht,
@@ -290,6 +283,8 @@ def chunk_state_kernel(
 
     Stores S at the start of every chunk into h for the output kernel. Each program carries
     one [BK, BV] block of one sequence's state. Grid: (NK * NV, N * H).
+    k holds the decayed keys K o (a_C / a) in the input dtype and gl [NS, H, K] the chunks'
+    total log2-decays, both stored by the attention kernel.
     """
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -322,15 +317,10 @@ def chunk_state_kernel(
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BT, BV]
         b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
+        # [BK] the chunk's total log2-decay per key (k is decayed to the chunk end already)
+        b_glast = tl.load(gl + ((boc + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
         b_h *= tl.exp2(b_glast)[:, None]
-        b_k = b_k * tl.exp2(b_glast[None, :] - b_gc)
-        b_v = b_v.to(tl.float32)
-        # write: S += K^T V (decayed operands in float32, tf32 on the GPU)
+        # write: S += K^T V (operands in the input dtype)
         b_h = tl.dot(tl.trans(b_k), b_v, b_h)
 
     if STORE_FINAL_STATE:
@@ -421,7 +411,6 @@ def chunk_output_kernel(
     v,
     h,
     A,
-    g,
     o,
     cu_seqlens,
     chunk_indices,
@@ -439,6 +428,7 @@ def chunk_output_kernel(
 
     S is the state at the chunk start (from the state kernel), the intra-chunk attention
     A comes from the attention kernel. Grid: (NV, NT, B * H).
+    q holds the decayed queries Q o a in the input dtype (from the attention kernel).
     """
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -467,11 +457,7 @@ def chunk_output_kernel(
         b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BK, BV]
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] decay since the chunk start, a = exp(gc), per key
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_q = (b_q * tl.exp2(b_gc)).to(b_q.dtype)
+        # (q is Q o a already)
         b_o = tl.dot(b_q, b_h.to(b_q.dtype), b_o)
 
     # [BT, BT] intra-chunk attention, already causal and decayed
@@ -502,9 +488,12 @@ def default_config(K, V):
     return {
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=3),
-        "attention": dict(BK=_block(K, 32), num_warps=4, num_stages=2),
+        # 8 warps: the [BT, BT] block, the [BT, BK] operands and the decayed operands' stores fit
+        # in registers without spills (bench/compile_report.py, sm_90); not timed yet
+        "attention": dict(BK=_block(K, 32), num_warps=8, num_stages=2),
         "state": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=2, num_stages=3),
-        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # the decayed queries come from the attention kernel; 8 warps: no spills (sm_90), not timed yet
+        "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=8, num_stages=2),
     }
 
 
@@ -612,6 +601,22 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
                "logdecay": "<= 0 (a log-decay)"}
 
 
+# the forward's tensors that backward takes (`saved=`, with the final state) instead of
+# recomputing them: the state at every chunk start, the intra-chunk attention, the decayed
+# queries and keys and the chunks' total log2-decays
+SAVED = ("h", "A", "qd", "kd", "gl")
+
+
+def saved_shapes(q, v, N, varlen):
+    """[(shape, dtype)] of SAVED for q [B, T, H, K], v [B, T, H, V] and N sequences: h and gl
+    hold room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N of them)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
+    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32), (tuple(q.shape), q.dtype),
+            (tuple(q.shape), q.dtype), ((NS, H, K), torch.float32)]
+
+
 def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
     """The chunked forward pass of gla.
 
@@ -621,6 +626,18 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
     default_config(K, V).
     Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    """
+    o, ht, _ = forward_saving(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens, check_domain=check_domain, config=config)
+    return o, ht
+
+
+def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+    """`forward`, also returning what backward takes instead of recomputing it:
+    (o, final state or None, (h, A, qd, kd, gl)): h [NS, H, K, V] the state at every chunk start,
+    A [B, T, H, CHUNK] float32 the intra-chunk attention, qd, kd [B, T, H, K] the decayed
+    queries and keys, gl [NS, H, K] float32 the chunks' total log2-decays (SAVED,
+    saved_shapes); on the fused path only A (the others None).
     """
     check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -651,20 +668,26 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
                   IS_VARLEN=cu_seqlens is not None)
     BK = max(16, triton.next_power_of_2(K))  # the state kernels of the fused path hold all K rows
 
-    # per chunk: the intra-chunk attention A = tril(Q K^T o Gamma)
+    # per chunk: the intra-chunk attention A = tril(Q K^T o Gamma); for the two passes also the
+    # decayed queries Q o a and keys K o (a_C / a) (in the input dtype) and each chunk's total
+    # log2-decay, so that the state and output kernels read no log-decay
     A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+    _decayed = _path != "fused"
+    qd = torch.empty_like(q) if _decayed else None
+    kd = torch.empty_like(k) if _decayed else None
+    gl = q.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
         chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
     else:
         chunk_attention_kernel[(NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=cu_seqlens is not None,
+            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
     if _path == "fused":
@@ -675,13 +698,13 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
             H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht
+        return o, ht, (None, A, None, None, None)
     # per state: S across chunks; the state at every chunk start (in the input dtype, like fla)
-    # for the output kernel
-    h = k.new_empty(NS, H, K, V)
+    # for the output kernel and the backward (room for saved_shapes' bound)
+    h = k.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[0][0])
     _launch = _cfg["state"]
     chunk_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+        kd, v, gl, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], **_flags,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -689,11 +712,11 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     # per chunk: the readout
     _launch = _cfg["output"]
     chunk_output_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
-        q, k, v, h, A, g, o, cu_seqlens, chunk_indices, scale, T,
+        qd, k, v, h, A, o, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    return o, ht
+    return o, ht, (h, A, qd, kd, gl)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -812,6 +835,9 @@ def chunk_attention_canonical_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -820,15 +846,21 @@ def chunk_attention_canonical_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
 
-    The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks i > j the decay
-    ratio splits at r, the cumulative decay at the end of sub-chunk j:
-    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1, and the block is one matmul. Within a
-    sub-chunk the ratios are taken elementwise, as a [BC, BC, BK] block. Grid: (NT, B * H).
+    The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks the decay ratio
+    splits at r, the cumulative decay at the end of a column sub-chunk j:
+    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
+    [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
+    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
+    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
+    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
+    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
+    Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -841,104 +873,69 @@ def chunk_attention_canonical_kernel(
     else:
         bos = i_b.to(tl.int64) * T
         i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    # [BT] sub-chunk of each row of the chunk
+    o_blk = o_r // BC
+    # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
+    # diagonal blocks within the chunk
     o_c = tl.arange(0, BC)
-    o_t0 = i_t * BT + 0 * BC + o_c
-    m_t0 = o_t0 < T
-    o_t1 = i_t * BT + 1 * BC + o_c
-    m_t1 = o_t1 < T
-    o_t2 = i_t * BT + 2 * BC + o_c
-    m_t2 = o_t2 < T
-    o_t3 = i_t * BT + 3 * BC + o_c
-    m_t3 = o_t3 < T
-    # [BC, BC] blocks of A, row sub-chunk i, column sub-chunk j
-    b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A10 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A20 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A21 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A30 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A31 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A32 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    o_s = tl.arange(0, 4) * BC
+    o_dr = o_s[:, None, None] + o_c[None, :, None]
+    o_dc = o_s[:, None, None] + o_c[None, None, :]
+    # [BT, BT] A off the diagonal blocks; [NC, BC, BC] the diagonal blocks
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        # [BK] cumulative log2-decay at the end of the sub-chunk before
-        b_gn = tl.zeros([BK], dtype=tl.float32)
-        # sub-chunk 0: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q0 = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc0 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn0 = b_gn
-        # sub-chunk 1: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q1 = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc1 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn1 = b_gn
-        # sub-chunk 2: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q2 = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc2 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn2 = b_gn
-        # sub-chunk 3: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-        b_q3 = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc3 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-        b_gn = b_gn + tl.sum(b_ld, axis=0)
-        b_gn3 = b_gn
-        # off-diagonal blocks i > j: exp2(gc_t - r) exp2(r - gc_s), r = gc at the end of sub-chunk j
-        b_kr = b_k0 * tl.exp2(b_gn0[None, :] - b_gc0)
-        b_A10 = tl.dot(b_q1 * tl.exp2(b_gc1 - b_gn0[None, :]), tl.trans(b_kr), b_A10)
-        b_A20 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn0[None, :]), tl.trans(b_kr), b_A20)
-        b_A30 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn0[None, :]), tl.trans(b_kr), b_A30)
-        b_kr = b_k1 * tl.exp2(b_gn1[None, :] - b_gc1)
-        b_A21 = tl.dot(b_q2 * tl.exp2(b_gc2 - b_gn1[None, :]), tl.trans(b_kr), b_A21)
-        b_A31 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn1[None, :]), tl.trans(b_kr), b_A31)
-        b_kr = b_k2 * tl.exp2(b_gn2[None, :] - b_gc2)
-        b_A32 = tl.dot(b_q3 * tl.exp2(b_gc3 - b_gn2[None, :]), tl.trans(b_kr), b_A32)
-        # diagonal blocks: [BC, BC, BK] products q_tm k_sm exp2(gc_tm - gc_sm), summed over the keys
-        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
-        b_A00 += tl.sum(b_q0[:, None, :] * b_k0[None, :, :] * tl.exp2(tl.minimum(b_gc0[:, None, :] - b_gc0[None, :, :], 0.)), axis=2)
-        b_A11 += tl.sum(b_q1[:, None, :] * b_k1[None, :, :] * tl.exp2(tl.minimum(b_gc1[:, None, :] - b_gc1[None, :, :], 0.)), axis=2)
-        b_A22 += tl.sum(b_q2[:, None, :] * b_k2[None, :, :] * tl.exp2(tl.minimum(b_gc2[:, None, :] - b_gc2[None, :, :], 0.)), axis=2)
-        b_A33 += tl.sum(b_q3[:, None, :] * b_k3[None, :, :] * tl.exp2(tl.minimum(b_gc3[:, None, :] - b_gc3[None, :, :], 0.)), axis=2)
+        # [BT, BK] queries, keys and cumulative log2-decay since the chunk start
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+        b_gc = tl.cumsum(b_ld, axis=0)
+        if STORE_DECAYED:
+            b_glast = tl.sum(b_ld, axis=0)
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
+        # off the diagonal blocks, per column sub-chunk j: r = gc at its end
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
+        # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
+        # the diagonal, which is masked out at the store)
+        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
+        b_qd = tl.reshape(b_q, [4, BC, BK])
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+        for i_c in range(BC):
+            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
+            o_tc = i_t * BT + o_s + i_c
+            m_tc = o_tc < T
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+            b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
+            b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
 
-    # row sub-chunk 0
-    p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t0[:, None])
-    # row sub-chunk 1
-    p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A10.to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 1 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A11, 0.).to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t1[:, None])
-    # row sub-chunk 2
-    p_A = A + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A20.to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 1 * BC, b_A21.to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 2 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
-    tl.store(p_A + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_t2[:, None])
-    # row sub-chunk 3
-    p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
-    tl.store(p_A + 0 * BC, b_A30.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 1 * BC, b_A31.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 2 * BC, b_A32.to(A.dtype.element_ty), mask=m_t3[:, None])
-    tl.store(p_A + 3 * BC, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
+    # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
+    m_off = o_blk[:, None] != o_blk[None, :]
+    tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
+    b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
+    p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
+    tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -947,6 +944,9 @@ def chunk_attention_rows_canonical_kernel(
     k,
     g,
     A,
+    qd,
+    kd,
+    gl,
     cu_seqlens,
     chunk_indices,
     T,
@@ -955,13 +955,15 @@ def chunk_attention_rows_canonical_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
     the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
     sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it.
-    Grid: (BT // BC, NT, B * H).
+    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
+    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
+    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
     """
     i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1015,6 +1017,20 @@ def chunk_attention_rows_canonical_kernel(
         m_k = o_k < K
         b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if STORE_DECAYED:
+            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
+            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
+            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
+            b_glast = tl.sum(b_ldt, axis=0)
+            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
+            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
+            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
+            if i_i == 0:
+                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # cumulative log2-decay within the sub-chunk (the ratios need no offset)
         b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
@@ -1102,7 +1118,7 @@ def chunk_state_canonical_kernel(
 @triton.jit(do_not_specialize=["T"])
 def chunk_bwd_state_kernel(
     q,
-    g,
+    gl,
     do,
     dh,
     dht,
@@ -1128,6 +1144,8 @@ def chunk_bwd_state_kernel(
     dS' is the gradient w.r.t. the state at the end of a chunk; it is stored into dh for the
     chunk (for dK and dV), and the gradient at the sequence start into dh0. Each program
     carries one [BK, BV] block of one sequence's gradient. Grid: (NK * NV, N * H).
+    q holds the decayed queries Q o a and gl [NS, H, K] the chunks' total log2-decays, from
+    the attention kernel.
     """
     i_kv, i_nh = tl.program_id(0), tl.program_id(1)
     i_k, i_v = i_kv // tl.cdiv(V, BV), i_kv % tl.cdiv(V, BV)
@@ -1160,15 +1178,11 @@ def chunk_bwd_state_kernel(
         b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BT, BV]
         b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key since the chunk start
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
+        # [BK] the chunk's total log2-decay per key (q holds Q o a already)
+        b_glast = tl.load(gl + ((boc + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
         b_dh *= tl.exp2(b_glast)[:, None]
-        b_q = (b_q * (scale * tl.exp2(b_gc))).to(b_do.dtype)
         # dS += scale (Q o a)^T dO
-        b_dh = tl.dot(tl.trans(b_q), b_do, b_dh)
+        b_dh += scale * tl.dot(tl.trans(b_q), b_do)
 
     if STORE_INITIAL_GRAD:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh.to(dh0.dtype.element_ty), mask=m_h)
@@ -1178,7 +1192,6 @@ def chunk_bwd_state_kernel(
 def chunk_bwd_dv_kernel(
     q,
     k,
-    g,
     A,
     do,
     dh,
@@ -1198,7 +1211,8 @@ def chunk_bwd_dv_kernel(
     """The values' gradient of one chunk: dV = scale tril(Q K^T o Gamma)^T dO + (K o (a_C / a)) dS',
 
     dS' the gradient w.r.t. the state at the chunk end (from chunk_bwd_state_kernel), the
-    intra-chunk attention A recomputed by the attention kernel. Grid: (NV, NT, B * H).
+    intra-chunk attention A from the attention kernel. Grid: (NV, NT, B * H).
+    k holds the decayed keys K o (a_C / a), from the attention kernel.
     """
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1227,12 +1241,7 @@ def chunk_bwd_dv_kernel(
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BK, BV]
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        # [BT, BK] cumulative log2-decay per key; a_C / a_t = exp2(gc_C - gc_t) <= 1
-        b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        b_glast = tl.sum(b_ld, axis=0)
-        b_k = (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(b_k.dtype)
+        # (k is K o (a_C / a) already)
         b_dv = tl.dot(b_k, b_dh.to(b_k.dtype), b_dv)
 
     # [BT, BT] the intra-chunk attention (rows t, columns s), already causal and decayed
@@ -1246,6 +1255,53 @@ def chunk_bwd_dv_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dA_kernel(
+    v,
+    do,
+    dA,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The gradient w.r.t. the intra-chunk attention of one chunk, dA = scale tril(dO V^T),
+    float32 [B, T, H, BT] (zero above the diagonal and on padding rows), once per chunk for
+    every key block of chunk_bwd_dqk_kernel. Grid: (NT, B * H).
+    """
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    # [BT, BT] dO V^T
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_dA = tl.dot(b_do, tl.trans(b_v), b_dA)
+    # rows t, columns s: the readout of t reads the write of s when t >= s
+    m_A = (o_r[:, None] >= o_r[None, :]) & m_t[:, None]
+    tl.store(dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], tl.where(m_A, b_dA * scale, 0.), mask=m_t[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dqk_kernel(
     q,
     k,
@@ -1254,6 +1310,7 @@ def chunk_bwd_dqk_kernel(
     h,
     do,
     dh,
+    dA,
     dq,
     dk,
     dgk,
@@ -1277,9 +1334,12 @@ def chunk_bwd_dqk_kernel(
 
     S is the state at the chunk start (recomputed), dS' the gradient at its end. The log-decay's
     gradient needs q o dq - k o dk per token (chunk_bwd_decay_kernel sums it backwards): it is
-    stored here, from the float32 blocks.    The chunk is cut into 4 sub-chunks of BC tokens, as in the attention kernel: between
-    sub-chunks the per-key ratio Gamma_ts splits at r, a cumulative decay between s and t, into
-    two factors <= 1 and the block is a matmul; within a sub-chunk it is taken elementwise.
+    stored here, from the float32 blocks.    dA = scale tril(dO V^T) comes from chunk_bwd_dA_kernel. The chunk is cut into 4
+    sub-chunks of BC tokens, as in the attention kernel: between sub-chunks the per-key ratio
+    Gamma_ts splits at r, the cumulative decay at the end of a sub-chunk j, into two factors <= 1,
+    and the blocks of sub-chunk j are one [BT, BT] x [BT, BK] matmul with the rows or columns
+    outside them masked to zero; within a sub-chunk the ratios are taken elementwise, one
+    token of every sub-chunk at a time ([NC, BC, BK] per token).
     Grid: (NK, NT, B * H).
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1297,194 +1357,91 @@ def chunk_bwd_dqk_kernel(
     m_k = o_k < K
     p_h = h + (i_tg * H + i_h).to(tl.int64) * K * V
     p_dh = dh + (i_tg * H + i_h).to(tl.int64) * K * V
+    o_r = tl.arange(0, BT)
+    o_t = i_t * BT + o_r
+    m_t = o_t < T
+    # [BT] sub-chunk of each row of the chunk
+    o_blk = o_r // BC
+    # [NC] first row of each sub-chunk; [NC, BC, 1] its rows within the chunk
     o_c = tl.arange(0, BC)
-    o_t0 = i_t * BT + 0 * BC + o_c
-    m_t0 = o_t0 < T
-    o_t1 = i_t * BT + 1 * BC + o_c
-    m_t1 = o_t1 < T
-    o_t2 = i_t * BT + 2 * BC + o_c
-    m_t2 = o_t2 < T
-    o_t3 = i_t * BT + 3 * BC + o_c
-    m_t3 = o_t3 < T
-    # [BC, BC] blocks of dA = dO V^T, row sub-chunk i, column sub-chunk j <= i; [BC, BK] blocks of
-    # dO S^T and V dS'^T per sub-chunk
-    b_dA00 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA10 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA11 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA20 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA21 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA22 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA30 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA31 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA32 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dA33 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dq0 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk0 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dq1 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk1 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dq2 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk2 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dq3 = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dk3 = tl.zeros([BC, BK], dtype=tl.float32)
+    o_s = tl.arange(0, 4) * BC
+    o_dr = o_s[:, None, None] + o_c[None, :, None]
+
+    # [BT, BK] dO S^T and V dS'^T
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
+        # [BT, BV]
+        b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_v = tl.load(v + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         # [BV, BK] the state at the chunk start and the gradient at its end, transposed
         b_ht = tl.load(p_h + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
         b_dht = tl.load(p_dh + o_k[None, :] * V + o_v[:, None], mask=m_k[None, :] & m_v[:, None], other=0.)
-        # sub-chunk 0: [BC, BV] output gradients and values
-        b_do0 = tl.load(do + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t0[:, None] & m_v[None, :], other=0.)
-        b_v0 = tl.load(v + ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t0[:, None] & m_v[None, :], other=0.)
-        b_dq0 = tl.dot(b_do0, b_ht.to(b_do0.dtype), b_dq0)
-        b_dk0 = tl.dot(b_v0, b_dht.to(b_v0.dtype), b_dk0)
-        # sub-chunk 1: [BC, BV] output gradients and values
-        b_do1 = tl.load(do + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t1[:, None] & m_v[None, :], other=0.)
-        b_v1 = tl.load(v + ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t1[:, None] & m_v[None, :], other=0.)
-        b_dq1 = tl.dot(b_do1, b_ht.to(b_do1.dtype), b_dq1)
-        b_dk1 = tl.dot(b_v1, b_dht.to(b_v1.dtype), b_dk1)
-        # sub-chunk 2: [BC, BV] output gradients and values
-        b_do2 = tl.load(do + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t2[:, None] & m_v[None, :], other=0.)
-        b_v2 = tl.load(v + ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t2[:, None] & m_v[None, :], other=0.)
-        b_dq2 = tl.dot(b_do2, b_ht.to(b_do2.dtype), b_dq2)
-        b_dk2 = tl.dot(b_v2, b_dht.to(b_v2.dtype), b_dk2)
-        # sub-chunk 3: [BC, BV] output gradients and values
-        b_do3 = tl.load(do + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t3[:, None] & m_v[None, :], other=0.)
-        b_v3 = tl.load(v + ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t3[:, None] & m_v[None, :], other=0.)
-        b_dq3 = tl.dot(b_do3, b_ht.to(b_do3.dtype), b_dq3)
-        b_dk3 = tl.dot(b_v3, b_dht.to(b_v3.dtype), b_dk3)
-        b_dA00 = tl.dot(b_do0, tl.trans(b_v0), b_dA00)
-        b_dA10 = tl.dot(b_do1, tl.trans(b_v0), b_dA10)
-        b_dA11 = tl.dot(b_do1, tl.trans(b_v1), b_dA11)
-        b_dA20 = tl.dot(b_do2, tl.trans(b_v0), b_dA20)
-        b_dA21 = tl.dot(b_do2, tl.trans(b_v1), b_dA21)
-        b_dA22 = tl.dot(b_do2, tl.trans(b_v2), b_dA22)
-        b_dA30 = tl.dot(b_do3, tl.trans(b_v0), b_dA30)
-        b_dA31 = tl.dot(b_do3, tl.trans(b_v1), b_dA31)
-        b_dA32 = tl.dot(b_do3, tl.trans(b_v2), b_dA32)
-        b_dA33 = tl.dot(b_do3, tl.trans(b_v3), b_dA33)
+        b_dq = tl.dot(b_do, b_ht.to(b_do.dtype), b_dq)
+        b_dk = tl.dot(b_v, b_dht.to(b_v.dtype), b_dk)
 
-    # [BK] cumulative log2-decay at the end of the sub-chunk before
-    b_gn = tl.zeros([BK], dtype=tl.float32)
-    # sub-chunk 0: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-    b_q0 = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_k0 = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    b_ld = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
-    b_gc0 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-    b_gs0 = b_gn
-    b_gn = b_gn + tl.sum(b_ld, axis=0)
-    b_gn0 = b_gn
-    # sub-chunk 1: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-    b_q1 = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_k1 = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    b_ld = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
-    b_gc1 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-    b_gs1 = b_gn
-    b_gn = b_gn + tl.sum(b_ld, axis=0)
-    b_gn1 = b_gn
-    # sub-chunk 2: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-    b_q2 = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_k2 = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    b_ld = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
-    b_gc2 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-    b_gs2 = b_gn
-    b_gn = b_gn + tl.sum(b_ld, axis=0)
-    b_gn2 = b_gn
-    # sub-chunk 3: [BC, BK] queries, keys and cumulative log2-decay since the chunk start
-    b_q3 = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_k3 = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-    b_ld = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
-    b_gc3 = b_gn[None, :] + tl.cumsum(b_ld, axis=0)
-    b_gs3 = b_gn
-    b_gn = b_gn + tl.sum(b_ld, axis=0)
-    b_gn3 = b_gn
+    # [BT, BK] cumulative log2-decay per key since the chunk start
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+    b_gc = tl.cumsum(b_ld, axis=0)
+    b_glast = tl.sum(b_ld, axis=0)
     # the state's share: scale (dO S^T) o a and (V dS'^T) o (a_C / a)
-    b_dq0 *= scale * tl.exp2(b_gc0)
-    b_dk0 *= tl.exp2(b_gn[None, :] - b_gc0)
-    b_dq1 *= scale * tl.exp2(b_gc1)
-    b_dk1 *= tl.exp2(b_gn[None, :] - b_gc1)
-    b_dq2 *= scale * tl.exp2(b_gc2)
-    b_dk2 *= tl.exp2(b_gn[None, :] - b_gc2)
-    b_dq3 *= scale * tl.exp2(b_gc3)
-    b_dk3 *= tl.exp2(b_gn[None, :] - b_gc3)
-    # the diagonal blocks: tril, ratios exp2(gc_tm - gc_sm) elementwise over [BC, BC, BK]
-    # (the exponent is clamped at 0 above the diagonal, where dA is zero)
-    b_dA00 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t0[:, None], b_dA00 * scale, 0.)
-    b_G = tl.exp2(tl.minimum(b_gc0[:, None, :] - b_gc0[None, :, :], 0.))
-    b_dq0 += tl.sum(b_dA00[:, :, None] * b_k0[None, :, :] * b_G, axis=1)
-    b_dk0 += tl.sum(b_dA00[:, :, None] * b_q0[:, None, :] * b_G, axis=0)
-    b_dA11 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t1[:, None], b_dA11 * scale, 0.)
-    b_G = tl.exp2(tl.minimum(b_gc1[:, None, :] - b_gc1[None, :, :], 0.))
-    b_dq1 += tl.sum(b_dA11[:, :, None] * b_k1[None, :, :] * b_G, axis=1)
-    b_dk1 += tl.sum(b_dA11[:, :, None] * b_q1[:, None, :] * b_G, axis=0)
-    b_dA22 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t2[:, None], b_dA22 * scale, 0.)
-    b_G = tl.exp2(tl.minimum(b_gc2[:, None, :] - b_gc2[None, :, :], 0.))
-    b_dq2 += tl.sum(b_dA22[:, :, None] * b_k2[None, :, :] * b_G, axis=1)
-    b_dk2 += tl.sum(b_dA22[:, :, None] * b_q2[:, None, :] * b_G, axis=0)
-    b_dA33 = tl.where((o_c[:, None] >= o_c[None, :]) & m_t3[:, None], b_dA33 * scale, 0.)
-    b_G = tl.exp2(tl.minimum(b_gc3[:, None, :] - b_gc3[None, :, :], 0.))
-    b_dq3 += tl.sum(b_dA33[:, :, None] * b_k3[None, :, :] * b_G, axis=1)
-    b_dk3 += tl.sum(b_dA33[:, :, None] * b_q3[:, None, :] * b_G, axis=0)
-    # off-diagonal blocks i > j: dq_i gets exp2(gc_i - r) (dA_ij (k_j exp2(r - gc_j))) with r the
-    # decay at the start of sub-chunk i; dk_j gets exp2(r - gc_j) (dA_ij^T (q_i exp2(gc_i - r)))
-    # with r the decay at the end of sub-chunk j
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dA10 = tl.where(m_t1[:, None], b_dA10 * scale, 0.)
-    b_acc = tl.dot(b_dA10, b_k0 * tl.exp2(b_gs1[None, :] - b_gc0), b_acc)
-    b_dq1 += b_acc * tl.exp2(b_gc1 - b_gs1[None, :])
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dA20 = tl.where(m_t2[:, None], b_dA20 * scale, 0.)
-    b_acc = tl.dot(b_dA20, b_k0 * tl.exp2(b_gs2[None, :] - b_gc0), b_acc)
-    b_dA21 = tl.where(m_t2[:, None], b_dA21 * scale, 0.)
-    b_acc = tl.dot(b_dA21, b_k1 * tl.exp2(b_gs2[None, :] - b_gc1), b_acc)
-    b_dq2 += b_acc * tl.exp2(b_gc2 - b_gs2[None, :])
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_dA30 = tl.where(m_t3[:, None], b_dA30 * scale, 0.)
-    b_acc = tl.dot(b_dA30, b_k0 * tl.exp2(b_gs3[None, :] - b_gc0), b_acc)
-    b_dA31 = tl.where(m_t3[:, None], b_dA31 * scale, 0.)
-    b_acc = tl.dot(b_dA31, b_k1 * tl.exp2(b_gs3[None, :] - b_gc1), b_acc)
-    b_dA32 = tl.where(m_t3[:, None], b_dA32 * scale, 0.)
-    b_acc = tl.dot(b_dA32, b_k2 * tl.exp2(b_gs3[None, :] - b_gc2), b_acc)
-    b_dq3 += b_acc * tl.exp2(b_gc3 - b_gs3[None, :])
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_acc = tl.dot(tl.trans(b_dA10), b_q1 * tl.exp2(b_gc1 - b_gn0[None, :]), b_acc)
-    b_acc = tl.dot(tl.trans(b_dA20), b_q2 * tl.exp2(b_gc2 - b_gn0[None, :]), b_acc)
-    b_acc = tl.dot(tl.trans(b_dA30), b_q3 * tl.exp2(b_gc3 - b_gn0[None, :]), b_acc)
-    b_dk0 += b_acc * tl.exp2(b_gn0[None, :] - b_gc0)
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_acc = tl.dot(tl.trans(b_dA21), b_q2 * tl.exp2(b_gc2 - b_gn1[None, :]), b_acc)
-    b_acc = tl.dot(tl.trans(b_dA31), b_q3 * tl.exp2(b_gc3 - b_gn1[None, :]), b_acc)
-    b_dk1 += b_acc * tl.exp2(b_gn1[None, :] - b_gc1)
-    b_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    b_acc = tl.dot(tl.trans(b_dA32), b_q3 * tl.exp2(b_gc3 - b_gn2[None, :]), b_acc)
-    b_dk2 += b_acc * tl.exp2(b_gn2[None, :] - b_gc2)
-    p_dq = dq + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dq, b_dq0.to(p_dq.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
-    p_dk = dk + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dk, b_dk0.to(p_dk.dtype.element_ty), mask=m_t0[:, None] & m_k[None, :])
-    # [BC, BK] q o dq - k o dk
-    tl.store(dgk + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], b_q0 * b_dq0 - b_k0 * b_dk0, mask=m_t0[:, None] & m_k[None, :])
-    p_dq = dq + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dq, b_dq1.to(p_dq.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
-    p_dk = dk + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dk, b_dk1.to(p_dk.dtype.element_ty), mask=m_t1[:, None] & m_k[None, :])
-    # [BC, BK] q o dq - k o dk
-    tl.store(dgk + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], b_q1 * b_dq1 - b_k1 * b_dk1, mask=m_t1[:, None] & m_k[None, :])
-    p_dq = dq + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dq, b_dq2.to(p_dq.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
-    p_dk = dk + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dk, b_dk2.to(p_dk.dtype.element_ty), mask=m_t2[:, None] & m_k[None, :])
-    # [BC, BK] q o dq - k o dk
-    tl.store(dgk + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], b_q2 * b_dq2 - b_k2 * b_dk2, mask=m_t2[:, None] & m_k[None, :])
-    p_dq = dq + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dq, b_dq3.to(p_dq.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
-    p_dk = dk + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(p_dk, b_dk3.to(p_dk.dtype.element_ty), mask=m_t3[:, None] & m_k[None, :])
-    # [BC, BK] q o dq - k o dk
-    tl.store(dgk + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], b_q3 * b_dq3 - b_k3 * b_dk3, mask=m_t3[:, None] & m_k[None, :])
+    b_dq *= scale * tl.exp2(b_gc)
+    b_dk *= tl.exp2(b_glast[None, :] - b_gc)
+    # [BT, BK] queries and keys; [BT, BT] dA (scaled, causal, zero on padding rows)
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    p_dA = dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :]
+    b_dA = tl.load(p_dA, mask=m_t[:, None], other=0.)
+    # off the diagonal blocks, per sub-chunk j with r = gc at its end (float32 operands, tf32 on
+    # the GPU): dq of the rows of sub-chunk j + 1 gets exp2(gc_t - r) (dA (k_s exp2(r - gc_s)))
+    # over the columns s of sub-chunks <= j; dk of the rows of sub-chunk j gets
+    # exp2(r - gc_s) (dA^T (q_t exp2(gc_t - r))) over the rows t of sub-chunks > j
+    b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+    b_kr = tl.where(o_blk[:, None] <= 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    b_dq += tl.where(o_blk[:, None] == 1, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_dk += tl.where(o_blk[:, None] == 0, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+    b_kr = tl.where(o_blk[:, None] <= 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    b_dq += tl.where(o_blk[:, None] == 2, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_dk += tl.where(o_blk[:, None] == 1, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+    b_kr = tl.where(o_blk[:, None] <= 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    b_dq += tl.where(o_blk[:, None] == 3, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+    b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
+    # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
+    # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
+    b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+    b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
+    b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
+    m_dr = (i_t * BT + o_dr) < T
+    for i_c in range(BC):
+        # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
+        # (taken from b_gd)
+        o_tc = i_t * BT + o_s + i_c
+        m_tc = o_tc < T
+        b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+        # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
+        b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
+        b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
+        b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
+        b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
+    b_dq += tl.reshape(b_dqd, [BT, BK])
+    b_dk += tl.reshape(b_dkd, [BT, BK])
+    p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+    p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+    # [BT, BK] q o dq - k o dk
+    tl.store(dgk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], b_q * b_dq - b_k * b_dk, mask=m_t[:, None] & m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1556,13 +1513,19 @@ def default_backward_config(K, V):
         "state": _fwd["state"],
         "attention": _fwd["attention"],
         "dh": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "dv": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "decay": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # key blocks of 32: the per-key decayed keys in float32 fit without spills (sm_90)
+        "dv": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # 8 warps: the [BT, BT] blocks of dA and the [BT, BK] float32 operands of dQ and dK fit
+        # in registers without spills (bench/compile_report.py, sm_90)
+        "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
+        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2),
+        # a sequential scan per program: narrow key blocks for more programs, BT rows per step
+        # (not the chunk) for fewer steps
+        "decay": dict(BT=256, BK=_block(K, 16), BV=_block(V, 64), num_warps=4, num_stages=2),
     }
 
 
-def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config):
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved=None):
     """Gradients of the write family's canonical recurrence S_t = Diag(a_t) S_{t-1} + k_t v_t^T,
     a_t = exp(log_decay_t), o_t = scale S_t^T q_t.
 
@@ -1570,10 +1533,12 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
+    saved: (h, A, qd, kd, gl, final state or None) from forward_saving, or None: then they are recomputed
+    (also when dht is given without the final state).
     Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
     the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
-    Memory: the states at the chunk boundaries are recomputed, and their gradients stored (in
-    the dtype of k); nothing per token beyond the gradients.
+    Memory: the states at the chunk boundaries and A are the forward's (or recomputed), the
+    states' gradients are stored (in the dtype of k); nothing per token beyond the gradients.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -1601,39 +1566,48 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     if dht is not None:
         dht = dht.contiguous()
 
-    # recompute the state at every chunk start (and the final state, for the decay's gradient)
-    h = k.new_empty(NS, H, K, V)
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
-    _launch = _cfg["state"]
-    chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV
-    A = v.new_empty(B, T, H, BT, dtype=torch.float32)
-    _launch = _cfg["attention"]
-    if _launch.get("rows", False):
-        # one program per row sub-chunk of each chunk
-        chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
+    if saved is not None and all(x is not None for x in saved[:5]) and (dht is None or saved[5] is not None):
+        # the forward's states at the chunk starts, intra-chunk attention, decayed queries and
+        # keys, chunks' total log2-decays and final state (forward_saving)
+        h, A, qd, kd, gl = saved[:5]
+        ht = saved[5] if dht is not None else None
     else:
-        chunk_attention_canonical_kernel[(NT, B * H)](
-            q, k, g, A, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], IS_VARLEN=IS_VARLEN,
+        # recompute the state at every chunk start (and the final state, for the decay's gradient)
+        h = k.new_empty(NS, H, K, V)
+        ht = q.new_empty(N, H, K, V, dtype=torch.float32) if dht is not None else None
+        _launch = _cfg["state"]
+        chunk_state_canonical_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
+            k, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
+            H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+            STORE_FINAL_STATE=ht is not None, IS_VARLEN=IS_VARLEN,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
+        # recompute the intra-chunk attention A = tril(Q K^T o Gamma), for dV, and the
+        # decayed queries and keys and the chunks' total log2-decays, for dS and dV
+        A = v.new_empty(B, T, H, BT, dtype=torch.float32)
+        qd, kd = torch.empty_like(q), torch.empty_like(k)
+        gl = q.new_empty(NS, H, K, dtype=torch.float32)
+        _launch = _cfg["attention"]
+        if _launch.get("rows", False):
+            # one program per row sub-chunk of each chunk
+            chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
+                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
+                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            )
+        else:
+            chunk_attention_canonical_kernel[(NT, B * H)](
+                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
+                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
     dh = k.new_empty(NS, H, K, V)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     _launch = _cfg["dh"]
     chunk_bwd_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
-        q, g, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+        qd, gl, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
         STORE_INITIAL_GRAD=dh0 is not None, IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
@@ -1643,16 +1617,23 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     dv = torch.empty_like(v)
     _launch = _cfg["dv"]
     chunk_bwd_dv_kernel[(triton.cdiv(V, _launch["BV"]), NT, B * H)](
-        q, k, g, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
+        q, kd, A, do, dh, dv, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     _launch = _cfg["dqk"]
     _NK = triton.cdiv(K, _launch["BK"])
+    # [B, T, H, BT] dA = scale tril(dO V^T), once per chunk for every key block
+    dA = q.new_empty(B, T, H, BT, dtype=torch.float32)
+    chunk_bwd_dA_kernel[(NT, B * H)](
+        v, do, dA, cu_seqlens, chunk_indices, scale, T,
+        H=H, V=V, BT=BT, BV=_cfg["dA"]["BV"], IS_VARLEN=IS_VARLEN,
+        num_warps=_cfg["dA"]["num_warps"], num_stages=_cfg["dA"]["num_stages"],
+    )
     dgk = q.new_empty(B, T, H, K, dtype=torch.float32)  # q o dq - k o dk
     chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
-        q, k, v, g, h, do, dh, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
+        q, k, v, g, h, do, dh, dA, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -1662,7 +1643,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _launch = _cfg["decay"]
     chunk_bwd_decay_kernel[(triton.cdiv(K, _launch["BK"]), N * H)](
         dgk, ht, dht, dg, cu_seqlens, T,
-        H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
+        H=H, K=K, V=V, BT=_launch["BT"], BK=_launch["BK"], BV=_launch["BV"], HAS_FINAL_GRAD=dht is not None,
         IS_VARLEN=IS_VARLEN, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     return dq, dk, dv, None, dg, dh0
@@ -1671,12 +1652,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
-def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of gla's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
+    saved: (h, A, qd, kd, gl, final state or None), forward_saving's tensors and final
+    state, or None (then recomputed).
     Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1698,10 +1681,17 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
             raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    if saved is not None:
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED) + 1:
+            raise ValueError(f"saved must be ({', '.join(SAVED)}, final state or None): forward_saving's tensors and final state")
+        for _name, _x, (_shape, _dtype) in zip(SAVED, saved, saved_shapes(q, v, N, cu_seqlens is not None)):
+            if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape or _x.dtype != _dtype or _x.device != q.device):
+                _got = (tuple(_x.shape), _x.dtype, str(_x.device)) if isinstance(_x, torch.Tensor) else type(_x).__name__
+                raise ValueError(f"saved {_name} must be {_shape} {_dtype} on {q.device} (forward_saving's), got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
     # log_decay is the input g as it is
     log_decay = g.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
-        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+        q, k, v, None, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved)
     d_g = dlog_decay
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_g.to(g.dtype), dh0)

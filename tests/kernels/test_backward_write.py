@@ -74,8 +74,9 @@ def module_of(name, cache):
     return op.derivation, op.kernels
 
 
-def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None):
-    """Relative errors of backward's gradients against autograd through the float64 filter."""
+def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None, saved=False):
+    """Relative errors of backward's gradients against autograd through the float64 filter.
+    saved: backward takes forward_saving's tensors and final state instead of recomputing them."""
     p = make_plan(d)
     names = [i.name for i in p.inputs]
     q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=seed, unit_keys=d.structure.unit_keys)
@@ -90,8 +91,14 @@ def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, c
     q, k, v = (x.to(dtype) for x in (q, k, v))
     scale = K ** -0.5
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    kw = {}
+    if saved:
+        _, ht, fwd = module.forward_saving(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], scale=scale,
+                                              initial_state=dev(S0), output_final_state=with_dht,
+                                              cu_seqlens=dev(cu_t))
+        kw["saved"] = (*fwd, ht)
     out = module.backward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], dev(do), dev(dht),
-                          scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t), config=config)
+                          scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t), config=config, **kw)
     assert len(out) == 4 + len(names)
     assert (out[-1] is None) == (S0 is None)
 
@@ -152,10 +159,21 @@ def test_random_write_specs_backward_matches_autograd(spec, tmp_path_factory):
     assert not bad, f"{d.one_line()}: relative errors above {TOLERANCE[torch.float32]}: {bad}"
 
 
+class Refused:
+    """Stands in for a kernel that must not be launched."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the backward recomputed what the forward saved")
+
+
 @pytest.mark.parametrize("model", ["mamba2", "gla"])
-def test_autograd_through_the_op_uses_the_generated_backward(model):
-    """ops.<model> carries autograd (designmodel.library) into the module's backward."""
+def test_autograd_through_the_op_uses_the_generated_backward(model, monkeypatch):
+    """ops.<model> carries autograd (designmodel.library) into the module's backward (gla's
+    with the forward op's saved states and attention: the recomputing kernels are refused)."""
     d = derive(model)
+    module = runtime.load_zoo(model)
+    for name in getattr(module, "SAVED", ()) and ("chunk_state_canonical_kernel", "chunk_attention_canonical_kernel"):
+        monkeypatch.setattr(module, name, Refused())
     B, T, H, K, V = 1, 70, 2, 16, 32
     q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=8, unit_keys=False)
     gen = torch.Generator().manual_seed(9)
@@ -173,13 +191,41 @@ def test_autograd_through_the_op_uses_the_generated_backward(model):
         assert relative_error(x.grad, e) <= tol, f"{model} d{name}: {relative_error(x.grad, e):.2e}"
 
 
+@pytest.mark.parametrize("case", ["fp32-T80-K16-V32-h0", "fp32-varlen-h0", "bf16-T80-K32-V16-h0"])
+def test_backward_takes_the_forwards_saved_tensors(case, cache, monkeypatch):
+    """gla's backward with forward_saving's states, attention and final state: the same
+    gradients, and the recomputing kernels are not launched."""
+    d, module = module_of("gla", cache)
+    for name in ("chunk_state_canonical_kernel", "chunk_attention_canonical_kernel"):
+        monkeypatch.setattr(module, name, Refused())
+    B, T, H, K, V, h0, with_dht, cu, dtype = CASES[case]
+    errors = gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, saved=True)
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[dtype]}
+    assert not bad, f"gla {case} with saved tensors: relative errors above {TOLERANCE[dtype]}: {bad}"
+
+
+def test_backward_rejects_bad_saved_tensors():
+    module = runtime.load_zoo("gla")
+    B, T, H, K, V = 1, 20, 1, 16, 16
+    q, k, v = (torch.randn(B, T, H, D, device=DEVICE) for D in (K, K, V))
+    g = -torch.rand(B, T, H, K, device=DEVICE)
+    do = torch.randn(B, T, H, V, device=DEVICE)
+    _, _, (h, A, qd, kd, gl) = module.forward_saving(q, k, v, g)
+    with pytest.raises(ValueError, match="saved A"):
+        module.backward(q, k, v, g, do, saved=(h, A[:, :10], qd, kd, gl, None))
+    with pytest.raises(ValueError, match="saved must be"):
+        module.backward(q, k, v, g, do, saved=(h, A, qd, kd, gl))
+
+
 # several key and value blocks per program's loop, and several key blocks of programs
 SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(BK=16, BV=16)}
 
 
 @pytest.mark.parametrize("model,config", [
     ("mamba2", SMALL_BLOCKS),
-    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)}),
+    # the decay's scan in steps of 32 rows (several per sequence)
+    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2),
+             "decay": dict(BT=32, BK=16)}),
 ])
 def test_backward_with_small_blocks(model, config, cache):
     B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
