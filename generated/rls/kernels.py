@@ -762,7 +762,8 @@ def default_config(K, V):
     """
     return {
         "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3"),
-        "gain": dict(BV=_block(V, 64), num_warps=4, num_stages=1, precision="tf32x3"),
+        # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
+        "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
