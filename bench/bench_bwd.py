@@ -54,10 +54,10 @@ def fla_call(name, q, k, v, x):
     raise KeyError(name)
 
 
-def inputs(model, B, T, H, D, seed=0, requires_grad=True):
+def inputs(model, B, T, H, D, seed=0, requires_grad=True, device="cuda"):
     """bf16 q, k, v and the model's gates (float32), as leaves that require grad."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dev = device
     q = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
     k = F.normalize(torch.randn(B, T, H, D, device=dev, generator=gen), dim=-1).bfloat16()
     v = torch.randn(B, T, H, D, device=dev, generator=gen).bfloat16()
@@ -121,11 +121,12 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def grad_check(model, shape=(1, 256, 4, 64)):
-    """Relative error of every gradient against autograd through the float64 filter."""
+def grad_check(model, shape=(1, 256, 4, 64), device="cuda"):
+    """Relative error of every gradient against autograd through the float64 filter (also run
+    by tests/kernels/test_gpu.py; on the CPU in Triton's interpreter it checks this check)."""
     from designmodel.derive import derive
     from designmodel.reference import delta_gain_gradients, recurrent
-    q, k, v, x = inputs(model, *shape, seed=1)
+    q, k, v, x = inputs(model, *shape, seed=1, device=device)
     do = torch.randn_like(v)
     o = ours_call(model, q, k, v, x)
     leaves = [q, k, v, *x.values()]
@@ -135,6 +136,8 @@ def grad_check(model, shape=(1, 256, 4, 64)):
     rq, rk, rv, *rx = ref_leaves
     names = list(x)
     inp = dict(zip(names, rx))
+    if model == "retnet":   # the op computes its per-head decays from H; the filter takes them
+        inp["gamma"] = ops.retnet_gamma(shape[2]).double()
     scale = shape[-1] ** -0.5
     ref = recurrent(derive(model), rq * scale, rk, rv, inp, unit_key_tol=1e-2).o
     ref_grads = dict(zip(["q", "k", "v", *names], torch.autograd.grad(ref, ref_leaves, do.double().cpu())))

@@ -45,45 +45,14 @@ def test_zoo_op_on_gpu_matches_fla(model):
     assert rel(o, fo) <= 2e-2 and rel(s, fs) <= 2e-2
 
 
-
-def gradient_errors(model, device, B=1, T=256, H=4, D=64):
-    """Relative error of each bf16 gradient of the op (through its autograd, as users train it)
-    against autograd through the float64 filter on the CPU, on the same rounded values."""
-    import torch.nn.functional as F
-
-    from designmodel.reference import delta_gain_gradients, recurrent
-    gen = torch.Generator(device=device).manual_seed(1)
-    q = torch.randn(B, T, H, D, device=device, generator=gen).bfloat16()
-    k = F.normalize(torch.randn(B, T, H, D, device=device, generator=gen), dim=-1).bfloat16()
-    v = torch.randn(B, T, H, D, device=device, generator=gen).bfloat16()
-    x = {}
-    if model in ("mamba2", "gated_deltanet"):
-        x["g"] = F.logsigmoid(torch.randn(B, T, H, device=device, generator=gen) + 4)
-    if model in ("gla", "kda"):
-        x["g"] = F.logsigmoid(torch.randn(B, T, H, D, device=device, generator=gen) + 4)
-    if model in ("deltanet", "gated_deltanet", "kda"):
-        x["beta"] = torch.sigmoid(torch.randn(B, T, H, device=device, generator=gen))
-    leaves = [t.requires_grad_() for t in (q, k, v, *x.values())]
-    do = torch.randn_like(v)
-    grads = torch.autograd.grad(getattr(ops, model)(q, k, v, **x, check_domain=False)[0], leaves, do)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    rq, rk, rv, *rx = ref_leaves
-    inp = dict(zip(x, rx))
-    if model == "retnet":
-        inp["gamma"] = ops.retnet_gamma(H).double()
-    ref = recurrent(derive(model), rq * D ** -0.5, rk, rv, inp, unit_key_tol=1e-2).o
-    names = ["q", "k", "v", *x]
-    ref_grads = dict(zip(names, torch.autograd.grad(ref, ref_leaves, do.double().cpu())))
-    if "beta" in ref_grads:   # the delta rule's gain is beta itself, not the spec's c / (c|k|^2 + r)
-        ref_grads["k"], ref_grads["beta"] = delta_gain_gradients(
-            ref_grads["k"], ref_grads["beta"], rk.detach(), inp["beta"].detach())
-    return {n: float((g.double().cpu() - ref_grads[n]).abs().max() / ref_grads[n].abs().max())
-            for n, g in zip(names, grads)}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", MODELS)
 def test_zoo_gradients_on_gpu_match_float64_filter(model):
-    """Issue 5's GPU check: bf16 gradients within 2e-2 of the float64 filter's."""
-    errors = gradient_errors(model, "cuda")
+    """Issue 5's GPU check: bf16 gradients, through the op's autograd as users train it, within
+    2e-2 of autograd through the float64 filter (bench_bwd's gradient check)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from bench_bwd import grad_check
+    errors = grad_check(model)
     assert max(errors.values()) <= 2e-2, (model, errors)
