@@ -599,16 +599,23 @@ def choose_path(N, H, V, device, cfg):
     return "fused" if programs >= FUSED_MIN_WAVES * sms else "two_pass"
 
 
+def chunk_starts(cu_seqlens, BT=CHUNK):
+    """For packed sequences: [N + 1] int32, the index of each sequence's first chunk among all
+    the sequences' chunks (the last entry: their total), on the device of cu_seqlens, without a
+    device-to-host sync."""
+    chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1) // BT
+    return torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32).contiguous()
+
+
 def prepare_chunks(cu_seqlens, BT=CHUNK):
     """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
     [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    chunks = (lengths + BT - 1) // BT
-    chunk_offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+    chunk_offsets = chunk_starts(cu_seqlens, BT)
+    chunks = chunk_offsets[1:] - chunk_offsets[:-1]
     sequence = torch.repeat_interleave(torch.arange(len(chunks), device=cu_seqlens.device), chunks)
     within = torch.arange(sequence.numel(), device=cu_seqlens.device) - chunk_offsets[sequence]
     chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
-    return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
+    return chunk_indices, chunk_offsets
 
 
 def check_inputs(q, k, v, beta, g, scale=None, initial_state=None, cu_seqlens=None, check_domain=True):

@@ -743,6 +743,14 @@ def chunk_readout_kernel(
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
+def chunk_starts(cu_seqlens, BT=CHUNK):
+    """For packed sequences: [N + 1] int32, the index of each sequence's first chunk among all
+    the sequences' chunks (the last entry: their total), on the device of cu_seqlens, without a
+    device-to-host sync."""
+    chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1) // BT
+    return torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32).contiguous()
+
+
 def _block(n, cap):
     """A power-of-two block of at least 16 (tl.dot's smallest) covering n, at most cap."""
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -925,8 +933,7 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     if cu_seqlens is not None:
-        _chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + BT - 1) // BT
-        _chunk_offsets = torch.cat([_chunks.new_zeros(1), _chunks.cumsum(0)]).to(torch.int32)
+        _chunk_offsets = chunk_starts(cu_seqlens, BT)
         NS = triton.cdiv(T, BT) + N   # at least the chunks of all sequences, without a sync
     else:
         _chunk_offsets, NS = None, B * triton.cdiv(T, BT)
