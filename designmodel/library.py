@@ -268,7 +268,7 @@ class LibraryOp:
         do, dht, scale, h0, cu = rest[n:n + 5]
         kw = {}
         if self.saved:
-            # (h, A, final state) of the forward op, [] after the recurrent op; empty means absent
+            # module.SAVED and the final state from the forward op, [] after the recurrent op; empty means absent
             saved = [None if x.numel() == 0 else x for x in rest[n + 5]]
             kw["saved"] = tuple(saved) if saved else None
         out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
