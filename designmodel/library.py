@@ -13,6 +13,10 @@ so `torch.compile(model, fullgraph=True)` records it as one node without a graph
 ops cannot return None: an absent final state or variance is an empty tensor inside the op, and
 the wrappers here map it back to None. The forward and recurrent ops share one autograd formula
 (they compute the same function): it calls the backward op, so that the backward compiles too.
+A module that names SAVED_FOR_BACKWARD (the reset family) gets one more argument, `bool save`,
+and one more output per name: when a gradient is needed the forward keeps what its backward
+would otherwise recompute (module.forward(..., save_for_backward=True)), and the backward op
+takes it as `Tensor[] saved` (module.backward(..., saved=...)); an empty list means recompute.
 
     from designmodel.library import register
     lop = register("gated_deltanet", module)      # idempotent: the same name returns the same ops
@@ -94,6 +98,8 @@ class LibraryOp:
         self.family = module.FAMILY
         self.kalman = self.family == "kalman"
         self.inputs = list(module.INPUTS)
+        # names of what module.forward(..., save_for_backward=True) keeps for module.backward
+        self.saves = tuple(getattr(module, "SAVED_FOR_BACKWARD", ())) if not self.kalman else ()
         self._define()
 
     # --- schema and registration ----------------------------------------------------------
@@ -101,11 +107,13 @@ class LibraryOp:
         ins = "".join(f", Tensor {n}" for n in self.inputs)
         state = "Tensor? initial_state, Tensor? initial_covariance" if self.kalman else "Tensor? initial_state"
         flags = "bool output_final_state, bool output_variance" if self.kalman else "bool output_final_state"
+        save = ", bool save" if self.saves else ""
         return (f"(Tensor q, Tensor k, Tensor v{ins}, float? scale, {state}, {flags}, "
-                f"Tensor? cu_seqlens, bool check_domain, str? config) -> {outputs}")
+                f"Tensor? cu_seqlens, bool check_domain, str? config{save}) -> {outputs}")
 
     def _define(self) -> None:
-        outputs = "(Tensor, Tensor, Tensor, Tensor)" if self.kalman else "(Tensor, Tensor)"
+        outputs = "(Tensor, Tensor, Tensor, Tensor)" if self.kalman else \
+            "(" + ", ".join(["Tensor"] * (2 + len(self.saves))) + ")"
         for suffix, fn in (("", "forward"), ("_recurrent", "recurrent")):
             qualname = f"{NAMESPACE}::{self.name}{suffix}"
             torch.library.define(qualname, self._schema(outputs), lib=_LIB)
@@ -122,8 +130,9 @@ class LibraryOp:
                       f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens) -> ({grads})")
         else:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
+            saved = ", Tensor[] saved" if self.saves else ""
             schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dht, "
-                      f"float? scale, Tensor? initial_state, Tensor? cu_seqlens) -> ({grads})")
+                      f"float? scale, Tensor? initial_state, Tensor? cu_seqlens{saved}) -> ({grads})")
         torch.library.define(qualname, schema, lib=_LIB)
         torch.library.impl(qualname, "default", lib=_LIB)(self._backward_implementation)
         torch.library.register_fake(qualname, self._backward_fake, lib=_LIB)
@@ -141,6 +150,7 @@ class LibraryOp:
                      "output_variance", "cu_seqlens", "check_domain", "config")
         else:
             names = ("scale", "initial_state", "output_final_state", "cu_seqlens", "check_domain", "config")
+            names += ("save",) if self.saves else ()
         return q, k, v, inputs, dict(zip(names, rest))
 
     # --- the real implementations ---------------------------------------------------------
@@ -158,8 +168,16 @@ class LibraryOp:
                 S, P = final if final is not None else (_empty(q), _empty(q))
                 var = out[2] if opt["output_variance"] else _empty(q)
                 return o, S, P, var
-            o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
-            return o, (ht if ht is not None else _empty(q))
+            if not self.saves:
+                o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
+                return o, (ht if ht is not None else _empty(q))
+            saved = [None] * len(self.saves)
+            if fn == "forward" and opt["save"]:
+                o, ht, saved = self.kernels.forward(q, k, v, *inputs, initial_state=opt["initial_state"],
+                                                    save_for_backward=True, **kwargs)
+            else:
+                o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
+            return (o, ht if ht is not None else _empty(q), *[_empty(q) if x is None else x for x in saved])
         run.__name__ = f"{self.name}_{fn}"
         return run
 
@@ -170,17 +188,26 @@ class LibraryOp:
         q, k, v, inputs, opt = self._split(args)
         o = _dense(v.shape, v)
         if q.dim() != 4 or v.dim() != 4:
-            return (o, _empty(q), _empty(q), _empty(q)) if self.kalman else (o, _empty(q))
+            return (o, _empty(q), _empty(q), _empty(q)) if self.kalman else (o, _empty(q), *self._saved_fake(q, v, opt))
         B, T, H, K = q.shape
         V = v.shape[-1]
         cu = opt["cu_seqlens"]
         N = B if cu is None else cu.shape[0] - 1
         ht = _dense((N, H, K, V), q, torch.float32) if opt["output_final_state"] else _empty(q)
         if not self.kalman:
-            return o, ht
+            return (o, ht, *self._saved_fake(q, v, opt))
         Pt = _dense((N, H, K, K), q, torch.float32) if opt["output_final_state"] else _empty(q)
         var = _dense((B, T, H), q, torch.float32) if opt["output_variance"] else _empty(q)
         return o, ht, Pt, var
+
+    def _saved_fake(self, q, v, opt):
+        """The fake outputs of what the forward keeps for the backward (empty when not asked)."""
+        if not self.saves:
+            return []
+        if not opt["save"] or q.dim() != 4 or v.dim() != 4:
+            return [_empty(q) for _ in self.saves]
+        shapes = self.kernels.saved_for_backward_shapes(q, v, opt["cu_seqlens"])
+        return [_empty(q) if s is None else _dense(s[0], q, s[1]) for s in shapes]
 
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
@@ -190,7 +217,11 @@ class LibraryOp:
                                   opt["cu_seqlens"])
             ctx.output_variance = opt["output_variance"]
         else:
-            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"])
+            # what the forward kept for the backward: outputs after (o, final state)
+            saved = list(output[2:]) if self.saves and opt["save"] else []
+            if saved:
+                ctx.mark_non_differentiable(*saved)
+            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"], *saved)
         ctx.scale = opt["scale"]
         ctx.output_final_state = opt["output_final_state"]
         ctx.n_args = len(inputs)
@@ -220,11 +251,13 @@ class LibraryOp:
         n = len(self.inputs)
         q, k, v, ins, h0, cu = saved[0], saved[1], saved[2], list(saved[3:3 + n]), saved[3 + n], saved[4 + n]
         dht = dht.contiguous() if ctx.output_final_state and dht is not None else None
-        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu)
+        kept = ([list(saved[5 + n:])] if self.saves else [])
+        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu, *kept)
         dq, dk, dv, dins, dh0 = out[0], out[1], out[2], list(out[3:3 + n]), out[3 + n]
         # one gradient per op argument: q, k, v, inputs, scale, initial_state, output_final_state,
-        # cu_seqlens, check_domain, config
-        return (dq, dk, dv, *dins, None, dh0 if h0 is not None else None, None, None, None, None)
+        # cu_seqlens, check_domain, config (and save)
+        return (dq, dk, dv, *dins, None, dh0 if h0 is not None else None, None, None, None, None,
+                *([None] if self.saves else []))
 
     def _backward_implementation(self, q, k, v, *rest):
         n = len(self.inputs)
@@ -243,8 +276,13 @@ class LibraryOp:
             grads.append(_empty(q) if dS0 is None else dS0.to(S0.dtype).contiguous())
             grads.append(_empty(q) if dP0 is None else dP0.to(P0.dtype).contiguous())
             return tuple(grads)
-        do, dht, scale, h0, cu = rest[n:]
-        out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None)
+        do, dht, scale, h0, cu = rest[n:n + 5]
+        kw = {}
+        if self.saves:
+            # an empty list: nothing was kept (recompute); an empty tensor: that one was not
+            kept = rest[n + 5]
+            kw["saved"] = tuple(None if x.numel() == 0 else x for x in kept) if len(kept) else None
+        out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]
         dh0 = out[3 + n]
@@ -314,7 +352,13 @@ class LibraryOp:
             state = kwargs.get("initial_state")
             if state is not None and not isinstance(state, torch.Tensor):
                 raise ValueError(f"initial_state must be a [N, H, K, V] tensor, got {type(state).__name__}")
-            o, ht = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
+            if not self.saves:
+                o, ht = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
+                return o, (ht if ofs else None)
+            # keep what the backward would recompute only when a gradient will be asked for
+            save = op is self._forward_op and torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, *ins, state))
+            o, ht = op(q, k, v, *ins, scale, state, ofs, cu, check, config, save)[:2]
             return o, (ht if ofs else None)
         S0, P0 = self.kernels._split_state(kwargs.get("initial_state"))
         for what, x in (("initial_state[0] (mean S)", S0), ("initial_state[1] (covariance P)", P0)):

@@ -54,6 +54,7 @@ def chunk_reset_kernel(
     g,
     w,
     u,
+    Ai,
     cu_seqlens,
     chunk_indices,
     T,
@@ -64,6 +65,7 @@ def chunk_reset_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    STORE_INVERSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """The covariance reset of one chunk, in closed form (MATH.md 6.2):
@@ -74,6 +76,8 @@ def chunk_reset_kernel(
     beta is the reset gain, computed per token from the inputs. The unit lower-triangular
     system is solved on 4 sub-chunks of BC tokens: forward substitution inside the diagonal
     blocks, then block products below them. Grid: (NT, B * H).
+    With STORE_INVERSE the inverse (I + stril(diag(beta) (K K^T o Gamma)))^-1 goes to Ai
+    ([BT, BT] per chunk), for the backward.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -199,6 +203,28 @@ def chunk_reset_kernel(
     b_Ai20 = -tl.dot(b_Ai22, tl.dot(b_A20, b_Ai00) + tl.dot(b_A21, b_Ai10))
     b_Ai31 = -tl.dot(b_Ai33, tl.dot(b_A31, b_Ai11) + tl.dot(b_A32, b_Ai21))
     b_Ai30 = -tl.dot(b_Ai33, tl.dot(b_A30, b_Ai00) + tl.dot(b_A31, b_Ai10) + tl.dot(b_A32, b_Ai20))
+    if STORE_INVERSE:
+        # [BT, BT] per chunk, row t of the chunk at token t; zero above the diagonal
+        p_Ai = Ai + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai00, mask=m_t0[:, None])
+        tl.store(p_Ai + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        p_Ai = Ai + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai10, mask=m_t1[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai11, mask=m_t1[:, None])
+        tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+        p_Ai = Ai + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai20, mask=m_t2[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai21, mask=m_t2[:, None])
+        tl.store(p_Ai + 2 * BC, b_Ai22, mask=m_t2[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t2[:, None])
+        p_Ai = Ai + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai30, mask=m_t3[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai31, mask=m_t3[:, None])
+        tl.store(p_Ai + 2 * BC, b_Ai32, mask=m_t3[:, None])
+        tl.store(p_Ai + 3 * BC, b_Ai33, mask=m_t3[:, None])
 
     # 5. W = T_ (K o a) = Ai (beta a K), U = T_ V = Ai (beta V); float32 operands (tf32 on
     #    the GPU): Ai can have large entries, and rounding it to bf16 costs more than these dots
@@ -332,6 +358,8 @@ def chunk_fused_kernel(
     u,
     g,
     o,
+    h,
+    v_new,
     h0,
     ht,
     cu_seqlens,
@@ -345,6 +373,7 @@ def chunk_fused_kernel(
     BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    SAVE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """State and readout in one pass over the chunks, the state never leaving registers:
@@ -355,7 +384,9 @@ def chunk_fused_kernel(
 
     The launcher takes this path when N * H * NV programs fill the GPU; otherwise the state
     kernel and the output kernel split the work. Each program carries all K rows (BK >= K)
-    of a [K, BV] block of one sequence's state. Grid: (NV, N * H).
+    of a [K, BV] block of one sequence's state. With SAVE_STATES (equal-length sequences
+    only) it also stores S at every chunk start into h and V_n into v_new, as the state kernel
+    does, so that the backward need not recompute them. Grid: (NV, N * H).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -386,6 +417,12 @@ def chunk_fused_kernel(
         b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         # V_n = U - W S, float32 operands (tf32 on the GPU): a small difference of large terms
         b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
+        if SAVE_STATES:
+            # the state at the chunk start and V_n, for the backward (sequences of length T)
+            p_h = h + ((i_n.to(tl.int64) * tl.cdiv(T, BT) + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+            p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
         # readout: [BT, BV] (Q o a) S + (Q K^T o Gamma) V_n
         b_o = tl.dot(b_q, b_h.to(b_q.dtype))
@@ -524,6 +561,23 @@ def choose_path(N, H, V, device, cfg):
     return "fused" if programs >= FUSED_MIN_WAVES * sms else "two_pass"
 
 
+# what forward(..., save_for_backward=True) keeps for backward(..., saved=...): per chunk W,
+# U and the reset's inverse Ai; per state (equal-length sequences only) S at every chunk start
+# and V_n. O(T (K + V + BT)) per head plus the chunk-start states, as the backward's recompute.
+SAVED_FOR_BACKWARD = ("w", "u", "Ai", "h", "v_new")
+
+
+def saved_for_backward_shapes(q, v, cu_seqlens=None):
+    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD, None for one not kept (the
+    states of packed sequences, whose count depends on cu_seqlens' values)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NS = B * triton.cdiv(T, CHUNK)
+    states = cu_seqlens is None
+    return [((B, T, H, K), q.dtype), ((B, T, H, V), v.dtype), ((B, T, H, CHUNK), torch.float32),
+            ((NS, H, K, V), q.dtype) if states else None, ((B, T, H, V), v.dtype) if states else None]
+
+
 def prepare_chunks(cu_seqlens, BT=CHUNK):
     """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
     [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
@@ -612,7 +666,7 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
                "logdecay": "<= 0 (a log-decay)"}
 
 
-def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None, save_for_backward=False):
     """The chunked forward pass of gated_deltanet.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H] (<= 0 (a log-decay)).
@@ -620,7 +674,9 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     cumulative lengths of N sequences packed along T (then B = 1). check_domain: check that
     each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
     default_config(K, V).
-    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None);
+    with save_for_backward=True (o, final state, saved), saved the tensors SAVED_FOR_BACKWARD
+    (None for one not kept, see saved_for_backward_shapes) for backward(..., saved=saved).
     """
     check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -655,21 +711,27 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     # per chunk: W = T_ (K o a), U = T_ V
     w = torch.empty_like(k)
     u = torch.empty_like(v)
+    # the reset's inverse, kept for the backward
+    Ai = q.new_empty(B, T, H, BT, dtype=torch.float32) if save_for_backward else None
     _launch = _cfg["reset"]
     chunk_reset_kernel[(NT, B * H)](
-        k, v, beta, g, w, u, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
+        k, v, beta, g, w, u, Ai, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], STORE_INVERSE=save_for_backward, IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     if _path == "fused":
+        # the states at the chunk starts and V_n, kept for the backward (equal lengths only)
+        _states = save_for_backward and cu_seqlens is None
+        h = k.new_empty(NS, H, K, V) if _states else None
+        v_new = torch.empty_like(v) if _states else None
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]
         chunk_fused_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-            q, k, w, u, g, o, initial_state, ht, cu_seqlens, scale, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
+            q, k, w, u, g, o, h, v_new, initial_state, ht, cu_seqlens, scale, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags, SAVE_STATES=_states,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht
+        return (o, ht, (w, u, Ai, h, v_new)) if save_for_backward else (o, ht)
     # per state: S across chunks, V_n = U - W S; the state at every chunk start (in the input
     # dtype, like fla) for the output kernel
     h = k.new_empty(NS, H, K, V)
@@ -688,6 +750,9 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
+    if save_for_backward:
+        _states = cu_seqlens is None
+        return o, ht, (w, u, Ai, h if _states else None, v_new if _states else None)
     return o, ht
 
 
@@ -1525,7 +1590,23 @@ def _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_
             raise ValueError(f"{_name} must be a floating tensor on {q.device}, got {_x.dtype} on {_x.device}")
 
 
-def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None):
+def _check_saved(saved, q, v, cu_seqlens):
+    """The tensors of forward(..., save_for_backward=True), checked against
+    saved_for_backward_shapes; ValueError naming the first that does not fit."""
+    if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED_FOR_BACKWARD):
+        raise ValueError(f"saved must be the {len(SAVED_FOR_BACKWARD)} tensors {SAVED_FOR_BACKWARD} of forward(..., save_for_backward=True)")
+    for _name, _x, _want in zip(SAVED_FOR_BACKWARD, saved, saved_for_backward_shapes(q, v, cu_seqlens)):
+        _got = None if _x is None else (tuple(_x.shape), _x.dtype)
+        if _want is not None and _x is None and _name in ("h", "v_new"):
+            continue   # the states may be left to the recompute
+        if _got != _want or (_x is not None and _x.device != q.device):
+            raise ValueError(f"saved {_name} must be {_want} on {q.device}, got {_got}")
+    if (saved[3] is None) != (saved[4] is None):
+        raise ValueError("saved h and v_new must be given together")
+    return tuple(x.contiguous() if x is not None else None for x in saved)
+
+
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None, saved=None):
     """The chunked backward pass of the gated_deltanet recurrence, from its materialized gain.
 
         S_t = (I - beta_t k_t k_t^T) a_t S_{t-1} + beta_t k_t v_t^T,   o_t = scale S_t^T q_t
@@ -1534,6 +1615,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     dht: [N, H, K, V] gradient of the final state or None; scale: a number; initial_state:
     [N, H, K, V] or None; cu_seqlens: [N + 1] or None (then B = 1). config: per-kernel
     overrides of default_backward_config(K, V).
+    saved: the third result of forward(..., save_for_backward=True), or None; what it
+    holds is not recomputed.
 
     Recomputes the states at the chunk starts (O(T / BT) of them) and the chunk's reset,
     then passes over the chunks in reverse for the states' gradient.
@@ -1571,25 +1654,30 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _varlen = cu_seqlens is not None
     _gate = (log_decay,)
 
+    w = u = Ai = h = v_new = None
+    if saved is not None:
+        w, u, Ai, h, v_new = _check_saved(saved, q, v, cu_seqlens)
     # recompute, per chunk: W, U and the inverse Ai of the reset
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    Ai = q.new_empty(B, T, H, BT, dtype=torch.float32)
-    _launch = _cfg["prepare"]
-    chunk_bwd_prepare_kernel[(NT, B * H)](
-        k, v, gain, *_gate, w, u, Ai, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
+    if w is None:
+        w = torch.empty_like(k)
+        u = torch.empty_like(v)
+        Ai = q.new_empty(B, T, H, BT, dtype=torch.float32)
+        _launch = _cfg["prepare"]
+        chunk_bwd_prepare_kernel[(NT, B * H)](
+            k, v, gain, *_gate, w, u, Ai, cu_seqlens, chunk_indices, T,
+            H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
     # recompute, per state: S at every chunk start and V_n
-    h = k.new_empty(NS, H, K, V)
-    v_new = torch.empty_like(v)
-    _launch = _cfg["state"]
-    chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-        k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-        IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
+    if h is None:
+        h = k.new_empty(NS, H, K, V)
+        v_new = torch.empty_like(v)
+        _launch = _cfg["state"]
+        chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+            k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+            IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
 
     # per chunk: the innovations' gradient from the intra-chunk readout
     dv_local = torch.empty_like(v)
@@ -1641,12 +1729,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
-def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of gated_deltanet's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
+    saved: the third result of forward(..., save_for_backward=True) on the same arguments,
+    or None (then the backward recomputes them).
     Returns (dq, dk, dv, dbeta, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1674,7 +1764,7 @@ def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_
     # gain is the input beta as it is
     gain = beta.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
-        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved)
     d_g = dlog_decay
     d_beta = dgain
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_beta.to(beta.dtype), d_g.to(g.dtype), dh0)
