@@ -1250,7 +1250,7 @@ def chunk_bwd_dqkw_kernel(
     b_dq = tl.dot(b_dp.to(b_ki.dtype), b_ki, b_dq)
     b_dk = tl.dot(tl.trans(b_dp).to(b_qi.dtype), b_qi, b_dk)
     p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(dq + p_x, b_dq, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dq + p_x, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     tl.store(dk + p_x, b_dk, mask=m_t[:, None] & m_k[None, :])
     tl.store(dw + p_x, (-b_dw).to(dw.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
@@ -1264,6 +1264,7 @@ def chunk_bwd_reset_kernel(
     Ai,
     dw,
     dv2,
+    dk0,
     dk,
     dv,
     dgain,
@@ -1283,12 +1284,15 @@ def chunk_bwd_reset_kernel(
     Ai = (I + A)^-1, A = stril(diag(beta) (K K^T o Gamma)), with dU = dV_n:
 
         dAi = dW (beta a K)^T + dU (beta V)^T,      dA = -stril(Ai^T dAi Ai^T)
-        dK += beta a Ai^T dW + (diag(beta) dA o Gamma) K + (diag(beta) dA o Gamma)^T K
+        dK  = dK0 + beta a Ai^T dW + (diag(beta) dA o Gamma + (diag(beta) dA o Gamma)^T) K
         dV  = beta Ai^T dU
         dbeta = a (Ai^T dW . K) + (Ai^T dU . V) + rowsum(dA o K K^T o Gamma)
         dg += the reset's part, summed in reverse over the chunk
 
-    dk holds the first kernel's part and is completed here. Grid: (NT, B * H).
+    dk0 holds the first kernel's part (float32); dk and dv take the gradients' dtype. The
+    products of two stored tensors (K K^T, dW K^T, dU V^T) take their dtype (bf16 MMA for
+    bf16 inputs: exact products, float32 sums), the row scales beta a applied after; the
+    products with Ai or dA keep float32 operands (tf32 on the GPU). Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1314,8 +1318,9 @@ def chunk_bwd_reset_kernel(
     b_ka = b_beta * tl.exp2(b_gc)
     b_dgc = tl.zeros([BT], dtype=tl.float32)
 
-    # [BT, BT] dAi and K K^T; [BT] dbeta
-    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
+    # [BT, BT] dW K^T, dU V^T and K K^T; [BT] dbeta
+    b_dwk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_duv = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -1323,24 +1328,26 @@ def chunk_bwd_reset_kernel(
         m_k = o_k < K
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         m_x = m_t[:, None] & m_k[None, :]
-        # [BT, BK]
-        b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
+        # [BT, BK] in the stored dtype (dw has the dtype of k)
+        b_k = tl.load(k + p_x, mask=m_x, other=0.)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
-        b_dAi = tl.dot(b_dw, tl.trans(b_k * b_ka[:, None]), b_dAi)
+        b_dwk = tl.dot(b_dw, tl.trans(b_k), b_dwk)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         p_y = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         m_y = m_t[:, None] & m_v[None, :]
-        # [BT, BV]
-        b_v = tl.load(v + p_y, mask=m_y, other=0.).to(tl.float32)
-        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.).to(tl.float32)
-        b_dAi = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dAi)
+        # [BT, BV] in the stored dtype (dv2 has the dtype of v)
+        b_v = tl.load(v + p_y, mask=m_y, other=0.)
+        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.)
+        b_duv = tl.dot(b_du, tl.trans(b_v), b_duv)
         # [BT, BV] gradient of the reset's values beta V
-        b_dvb = tl.dot(tl.trans(b_Ai), b_du)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-        tl.store(dv + p_y, b_dvb * b_beta[:, None], mask=m_y)
+        b_dvb = tl.dot(tl.trans(b_Ai), b_du.to(tl.float32))
+        b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+        tl.store(dv + p_y, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_y)
+    # dAi = dW (beta a K)^T + dU (beta V)^T
+    b_dAi = b_dwk * b_ka[None, :] + b_duv * b_beta[None, :]
 
     # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
     m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
@@ -1353,7 +1360,9 @@ def chunk_bwd_reset_kernel(
     b_x = b_dA * b_kk
     b_dgc += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
     b_dA = b_dA * b_gamma
-    # dk += beta a Ai^T dW + (dA o Gamma) K + (dA o Gamma)^T K, one pass over dk
+    # [BT, BT] (dA o Gamma) + (dA o Gamma)^T: one product with K for both
+    b_dA = b_dA + tl.trans(b_dA)
+    # dk = dk0 + beta a Ai^T dW + ((dA o Gamma) + (dA o Gamma)^T) K, one pass over the keys
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -1367,10 +1376,9 @@ def chunk_bwd_reset_kernel(
         b_r = tl.sum(b_dkb * b_k, axis=1)
         b_dbeta += b_r * tl.exp2(b_gc)
         b_dgc += b_r * b_ka
-        b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
+        b_dk = tl.load(dk0 + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
         b_dk = tl.dot(b_dA, b_k, b_dk)
-        b_dk = tl.dot(tl.trans(b_dA), b_k, b_dk)
-        tl.store(dk + p_x, b_dk, mask=m_x)
+        tl.store(dk + p_x, b_dk.to(dk.dtype.element_ty), mask=m_x)
     tl.store(dgain + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
     # g_s enters gc_t for every t >= s of the chunk
     b_dgc = tl.where(m_t, b_dgc, 0.)
@@ -1606,7 +1614,7 @@ def _check_saved(saved, q, v, cu_seqlens):
     return tuple(x.contiguous() if x is not None else None for x in saved)
 
 
-def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None, saved=None):
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None, saved=None, grad_dtype=torch.float32):
     """The chunked backward pass of the gated_deltanet recurrence, from its materialized gain.
 
         S_t = (I - beta_t k_t k_t^T) a_t S_{t-1} + beta_t k_t v_t^T,   o_t = scale S_t^T q_t
@@ -1616,13 +1624,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     [N, H, K, V] or None; cu_seqlens: [N + 1] or None (then B = 1). config: per-kernel
     overrides of default_backward_config(K, V).
     saved: the third result of forward(..., save_for_backward=True), or None; what it
-    holds is not recomputed.
+    holds is not recomputed. grad_dtype: the dtype of dq, dk, dv (the kernels write them
+    in it, no conversion after).
 
     Recomputes the states at the chunk starts (O(T / BT) of them) and the chunk's reset,
     then passes over the chunks in reverse for the states' gradient.
     Returns (dq, dk, dv, dgain, dlog_decay, dh0): dq, dk [B, T, H, K], dv [B, T, H, V],
     dgain [B, T, H], dlog_decay [B, T, H], dh0 [N, H, K, V] or None without an
-    initial state; all float32.
+    initial state; all float32 (dq, dk, dv in grad_dtype).
     """
     _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens)
     B, T, H, K = q.shape
@@ -1700,26 +1709,27 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
 
     # per chunk and key block: dq, dk (first part), dW, dg (first part)
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dq = q.new_empty(B, T, H, K, dtype=grad_dtype)
+    dk0 = q.new_empty(B, T, H, K, dtype=torch.float32)   # the first part of dk, completed below
     dw = torch.empty_like(k)   # in the input dtype, like fla: it only feeds products
     _launch = _cfg["dqkw"]
     NK = triton.cdiv(K, _launch["BK"])
     dg = q.new_empty(NK, B, T, H, dtype=torch.float32)
     _dg = (dg, B * T * H)
     chunk_bwd_dqkw_kernel[(NK, NT, B * H)](
-        q, k, v_new, h, dh, do, dv2, *_gate, dq, dk, dw, *_dg, cu_seqlens, chunk_indices, scale, T,
+        q, k, v_new, h, dh, do, dv2, *_gate, dq, dk0, dw, *_dg, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     dg = dg.sum(0) if NK > 1 else dg[0]
 
     # per chunk: through the reset (the triangular inverse) for dk, dv, dgain, dg
-    dv = torch.empty_like(v, dtype=torch.float32)
+    dk = q.new_empty(B, T, H, K, dtype=grad_dtype)
+    dv = torch.empty_like(v, dtype=grad_dtype)
     dgain = torch.empty_like(gain)
     _launch = _cfg["reset"]
     chunk_bwd_reset_kernel[(NT, B * H)](
-        k, v, gain, *_gate, Ai, dw, dv2, dk, dv, dgain, dg, cu_seqlens, chunk_indices, T,
+        k, v, gain, *_gate, Ai, dw, dv2, dk0, dk, dv, dgain, dg, cu_seqlens, chunk_indices, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -1764,7 +1774,7 @@ def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_
     # gain is the input beta as it is
     gain = beta.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
-        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved)
+        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved, q.dtype)
     d_g = dlog_decay
     d_beta = dgain
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_beta.to(beta.dtype), d_g.to(g.dtype), dh0)

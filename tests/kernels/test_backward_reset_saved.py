@@ -17,7 +17,7 @@ from designmodel import ops
 from designmodel.codegen import runtime
 
 from .conftest import DEVICE
-from .test_backward_reset import FP32_TOL, _case, _reference
+from .test_backward_reset import BF16_TOL, FP32_TOL, _case, _reference
 from .helpers import relative_error
 
 
@@ -35,6 +35,8 @@ def _saved_gradients(model, path, **kw):
     out = module.backward(*args, _dev(do), dht=_dev(dht), scale=scale, initial_state=_dev(S0),
                           cu_seqlens=_dev(cu), saved=saved)
     got = dict(zip(["q", "k", "v", *module.INPUTS, "h0"], out))
+    for name, x in zip(["q", "k", "v"], (q, k, v)):
+        assert got[name].dtype == x.dtype, name
     want = _reference(d, q, k, v, ins, S0, do, dht, cu, scale)
     assert set(got) == set(want)
     return {n: relative_error(got[n], want[n]) for n in want}, saved
@@ -46,6 +48,13 @@ def test_gradients_from_saved(model, path):
     errs, saved = _saved_gradients(model, path)
     assert all(x is not None for x in saved), "equal lengths: every tensor is kept"
     assert max(errs.values()) <= FP32_TOL, errs
+
+
+@pytest.mark.parametrize("model", ["deltanet", "gated_deltanet"])
+def test_gradients_from_saved_bf16(model):
+    # bf16 inputs: the gradients come back in bf16, written by the kernels in that dtype
+    errs, _ = _saved_gradients(model, "fused", dtype=torch.bfloat16, seed=7)
+    assert max(errs.values()) <= BF16_TOL, errs
 
 
 def test_gradients_from_saved_varlen():
