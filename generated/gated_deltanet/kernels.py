@@ -1519,24 +1519,25 @@ def chunk_bwd_dh_kernel(
         m_t = o_t < T
         p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
-        # [BT, BK]
+        # [BT, BK]; q in its stored dtype: its product with dO is exact in float32
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        # [BT] cumulative log2-decay: a = exp2(gc), a_C / a = exp2(glast - gc) <= 1
+        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
+        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        # [BT] cumulative log2-decay: a = exp2(gc), a_C / a = exp2(glast - gc) <= 1, a row
+        # scale of K, applied after the product (the [BT, BK] block stays as loaded)
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-        b_k = b_k * tl.exp2(b_glast - b_gc)[:, None]
-        b_q = b_q * (tl.exp2(b_gc) * scale)[:, None]
-        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
-        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dv = tl.dot(b_k, b_dh, b_dv)
+        b_dv += tl.dot(b_k, b_dh) * tl.exp2(b_glast - b_gc)[:, None]
         p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_dh *= tl.exp2(b_glast)
-        b_dh = tl.dot(tl.trans(b_q).to(b_do.dtype), b_do, b_dh)
+        # (Q o a)^T (scale dO) = Q^T (dO o a scale): the row scale on the [BT, BV] block
+        b_dos = (b_do.to(tl.float32) * (tl.exp2(b_gc) * scale)[:, None]).to(b_do.dtype)
+        b_dh = tl.dot(tl.trans(b_q), b_dos, b_dh)
         b_dh -= tl.dot(tl.trans(b_w), b_dv)
 
     if HAS_INITIAL_STATE:
