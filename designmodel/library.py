@@ -171,13 +171,13 @@ class LibraryOp:
             if not self.saves:
                 o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
                 return o, (ht if ht is not None else _empty(q))
-            saved = [None] * len(self.saves)
+            saved = [_empty(q) for _ in self.saves]
             if fn == "forward" and opt["save"]:
                 o, ht, saved = self.kernels.forward(q, k, v, *inputs, initial_state=opt["initial_state"],
                                                     save_for_backward=True, **kwargs)
             else:
                 o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
-            return (o, ht if ht is not None else _empty(q), *[_empty(q) if x is None else x for x in saved])
+            return (o, ht if ht is not None else _empty(q), *saved)
         run.__name__ = f"{self.name}_{fn}"
         return run
 
@@ -206,8 +206,7 @@ class LibraryOp:
             return []
         if not opt["save"] or q.dim() != 4 or v.dim() != 4:
             return [_empty(q) for _ in self.saves]
-        shapes = self.kernels.saved_for_backward_shapes(q, v, opt["cu_seqlens"])
-        return [_empty(q) if s is None else _dense(s[0], q, s[1]) for s in shapes]
+        return [_dense(shape, q, dtype) for shape, dtype in self.kernels.saved_for_backward_shapes(q, v)]
 
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
@@ -279,9 +278,9 @@ class LibraryOp:
         do, dht, scale, h0, cu = rest[n:n + 5]
         kw = {}
         if self.saves:
-            # an empty list: nothing was kept (recompute); an empty tensor: that one was not
+            # an empty list: nothing was kept (the backward recomputes)
             kept = rest[n + 5]
-            kw["saved"] = tuple(None if x.numel() == 0 else x for x in kept) if len(kept) else None
+            kw["saved"] = tuple(kept) if len(kept) else None
         out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]

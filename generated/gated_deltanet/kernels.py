@@ -358,7 +358,6 @@ def chunk_fused_kernel(
     u,
     g,
     o,
-    h,
     v_new,
     h0,
     ht,
@@ -373,7 +372,7 @@ def chunk_fused_kernel(
     BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
-    SAVE_STATES: tl.constexpr,
+    SAVE_INNOVATIONS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """State and readout in one pass over the chunks, the state never leaving registers:
@@ -384,9 +383,8 @@ def chunk_fused_kernel(
 
     The launcher takes this path when N * H * NV programs fill the GPU; otherwise the state
     kernel and the output kernel split the work. Each program carries all K rows (BK >= K)
-    of a [K, BV] block of one sequence's state. With SAVE_STATES (equal-length sequences
-    only) it also stores S at every chunk start into h and V_n into v_new, as the state kernel
-    does, so that the backward need not recompute them. Grid: (NV, N * H).
+    of a [K, BV] block of one sequence's state. With SAVE_INNOVATIONS it also stores V_n
+    into v_new, as the state kernel does, for the backward. Grid: (NV, N * H).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -417,12 +415,6 @@ def chunk_fused_kernel(
         b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         # V_n = U - W S, float32 operands (tf32 on the GPU): a small difference of large terms
         b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
-        if SAVE_STATES:
-            # the state at the chunk start and V_n, for the backward (sequences of length T)
-            p_h = h + ((i_n.to(tl.int64) * tl.cdiv(T, BT) + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-            p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
         # readout: [BT, BV] (Q o a) S + (Q K^T o Gamma) V_n
         b_o = tl.dot(b_q, b_h.to(b_q.dtype))
@@ -437,6 +429,12 @@ def chunk_fused_kernel(
         b_o = (b_o + tl.dot(b_A, b_vn)) * scale
         p_o = o + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if SAVE_INNOVATIONS:
+            # V_n for the backward, which rebuilds the chunk-start states from it. Stored after
+            # the readout: right after V_n is computed it made this kernel spill on sm_90, and
+            # so did storing the [K, BV] states themselves
+            p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # state: S' = a_C S + (K o (a_C / a))^T V_n
         b_h *= tl.exp2(b_glast)
         b_h = tl.dot(tl.trans(b_k.to(tl.float32)), b_vn * tl.exp2(b_glast - b_gc)[:, None], b_h)
@@ -561,21 +559,18 @@ def choose_path(N, H, V, device, cfg):
     return "fused" if programs >= FUSED_MIN_WAVES * sms else "two_pass"
 
 
-# what forward(..., save_for_backward=True) keeps for backward(..., saved=...): per chunk W,
-# U and the reset's inverse Ai; per state (equal-length sequences only) S at every chunk start
-# and V_n. O(T (K + V + BT)) per head plus the chunk-start states, as the backward's recompute.
-SAVED_FOR_BACKWARD = ("w", "u", "Ai", "h", "v_new")
+# what forward(..., save_for_backward=True) keeps for backward(..., saved=...), per token:
+# W = T_ (K o a), the reset's inverse Ai (a [BT, BT] block per chunk) and the innovations V_n,
+# O(T (K + BT + V)) per head. From V_n the backward rebuilds the chunk-start states with one
+# product per chunk, off the critical path (no W S before it).
+SAVED_FOR_BACKWARD = ("w", "Ai", "v_new")
 
 
-def saved_for_backward_shapes(q, v, cu_seqlens=None):
-    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD, None for one not kept (the
-    states of packed sequences, whose count depends on cu_seqlens' values)."""
+def saved_for_backward_shapes(q, v):
+    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD for inputs q [B, T, H, K], v."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NS = B * triton.cdiv(T, CHUNK)
-    states = cu_seqlens is None
-    return [((B, T, H, K), q.dtype), ((B, T, H, V), v.dtype), ((B, T, H, CHUNK), torch.float32),
-            ((NS, H, K, V), q.dtype) if states else None, ((B, T, H, V), v.dtype) if states else None]
+    return [((B, T, H, K), q.dtype), ((B, T, H, CHUNK), torch.float32), ((B, T, H, V), v.dtype)]
 
 
 def prepare_chunks(cu_seqlens, BT=CHUNK):
@@ -676,7 +671,7 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     default_config(K, V).
     Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None);
     with save_for_backward=True (o, final state, saved), saved the tensors SAVED_FOR_BACKWARD
-    (None for one not kept, see saved_for_backward_shapes) for backward(..., saved=saved).
+    for backward(..., saved=saved).
     """
     check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -720,18 +715,16 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     if _path == "fused":
-        # the states at the chunk starts and V_n, kept for the backward (equal lengths only)
-        _states = save_for_backward and cu_seqlens is None
-        h = k.new_empty(NS, H, K, V) if _states else None
-        v_new = torch.empty_like(v) if _states else None
+        # V_n, kept for the backward
+        v_new = torch.empty_like(v) if save_for_backward else None
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]
         chunk_fused_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-            q, k, w, u, g, o, h, v_new, initial_state, ht, cu_seqlens, scale, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags, SAVE_STATES=_states,
+            q, k, w, u, g, o, v_new, initial_state, ht, cu_seqlens, scale, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags, SAVE_INNOVATIONS=save_for_backward,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return (o, ht, (w, u, Ai, h, v_new)) if save_for_backward else (o, ht)
+        return (o, ht, (w, Ai, v_new)) if save_for_backward else (o, ht)
     # per state: S across chunks, V_n = U - W S; the state at every chunk start (in the input
     # dtype, like fla) for the output kernel
     h = k.new_empty(NS, H, K, V)
@@ -751,8 +744,7 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     if save_for_backward:
-        _states = cu_seqlens is None
-        return o, ht, (w, u, Ai, h if _states else None, v_new if _states else None)
+        return o, ht, (w, Ai, v_new)
     return o, ht
 
 
@@ -1406,6 +1398,7 @@ def chunk_bwd_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
+    HAS_INNOVATIONS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Backward, recompute: the memory at every chunk start (O(T / BT) states, never per token)
@@ -1413,6 +1406,8 @@ def chunk_bwd_state_kernel(
 
         V_n = U - W S,   S' = a_C S + (K o (a_C / a))^T V_n
 
+    With HAS_INNOVATIONS, V_n comes from the forward (v_new) and the states are a running sum,
+    one product per chunk that does not wait on S (w and u are not read).
     Each program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state.
     Grid: (NV, N * H).
     """
@@ -1441,12 +1436,16 @@ def chunk_bwd_state_kernel(
         m_t = o_t < T
         p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        # [BT, BK], [BT, BV]
-        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
         p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if HAS_INNOVATIONS:
+            # [BT, BV] V_n from the forward
+            b_vn = tl.load(p_vn, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        else:
+            # [BT, BK], [BT, BV]
+            b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+            b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
+            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # [BT, BK]
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
@@ -1599,20 +1598,16 @@ def _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_
             raise ValueError(f"{_name} must be a floating tensor on {q.device}, got {_x.dtype} on {_x.device}")
 
 
-def _check_saved(saved, q, v, cu_seqlens):
+def _check_saved(saved, q, v):
     """The tensors of forward(..., save_for_backward=True), checked against
     saved_for_backward_shapes; ValueError naming the first that does not fit."""
     if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED_FOR_BACKWARD):
         raise ValueError(f"saved must be the {len(SAVED_FOR_BACKWARD)} tensors {SAVED_FOR_BACKWARD} of forward(..., save_for_backward=True)")
-    for _name, _x, _want in zip(SAVED_FOR_BACKWARD, saved, saved_for_backward_shapes(q, v, cu_seqlens)):
-        _got = None if _x is None else (tuple(_x.shape), _x.dtype)
-        if _want is not None and _x is None and _name in ("h", "v_new"):
-            continue   # the states may be left to the recompute
-        if _got != _want or (_x is not None and _x.device != q.device):
+    for _name, _x, _want in zip(SAVED_FOR_BACKWARD, saved, saved_for_backward_shapes(q, v)):
+        _got = (tuple(_x.shape), _x.dtype) if isinstance(_x, torch.Tensor) else type(_x).__name__
+        if _got != _want or _x.device != q.device:
             raise ValueError(f"saved {_name} must be {_want} on {q.device}, got {_got}")
-    if (saved[3] is None) != (saved[4] is None):
-        raise ValueError("saved h and v_new must be given together")
-    return tuple(x.contiguous() if x is not None else None for x in saved)
+    return tuple(x.contiguous() for x in saved)
 
 
 def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None, saved=None, grad_dtype=torch.float32):
@@ -1664,9 +1659,9 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _varlen = cu_seqlens is not None
     _gate = (log_decay,)
 
-    w = u = Ai = h = v_new = None
+    w = u = Ai = v_new = None
     if saved is not None:
-        w, u, Ai, h, v_new = _check_saved(saved, q, v, cu_seqlens)
+        w, Ai, v_new = _check_saved(saved, q, v)
     # recompute, per chunk: W, U and the inverse Ai of the reset
     if w is None:
         w = torch.empty_like(k)
@@ -1678,16 +1673,16 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
             H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-    # recompute, per state: S at every chunk start and V_n
-    if h is None:
-        h = k.new_empty(NS, H, K, V)
-        v_new = torch.empty_like(v)
-        _launch = _cfg["state"]
-        chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-            k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-            IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
+    # recompute, per state: S at every chunk start, from the saved V_n or with it
+    _saved_vn = v_new is not None
+    h = k.new_empty(NS, H, K, V)
+    v_new = v_new if _saved_vn else torch.empty_like(v)
+    _launch = _cfg["state"]
+    chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
+        k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
+        HAS_INNOVATIONS=_saved_vn, IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
 
     # per chunk: the innovations' gradient from the intra-chunk readout
     dv_local = torch.empty_like(v)
