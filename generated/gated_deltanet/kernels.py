@@ -1310,9 +1310,8 @@ def chunk_bwd_reset_kernel(
     b_ka = b_beta * tl.exp2(b_gc)
     b_dgc = tl.zeros([BT], dtype=tl.float32)
 
-    # [BT, BT] dW K^T, dU V^T and K K^T; [BT] dbeta
-    b_dwk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_duv = tl.zeros([BT, BT], dtype=tl.float32)
+    # [BT, BT] dW K^T (then dAi) and K K^T; [BT] dbeta
+    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -1324,7 +1323,9 @@ def chunk_bwd_reset_kernel(
         b_k = tl.load(k + p_x, mask=m_x, other=0.)
         b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
-        b_dwk = tl.dot(b_dw, tl.trans(b_k), b_dwk)
+        b_dAi = tl.dot(b_dw, tl.trans(b_k), b_dAi)
+    # dAi = dW (beta a K)^T + dU (beta V)^T = (dW K^T o a + dU V^T) o beta, column scales
+    b_dAi = b_dAi * tl.exp2(b_gc)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -1333,13 +1334,12 @@ def chunk_bwd_reset_kernel(
         # [BT, BV] in the stored dtype (dv2 has the dtype of v)
         b_v = tl.load(v + p_y, mask=m_y, other=0.)
         b_du = tl.load(dv2 + p_y, mask=m_y, other=0.)
-        b_duv = tl.dot(b_du, tl.trans(b_v), b_duv)
+        b_dAi = tl.dot(b_du, tl.trans(b_v), b_dAi)
         # [BT, BV] gradient of the reset's values beta V
         b_dvb = tl.dot(tl.trans(b_Ai), b_du.to(tl.float32))
         b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
         tl.store(dv + p_y, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_y)
-    # dAi = dW (beta a K)^T + dU (beta V)^T
-    b_dAi = b_dwk * b_ka[None, :] + b_duv * b_beta[None, :]
+    b_dAi = b_dAi * b_beta[None, :]
 
     # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
     m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
