@@ -13,6 +13,14 @@ so `torch.compile(model, fullgraph=True)` records it as one node without a graph
 ops cannot return None: an absent final state or variance is an empty tensor inside the op, and
 the wrappers here map it back to None. The forward and recurrent ops share one autograd formula
 (they compute the same function): it calls the backward op, so that the backward compiles too.
+A module that names SAVED_FOR_BACKWARD (gla; deltanet and gated_deltanet) gets a third op,
+`<name>_saving`, which the wrappers call when a gradient will be needed: it returns
+(o, *kept, final state), what module.forward(..., save_for_backward=True) keeps for the
+backward in between, and the backward op takes it as `Tensor[] saved` (module.backward(...,
+saved=...)); an empty list means recompute, an empty tensor an absent entry. The name
+"final_state" is the op's last output, not one more. The final state comes last because
+inductor (torch 2.13) gives the outputs after an unused one the wrong layouts, and the final
+state is unused whenever it is not asked for.
 
     from designmodel.library import register
     lop = register("gated_deltanet", module)      # idempotent: the same name returns the same ops
@@ -28,6 +36,8 @@ import torch
 
 __all__ = ["NAMESPACE", "LibraryOp", "register", "op_name", "registered"]
 
+# the entry of SAVED_FOR_BACKWARD that is the forward's final state (the op's second output)
+FINAL_STATE = "final_state"
 NAMESPACE = "designmodel"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _OPS: dict[str, "LibraryOp"] = {}
@@ -94,9 +104,10 @@ class LibraryOp:
         self.family = module.FAMILY
         self.kalman = self.family == "kalman"
         self.inputs = list(module.INPUTS)
-        # tensors the forward op also returns, for the backward to take instead of recomputing
-        # them (module.SAVED, module.forward_saving); the recurrent op returns none
-        self.saved = () if self.kalman else tuple(getattr(module, "SAVED", ()))
+        # names of what module.forward(..., save_for_backward=True) keeps for module.backward;
+        # the saving op returns all but the final state, which is its last output anyway
+        self.saves = tuple(getattr(module, "SAVED_FOR_BACKWARD", ())) if not self.kalman else ()
+        self.extra = tuple(n for n in self.saves if n != FINAL_STATE)
         self._define()
 
     # --- schema and registration ----------------------------------------------------------
@@ -109,13 +120,15 @@ class LibraryOp:
 
     def _define(self) -> None:
         outputs = "(Tensor, Tensor, Tensor, Tensor)" if self.kalman else "(Tensor, Tensor)"
-        saving = "(Tensor, Tensor" + ", Tensor" * len(self.saved) + ")"
-        for suffix, fn in (("", "forward"), ("_recurrent", "recurrent")):
+        saving = "(" + ", ".join(["Tensor"] * (2 + len(self.extra))) + ")"
+        kinds = [("", "forward", outputs, self._fake), ("_recurrent", "recurrent", outputs, self._fake)]
+        if self.saves:
+            kinds.append(("_saving", "saving", saving, self._fake_saving))
+        for suffix, fn, outs, fake in kinds:
             qualname = f"{NAMESPACE}::{self.name}{suffix}"
-            torch.library.define(qualname, self._schema(saving if suffix == "" and self.saved else outputs), lib=_LIB)
+            torch.library.define(qualname, self._schema(outs), lib=_LIB)
             torch.library.impl(qualname, "default", lib=_LIB)(self._implementation(fn))
-            torch.library.register_fake(qualname, self._fake_saving if suffix == "" and self.saved else self._fake,
-                                        lib=_LIB)
+            torch.library.register_fake(qualname, fake, lib=_LIB)
             torch.library.register_autograd(qualname, self._backward, setup_context=self._setup_context,
                                             lib=_LIB)
         ins = "".join(f", Tensor {n}" for n in self.inputs)
@@ -127,7 +140,7 @@ class LibraryOp:
                       f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens) -> ({grads})")
         else:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
-            saved = ", Tensor[] saved" if self.saved else ""
+            saved = ", Tensor[] saved" if self.saves else ""
             schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dht, "
                       f"float? scale, Tensor? initial_state, Tensor? cu_seqlens{saved}) -> ({grads})")
         torch.library.define(qualname, schema, lib=_LIB)
@@ -136,6 +149,7 @@ class LibraryOp:
         ns = getattr(torch.ops, NAMESPACE)
         self._forward_op = getattr(ns, self.name).default
         self._recurrent_op = getattr(ns, f"{self.name}_recurrent").default
+        self._saving_op = getattr(ns, f"{self.name}_saving").default if self.saves else None
         self._backward_op = getattr(ns, f"{self.name}_backward").default
 
     def _split(self, args):
@@ -164,11 +178,14 @@ class LibraryOp:
                 S, P = final if final is not None else (_empty(q), _empty(q))
                 var = out[2] if opt["output_variance"] else _empty(q)
                 return o, S, P, var
-            if fn == "forward" and self.saved:
-                o, ht, saved = self.kernels.forward_saving(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
-                return (o, ht if ht is not None else _empty(q), *[x if x is not None else _empty(q) for x in saved])
-            o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
-            return o, (ht if ht is not None else _empty(q))
+            if fn != "saving":
+                o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
+                return o, (ht if ht is not None else _empty(q))
+            o, ht, saved = self.kernels.forward(q, k, v, *inputs, initial_state=opt["initial_state"],
+                                                save_for_backward=True, **kwargs)
+            # an absent entry is an empty tensor; the final state is the last output
+            kept = [_empty(q) if x is None else x for name, x in zip(self.saves, saved) if name != FINAL_STATE]
+            return (o, *kept, ht if ht is not None else _empty(q))
         run.__name__ = f"{self.name}_{fn}"
         return run
 
@@ -192,14 +209,16 @@ class LibraryOp:
         return o, ht, Pt, var
 
     def _fake_saving(self, *args):
-        """The forward op's outputs with the saved tensors (module.saved_shapes)."""
+        """The saving op's outputs: (o, *kept, final state), module.saved_for_backward_shapes."""
         q, k, v, inputs, opt = self._split(args)
         o, ht = self._fake(*args)
         if q.dim() != 4 or v.dim() != 4:
-            return (o, ht, *[_empty(q) for _ in self.saved])
+            return (o, *[_empty(q) for _ in self.extra], ht)
         cu = opt["cu_seqlens"]
         N = q.shape[0] if cu is None else cu.shape[0] - 1
-        return (o, ht, *[_dense(shape, q, dtype) for shape, dtype in self.kernels.saved_shapes(q, v, N, cu is not None)])
+        shapes = self.kernels.saved_for_backward_shapes(q, v, N, cu is not None)
+        return (o, *[_dense(shape, q, dtype) for name, (shape, dtype) in zip(self.saves, shapes)
+                     if name != FINAL_STATE], ht)
 
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
@@ -209,9 +228,14 @@ class LibraryOp:
                                   opt["cu_seqlens"])
             ctx.output_variance = opt["output_variance"]
         else:
-            # the forward op's saved tensors and final state (none from the recurrent op)
-            extra = [*output[2:], output[1]] if len(output) > 2 else []
-            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"], *extra)
+            # the saving op's kept tensors (between o and the final state), in the order of
+            # SAVED_FOR_BACKWARD, and the final state where it is named; none from the others
+            saved = []
+            if len(output) > 2:
+                kept = iter(output[1:-1])
+                saved = [output[-1] if name == FINAL_STATE else next(kept) for name in self.saves]
+                ctx.mark_non_differentiable(*output[1:-1])
+            ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["cu_seqlens"], *saved)
         ctx.scale = opt["scale"]
         ctx.output_final_state = opt["output_final_state"]
         ctx.n_args = len(inputs)
@@ -236,13 +260,13 @@ class LibraryOp:
     def _backward(self, ctx, *grads):
         if self.kalman:
             return self._backward_kalman(ctx, *grads)
-        do, dht = grads[0], grads[1]
+        do, dht = grads[0], grads[-1]   # (o, final state), or (o, *kept, final state)
         saved = ctx.saved_tensors
         n = len(self.inputs)
         q, k, v, ins, h0, cu = saved[0], saved[1], saved[2], list(saved[3:3 + n]), saved[3 + n], saved[4 + n]
         dht = dht.contiguous() if ctx.output_final_state and dht is not None else None
-        extra = ([list(saved[5 + n:])] if self.saved else [])
-        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu, *extra)
+        kept = ([list(saved[5 + n:])] if self.saves else [])
+        out = self._backward_op(q, k, v, *ins, do.contiguous(), dht, ctx.scale, h0, cu, *kept)
         dq, dk, dv, dins, dh0 = out[0], out[1], out[2], list(out[3:3 + n]), out[3 + n]
         # one gradient per op argument: q, k, v, inputs, scale, initial_state, output_final_state,
         # cu_seqlens, check_domain, config
@@ -267,10 +291,10 @@ class LibraryOp:
             return tuple(grads)
         do, dht, scale, h0, cu = rest[n:n + 5]
         kw = {}
-        if self.saved:
-            # module.SAVED and the final state from the forward op, [] after the recurrent op; empty means absent
-            saved = [None if x.numel() == 0 else x for x in rest[n + 5]]
-            kw["saved"] = tuple(saved) if saved else None
+        if self.saves:
+            # an empty list: nothing was kept (the backward recomputes); an empty tensor: absent
+            kept = rest[n + 5]
+            kw["saved"] = tuple(None if x.numel() == 0 else x for x in kept) if len(kept) else None
         out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]
@@ -341,8 +365,12 @@ class LibraryOp:
             state = kwargs.get("initial_state")
             if state is not None and not isinstance(state, torch.Tensor):
                 raise ValueError(f"initial_state must be a [N, H, K, V] tensor, got {type(state).__name__}")
+            # keep what the backward would recompute only when a gradient will be asked for
+            if op is self._forward_op and self._saving_op is not None and torch.is_grad_enabled() and any(
+                    isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, *ins, state)):
+                op = self._saving_op
             out = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
-            return out[0], (out[1] if ofs else None)
+            return out[0], (out[-1] if ofs else None)
         S0, P0 = self.kernels._split_state(kwargs.get("initial_state"))
         for what, x in (("initial_state[0] (mean S)", S0), ("initial_state[1] (covariance P)", P0)):
             if x is not None and not isinstance(x, torch.Tensor):

@@ -54,6 +54,7 @@ def chunk_reset_kernel(
     g,
     w,
     u,
+    Ai,
     cu_seqlens,
     chunk_indices,
     T,
@@ -64,6 +65,7 @@ def chunk_reset_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    STORE_INVERSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """The covariance reset of one chunk, in closed form (MATH.md 6.2):
@@ -74,6 +76,8 @@ def chunk_reset_kernel(
     beta is the reset gain, computed per token from the inputs. The unit lower-triangular
     system is solved on 4 sub-chunks of BC tokens: forward substitution inside the diagonal
     blocks, then block products below them. Grid: (NT, B * H).
+    With STORE_INVERSE the inverse (I + stril(diag(beta) (K K^T o Gamma)))^-1 goes to Ai
+    ([BT, BT] per chunk), for the backward.
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -199,6 +203,28 @@ def chunk_reset_kernel(
     b_Ai20 = -tl.dot(b_Ai22, tl.dot(b_A20, b_Ai00) + tl.dot(b_A21, b_Ai10))
     b_Ai31 = -tl.dot(b_Ai33, tl.dot(b_A31, b_Ai11) + tl.dot(b_A32, b_Ai21))
     b_Ai30 = -tl.dot(b_Ai33, tl.dot(b_A30, b_Ai00) + tl.dot(b_A31, b_Ai10) + tl.dot(b_A32, b_Ai20))
+    if STORE_INVERSE:
+        # [BT, BT] per chunk, row t of the chunk at token t; zero above the diagonal
+        p_Ai = Ai + ((bos + o_t0[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai00, mask=m_t0[:, None])
+        tl.store(p_Ai + 1 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t0[:, None])
+        p_Ai = Ai + ((bos + o_t1[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai10, mask=m_t1[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai11, mask=m_t1[:, None])
+        tl.store(p_Ai + 2 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t1[:, None])
+        p_Ai = Ai + ((bos + o_t2[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai20, mask=m_t2[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai21, mask=m_t2[:, None])
+        tl.store(p_Ai + 2 * BC, b_Ai22, mask=m_t2[:, None])
+        tl.store(p_Ai + 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_t2[:, None])
+        p_Ai = Ai + ((bos + o_t3[:, None]) * H + i_h) * BT + o_c[None, :]
+        tl.store(p_Ai + 0 * BC, b_Ai30, mask=m_t3[:, None])
+        tl.store(p_Ai + 1 * BC, b_Ai31, mask=m_t3[:, None])
+        tl.store(p_Ai + 2 * BC, b_Ai32, mask=m_t3[:, None])
+        tl.store(p_Ai + 3 * BC, b_Ai33, mask=m_t3[:, None])
 
     # 5. W = T_ (K o a) = Ai (beta a K), U = T_ V = Ai (beta V); float32 operands (tf32 on
     #    the GPU): Ai can have large entries, and rounding it to bf16 costs more than these dots
@@ -332,6 +358,7 @@ def chunk_fused_kernel(
     u,
     g,
     o,
+    v_new,
     h0,
     ht,
     cu_seqlens,
@@ -345,6 +372,7 @@ def chunk_fused_kernel(
     BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    SAVE_INNOVATIONS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """State and readout in one pass over the chunks, the state never leaving registers:
@@ -355,7 +383,8 @@ def chunk_fused_kernel(
 
     The launcher takes this path when N * H * NV programs fill the GPU; otherwise the state
     kernel and the output kernel split the work. Each program carries all K rows (BK >= K)
-    of a [K, BV] block of one sequence's state. Grid: (NV, N * H).
+    of a [K, BV] block of one sequence's state. With SAVE_INNOVATIONS it also stores V_n
+    into v_new, as the state kernel does, for the backward. Grid: (NV, N * H).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -400,6 +429,12 @@ def chunk_fused_kernel(
         b_o = (b_o + tl.dot(b_A, b_vn)) * scale
         p_o = o + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if SAVE_INNOVATIONS:
+            # V_n for the backward, which rebuilds the chunk-start states from it. Stored after
+            # the readout: right after V_n is computed it made this kernel spill on sm_90, and
+            # so did storing the [K, BV] states themselves
+            p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # state: S' = a_C S + (K o (a_C / a))^T V_n
         b_h *= tl.exp2(b_glast)
         b_h = tl.dot(tl.trans(b_k.to(tl.float32)), b_vn * tl.exp2(b_glast - b_gc)[:, None], b_h)
@@ -532,6 +567,21 @@ def chunk_starts(cu_seqlens, BT=CHUNK):
     return torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32).contiguous()
 
 
+# what forward(..., save_for_backward=True) keeps for backward(..., saved=...), per token:
+# W = T_ (K o a), the reset's inverse Ai (a [BT, BT] block per chunk) and the innovations V_n,
+# O(T (K + BT + V)) per head. From V_n the backward rebuilds the chunk-start states with one
+# product per chunk, off the critical path (no W S before it).
+SAVED_FOR_BACKWARD = ("w", "Ai", "v_new")
+
+
+def saved_for_backward_shapes(q, v, N, varlen):
+    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD for inputs q [B, T, H, K], v
+    [B, T, H, V] (per token: the same for N packed sequences)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return [((B, T, H, K), q.dtype), ((B, T, H, CHUNK), torch.float32), ((B, T, H, V), v.dtype)]
+
+
 def prepare_chunks(cu_seqlens, BT=CHUNK):
     """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
     [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
@@ -619,7 +669,7 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
                "logdecay": "<= 0 (a log-decay)"}
 
 
-def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None, save_for_backward=False):
     """The chunked forward pass of gated_deltanet.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (in (0, 1)); g: [B, T, H] (<= 0 (a log-decay)).
@@ -627,7 +677,9 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     cumulative lengths of N sequences packed along T (then B = 1). check_domain: check that
     each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
     default_config(K, V).
-    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None);
+    with save_for_backward=True (o, final state, saved), saved the tensors SAVED_FOR_BACKWARD
+    (saved_for_backward_shapes) for backward(..., saved=saved).
     """
     check_inputs(q, k, v, beta, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -662,21 +714,25 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     # per chunk: W = T_ (K o a), U = T_ V
     w = torch.empty_like(k)
     u = torch.empty_like(v)
+    # the reset's inverse, kept for the backward
+    Ai = q.new_empty(B, T, H, BT, dtype=torch.float32) if save_for_backward else None
     _launch = _cfg["reset"]
     chunk_reset_kernel[(NT, B * H)](
-        k, v, beta, g, w, u, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
+        k, v, beta, g, w, u, Ai, cu_seqlens, chunk_indices, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], STORE_INVERSE=save_for_backward, IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     if _path == "fused":
+        # V_n, kept for the backward
+        v_new = torch.empty_like(v) if save_for_backward else None
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]
         chunk_fused_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
-            q, k, w, u, g, o, initial_state, ht, cu_seqlens, scale, T,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
+            q, k, w, u, g, o, v_new, initial_state, ht, cu_seqlens, scale, T,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags, SAVE_INNOVATIONS=save_for_backward,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht
+        return (o, ht, (w, Ai, v_new)) if save_for_backward else (o, ht)
     # per state: S across chunks, V_n = U - W S; the state at every chunk start (in the input
     # dtype, like fla) for the output kernel
     h = k.new_empty(NS, H, K, V)
@@ -695,6 +751,8 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
+    if save_for_backward:
+        return o, ht, (w, Ai, v_new)
     return o, ht
 
 
@@ -1192,7 +1250,7 @@ def chunk_bwd_dqkw_kernel(
     b_dq = tl.dot(b_dp.to(b_ki.dtype), b_ki, b_dq)
     b_dk = tl.dot(tl.trans(b_dp).to(b_qi.dtype), b_qi, b_dk)
     p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-    tl.store(dq + p_x, b_dq, mask=m_t[:, None] & m_k[None, :])
+    tl.store(dq + p_x, b_dq.to(dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     tl.store(dk + p_x, b_dk, mask=m_t[:, None] & m_k[None, :])
     tl.store(dw + p_x, (-b_dw).to(dw.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
 
@@ -1206,6 +1264,7 @@ def chunk_bwd_reset_kernel(
     Ai,
     dw,
     dv2,
+    dk0,
     dk,
     dv,
     dgain,
@@ -1225,12 +1284,15 @@ def chunk_bwd_reset_kernel(
     Ai = (I + A)^-1, A = stril(diag(beta) (K K^T o Gamma)), with dU = dV_n:
 
         dAi = dW (beta a K)^T + dU (beta V)^T,      dA = -stril(Ai^T dAi Ai^T)
-        dK += beta a Ai^T dW + (diag(beta) dA o Gamma) K + (diag(beta) dA o Gamma)^T K
+        dK  = dK0 + beta a Ai^T dW + (diag(beta) dA o Gamma + (diag(beta) dA o Gamma)^T) K
         dV  = beta Ai^T dU
         dbeta = a (Ai^T dW . K) + (Ai^T dU . V) + rowsum(dA o K K^T o Gamma)
         dg += the reset's part, summed in reverse over the chunk
 
-    dk holds the first kernel's part and is completed here. Grid: (NT, B * H).
+    dk0 holds the first kernel's part (float32); dk and dv take the gradients' dtype. The
+    products of two stored tensors (K K^T, dW K^T, dU V^T) take their dtype (bf16 MMA for
+    bf16 inputs: exact products, float32 sums), the row scales beta a applied after; the
+    products with Ai or dA keep float32 operands (tf32 on the GPU). Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -1256,7 +1318,7 @@ def chunk_bwd_reset_kernel(
     b_ka = b_beta * tl.exp2(b_gc)
     b_dgc = tl.zeros([BT], dtype=tl.float32)
 
-    # [BT, BT] dAi and K K^T; [BT] dbeta
+    # [BT, BT] dW K^T (then dAi) and K K^T; [BT] dbeta
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
@@ -1265,24 +1327,27 @@ def chunk_bwd_reset_kernel(
         m_k = o_k < K
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         m_x = m_t[:, None] & m_k[None, :]
-        # [BT, BK]
-        b_k = tl.load(k + p_x, mask=m_x, other=0.).to(tl.float32)
-        b_dw = tl.load(dw + p_x, mask=m_x, other=0.).to(tl.float32)
+        # [BT, BK] in the stored dtype (dw has the dtype of k)
+        b_k = tl.load(k + p_x, mask=m_x, other=0.)
+        b_dw = tl.load(dw + p_x, mask=m_x, other=0.)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk)
-        b_dAi = tl.dot(b_dw, tl.trans(b_k * b_ka[:, None]), b_dAi)
+        b_dAi = tl.dot(b_dw, tl.trans(b_k), b_dAi)
+    # dAi = dW (beta a K)^T + dU (beta V)^T = (dW K^T o a + dU V^T) o beta, column scales
+    b_dAi = b_dAi * tl.exp2(b_gc)[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         p_y = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         m_y = m_t[:, None] & m_v[None, :]
-        # [BT, BV]
-        b_v = tl.load(v + p_y, mask=m_y, other=0.).to(tl.float32)
-        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.).to(tl.float32)
-        b_dAi = tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), b_dAi)
+        # [BT, BV] in the stored dtype (dv2 has the dtype of v)
+        b_v = tl.load(v + p_y, mask=m_y, other=0.)
+        b_du = tl.load(dv2 + p_y, mask=m_y, other=0.)
+        b_dAi = tl.dot(b_du, tl.trans(b_v), b_dAi)
         # [BT, BV] gradient of the reset's values beta V
-        b_dvb = tl.dot(tl.trans(b_Ai), b_du)
-        b_dbeta += tl.sum(b_dvb * b_v, axis=1)
-        tl.store(dv + p_y, b_dvb * b_beta[:, None], mask=m_y)
+        b_dvb = tl.dot(tl.trans(b_Ai), b_du.to(tl.float32))
+        b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+        tl.store(dv + p_y, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_y)
+    b_dAi = b_dAi * b_beta[None, :]
 
     # through the inverse: dA = -Ai^T dAi Ai^T on the strictly lower triangle
     m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None]
@@ -1295,7 +1360,9 @@ def chunk_bwd_reset_kernel(
     b_x = b_dA * b_kk
     b_dgc += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
     b_dA = b_dA * b_gamma
-    # dk += beta a Ai^T dW + (dA o Gamma) K + (dA o Gamma)^T K, one pass over dk
+    # [BT, BT] (dA o Gamma) + (dA o Gamma)^T: one product with K for both
+    b_dA = b_dA + tl.trans(b_dA)
+    # dk = dk0 + beta a Ai^T dW + ((dA o Gamma) + (dA o Gamma)^T) K, one pass over the keys
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -1309,10 +1376,9 @@ def chunk_bwd_reset_kernel(
         b_r = tl.sum(b_dkb * b_k, axis=1)
         b_dbeta += b_r * tl.exp2(b_gc)
         b_dgc += b_r * b_ka
-        b_dk = tl.load(dk + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
+        b_dk = tl.load(dk0 + p_x, mask=m_x, other=0.) + b_dkb * b_ka[:, None]
         b_dk = tl.dot(b_dA, b_k, b_dk)
-        b_dk = tl.dot(tl.trans(b_dA), b_k, b_dk)
-        tl.store(dk + p_x, b_dk, mask=m_x)
+        tl.store(dk + p_x, b_dk.to(dk.dtype.element_ty), mask=m_x)
     tl.store(dgain + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
     # g_s enters gc_t for every t >= s of the chunk
     b_dgc = tl.where(m_t, b_dgc, 0.)
@@ -1340,6 +1406,7 @@ def chunk_bwd_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
+    HAS_INNOVATIONS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Backward, recompute: the memory at every chunk start (O(T / BT) states, never per token)
@@ -1347,6 +1414,8 @@ def chunk_bwd_state_kernel(
 
         V_n = U - W S,   S' = a_C S + (K o (a_C / a))^T V_n
 
+    With HAS_INNOVATIONS, V_n comes from the forward (v_new) and the states are a running sum,
+    one product per chunk that does not wait on S (w and u are not read).
     Each program carries all K rows (BK >= K) of a [K, BV] block of one sequence's state.
     Grid: (NV, N * H).
     """
@@ -1375,12 +1444,16 @@ def chunk_bwd_state_kernel(
         m_t = o_t < T
         p_h = h + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        # [BT, BK], [BT, BV]
-        b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
         p_vn = v_new + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
-        tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if HAS_INNOVATIONS:
+            # [BT, BV] V_n from the forward
+            b_vn = tl.load(p_vn, mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        else:
+            # [BT, BK], [BT, BV]
+            b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_u = tl.load(u + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+            b_vn = b_u.to(tl.float32) - tl.dot(b_w.to(tl.float32), b_h)
+            tl.store(p_vn, b_vn.to(p_vn.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         # [BT, BK]
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
@@ -1453,24 +1526,25 @@ def chunk_bwd_dh_kernel(
         m_t = o_t < T
         p_dh = dh + ((boc + i_t) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_h)
-        # [BT, BK]
+        # [BT, BK]; q in its stored dtype: its product with dO is exact in float32
         b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_w = tl.load(w + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        # [BT] cumulative log2-decay: a = exp2(gc), a_C / a = exp2(glast - gc) <= 1
+        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
+        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        # [BT] cumulative log2-decay: a = exp2(gc), a_C / a = exp2(glast - gc) <= 1, a row
+        # scale of K, applied after the product (the [BT, BK] block stays as loaded)
         b_ld = tl.where(m_t, tl.load(log_decay + (bos + o_t) * H + i_h, mask=m_t, other=0.) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
         b_glast = tl.sum(b_ld, axis=0)
-        b_k = b_k * tl.exp2(b_glast - b_gc)[:, None]
-        b_q = b_q * (tl.exp2(b_gc) * scale)[:, None]
-        # [BT, BV] the innovations' gradient; float32 operands (tf32 on the GPU)
-        b_dv = tl.load(dv + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dv = tl.dot(b_k, b_dh, b_dv)
+        b_dv += tl.dot(b_k, b_dh) * tl.exp2(b_glast - b_gc)[:, None]
         p_dv2 = dv2 + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         tl.store(p_dv2, b_dv.to(p_dv2.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         b_do = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_dh *= tl.exp2(b_glast)
-        b_dh = tl.dot(tl.trans(b_q).to(b_do.dtype), b_do, b_dh)
+        # (Q o a)^T (scale dO) = Q^T (dO o a scale): the row scale on the [BT, BV] block
+        b_dos = (b_do.to(tl.float32) * (tl.exp2(b_gc) * scale)[:, None]).to(b_do.dtype)
+        b_dh = tl.dot(tl.trans(b_q), b_dos, b_dh)
         b_dh -= tl.dot(tl.trans(b_w), b_dv)
 
     if HAS_INITIAL_STATE:
@@ -1484,8 +1558,13 @@ def default_backward_config(K, V):
         "prepare": dict(BK=_block(K, 32), BV=_block(V, 32), num_warps=1, num_stages=2),
         "state": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
         "dv_local": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-        "dh": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
-        "dqkw": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
+        # one stage: software-pipelined (num_stages=2) loads that feed a transposed tl.dot
+        # operand, and are used again besides, compile wrong on Triton 3.6 for sm_90 (the class
+        # of triton-lang/triton#6691): on an H100 gated_deltanet's dS (dh kernel) was 12x off
+        # and its dW (dqkw) differed from run to run by 0.29 relative, kda's dk, dg and dbeta
+        # differed too; the interpreter and num_stages=1 are right
+        "dh": dict(BV=_block(V, 32), num_warps=4, num_stages=1),
+        "dqkw": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=1),
         "reset": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
     }
 
@@ -1532,7 +1611,7 @@ def _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_
             raise ValueError(f"{_name} must be a floating tensor on {q.device}, got {_x.dtype} on {_x.device}")
 
 
-def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None):
+def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config=None, saved=None, grad_dtype=torch.float32):
     """The chunked backward pass of the gated_deltanet recurrence, from its materialized gain.
 
         S_t = (I - beta_t k_t k_t^T) a_t S_{t-1} + beta_t k_t v_t^T,   o_t = scale S_t^T q_t
@@ -1541,12 +1620,15 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     dht: [N, H, K, V] gradient of the final state or None; scale: a number; initial_state:
     [N, H, K, V] or None; cu_seqlens: [N + 1] or None (then B = 1). config: per-kernel
     overrides of default_backward_config(K, V).
+    saved: the third result of forward(..., save_for_backward=True), or None; what it
+    holds is not recomputed. grad_dtype: the dtype of dq, dk, dv (the kernels write them
+    in it, no conversion after).
 
     Recomputes the states at the chunk starts (O(T / BT) of them) and the chunk's reset,
     then passes over the chunks in reverse for the states' gradient.
     Returns (dq, dk, dv, dgain, dlog_decay, dh0): dq, dk [B, T, H, K], dv [B, T, H, V],
     dgain [B, T, H], dlog_decay [B, T, H], dh0 [N, H, K, V] or None without an
-    initial state; all float32.
+    initial state; all float32 (dq, dk, dv in grad_dtype).
     """
     _check_backward(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens)
     B, T, H, K = q.shape
@@ -1578,24 +1660,30 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     _varlen = cu_seqlens is not None
     _gate = (log_decay,)
 
+    w = u = Ai = v_new = None
+    if saved is not None and all(x is not None for x in saved):
+        # checked against saved_for_backward_shapes by backward()
+        w, Ai, v_new = (x.contiguous() for x in saved)
     # recompute, per chunk: W, U and the inverse Ai of the reset
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    Ai = q.new_empty(B, T, H, BT, dtype=torch.float32)
-    _launch = _cfg["prepare"]
-    chunk_bwd_prepare_kernel[(NT, B * H)](
-        k, v, gain, *_gate, w, u, Ai, cu_seqlens, chunk_indices, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-    )
-    # recompute, per state: S at every chunk start and V_n
+    if w is None:
+        w = torch.empty_like(k)
+        u = torch.empty_like(v)
+        Ai = q.new_empty(B, T, H, BT, dtype=torch.float32)
+        _launch = _cfg["prepare"]
+        chunk_bwd_prepare_kernel[(NT, B * H)](
+            k, v, gain, *_gate, w, u, Ai, cu_seqlens, chunk_indices, T,
+            H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
+            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
+    # recompute, per state: S at every chunk start, from the saved V_n or with it
+    _saved_vn = v_new is not None
     h = k.new_empty(NS, H, K, V)
-    v_new = torch.empty_like(v)
+    v_new = v_new if _saved_vn else torch.empty_like(v)
     _launch = _cfg["state"]
     chunk_bwd_state_kernel[(triton.cdiv(V, _launch["BV"]), N * H)](
         k, w, u, *_gate, h, v_new, initial_state, cu_seqlens, chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=initial_state is not None,
-        IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        HAS_INNOVATIONS=_saved_vn, IS_VARLEN=_varlen, num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
 
     # per chunk: the innovations' gradient from the intra-chunk readout
@@ -1619,26 +1707,27 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
 
     # per chunk and key block: dq, dk (first part), dW, dg (first part)
-    dq = q.new_empty(B, T, H, K, dtype=torch.float32)
-    dk = q.new_empty(B, T, H, K, dtype=torch.float32)
+    dq = q.new_empty(B, T, H, K, dtype=grad_dtype)
+    dk0 = q.new_empty(B, T, H, K, dtype=torch.float32)   # the first part of dk, completed below
     dw = torch.empty_like(k)   # in the input dtype, like fla: it only feeds products
     _launch = _cfg["dqkw"]
     NK = triton.cdiv(K, _launch["BK"])
     dg = q.new_empty(NK, B, T, H, dtype=torch.float32)
     _dg = (dg, B * T * H)
     chunk_bwd_dqkw_kernel[(NK, NT, B * H)](
-        q, k, v_new, h, dh, do, dv2, *_gate, dq, dk, dw, *_dg, cu_seqlens, chunk_indices, scale, T,
+        q, k, v_new, h, dh, do, dv2, *_gate, dq, dk0, dw, *_dg, cu_seqlens, chunk_indices, scale, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     dg = dg.sum(0) if NK > 1 else dg[0]
 
     # per chunk: through the reset (the triangular inverse) for dk, dv, dgain, dg
-    dv = torch.empty_like(v, dtype=torch.float32)
+    dk = q.new_empty(B, T, H, K, dtype=grad_dtype)
+    dv = torch.empty_like(v, dtype=grad_dtype)
     dgain = torch.empty_like(gain)
     _launch = _cfg["reset"]
     chunk_bwd_reset_kernel[(NT, B * H)](
-        k, v, gain, *_gate, Ai, dw, dv2, dk, dv, dgain, dg, cu_seqlens, chunk_indices, T,
+        k, v, gain, *_gate, Ai, dw, dv2, dk0, dk, dv, dgain, dg, cu_seqlens, chunk_indices, T,
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=_varlen,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
@@ -1648,12 +1737,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
-def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of gated_deltanet's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
+    saved: the third result of forward(..., save_for_backward=True) on the same arguments
+    (SAVED_FOR_BACKWARD; an entry may be None), or None: what is missing is recomputed.
     Returns (dq, dk, dv, dbeta, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1675,13 +1766,20 @@ def backward(q, k, v, beta, g, do, dht=None, scale=None, initial_state=None, cu_
             raise ValueError(f"dht must be [N, H, K, V] = {(N, H, K, V)}, got {_shape}")
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
+    if saved is not None:
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED_FOR_BACKWARD):
+            raise ValueError(f"saved must be ({', '.join(SAVED_FOR_BACKWARD)}): forward(..., save_for_backward=True)'s third result")
+        for _name, _x, (_shape, _dtype) in zip(SAVED_FOR_BACKWARD, saved, saved_for_backward_shapes(q, v, N, cu_seqlens is not None)):
+            if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape or _x.dtype != _dtype or _x.device != q.device):
+                _got = (tuple(_x.shape), _x.dtype, str(_x.device)) if isinstance(_x, torch.Tensor) else type(_x).__name__
+                raise ValueError(f"saved {_name} must be {_shape} {_dtype} on {q.device} (forward(..., save_for_backward=True)'s), got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
     # log_decay is the input g as it is
     log_decay = g.float().contiguous()
     # gain is the input beta as it is
     gain = beta.float().contiguous()
     dq, dk, dv, dgain, dlog_decay, dh0 = backward_core(
-        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config)
+        q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_seqlens, config, saved, q.dtype)
     d_g = dlog_decay
     d_beta = dgain
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_beta.to(beta.dtype), d_g.to(g.dtype), dh0)

@@ -524,6 +524,24 @@ def chunk_starts(cu_seqlens, BT=CHUNK):
     return torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32).contiguous()
 
 
+# what forward(..., save_for_backward=True) keeps for backward(..., saved=...) instead of
+# recomputing it: the state at every chunk start, the intra-chunk attention, the decayed
+# queries and keys, the chunks' total log2-decays and the final state (the log-decay's
+# gradient takes it when the final state has a gradient)
+SAVED_FOR_BACKWARD = ("h", "A", "qd", "kd", "gl", "final_state")
+
+
+def saved_for_backward_shapes(q, v, N, varlen):
+    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD for q [B, T, H, K], v [B, T, H, V]
+    and N sequences: h and gl hold room for every chunk start (packed sequences: at most
+    cdiv(T, CHUNK) + N of them)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
+    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32), (tuple(q.shape), q.dtype),
+            (tuple(q.shape), q.dtype), ((NS, H, K), torch.float32), ((N, H, K, V), torch.float32)]
+
+
 def prepare_chunks(cu_seqlens, BT=CHUNK):
     """For packed sequences: (chunk_indices [NT, 2] = (sequence, chunk within it), chunk_offsets
     [N + 1] = index of each sequence's first chunk), both int32 on the device of cu_seqlens."""
@@ -608,23 +626,7 @@ DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit
                "logdecay": "<= 0 (a log-decay)"}
 
 
-# the forward's tensors that backward takes (`saved=`, with the final state) instead of
-# recomputing them: the state at every chunk start, the intra-chunk attention, the decayed
-# queries and keys and the chunks' total log2-decays
-SAVED = ("h", "A", "qd", "kd", "gl")
-
-
-def saved_shapes(q, v, N, varlen):
-    """[(shape, dtype)] of SAVED for q [B, T, H, K], v [B, T, H, V] and N sequences: h and gl
-    hold room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N of them)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
-    return [((NS, H, K, V), q.dtype), ((B, T, H, CHUNK), torch.float32), (tuple(q.shape), q.dtype),
-            (tuple(q.shape), q.dtype), ((NS, H, K), torch.float32)]
-
-
-def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
+def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None, save_for_backward=False):
     """The chunked forward pass of gla.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] (<= 0 (a log-decay)).
@@ -632,19 +634,10 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     cumulative lengths of N sequences packed along T (then B = 1). check_domain: check that
     each input lies in its domain (one device-to-host sync). config: per-kernel overrides of
     default_config(K, V).
-    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None).
-    """
-    o, ht, _ = forward_saving(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                              cu_seqlens=cu_seqlens, check_domain=check_domain, config=config)
-    return o, ht
-
-
-def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, check_domain=True, config=None):
-    """`forward`, also returning what backward takes instead of recomputing it:
-    (o, final state or None, (h, A, qd, kd, gl)): h [NS, H, K, V] the state at every chunk start,
-    A [B, T, H, CHUNK] float32 the intra-chunk attention, qd, kd [B, T, H, K] the decayed
-    queries and keys, gl [NS, H, K] float32 the chunks' total log2-decays (SAVED,
-    saved_shapes); on the fused path only A (the others None).
+    Returns (o [B, T, H, V] in the dtype of v, final state [N, H, K, V] float32 or None);
+    with save_for_backward=True (o, final state, saved), saved the tensors SAVED_FOR_BACKWARD
+    (saved_for_backward_shapes) for backward(..., saved=saved): on the
+    fused path only A (the others None), the final state None without output_final_state.
     """
     check_inputs(q, k, v, g, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -682,7 +675,7 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
     _decayed = _path != "fused"
     qd = torch.empty_like(q) if _decayed else None
     kd = torch.empty_like(k) if _decayed else None
-    gl = q.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
+    gl = q.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
@@ -705,10 +698,12 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
             H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], **_flags,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-        return o, ht, (None, A, None, None, None)
+        if save_for_backward:
+            return o, ht, (None, A, None, None, None, ht)
+        return o, ht
     # per state: S across chunks; the state at every chunk start (in the input dtype, like fla)
-    # for the output kernel and the backward (room for saved_shapes' bound)
-    h = k.new_empty(saved_shapes(q, v, N, cu_seqlens is not None)[0][0])
+    # for the output kernel and the backward (room for saved_for_backward_shapes' bound)
+    h = k.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[0][0])
     _launch = _cfg["state"]
     chunk_state_kernel[(triton.cdiv(K, _launch["BK"]) * triton.cdiv(V, _launch["BV"]), N * H)](
         kd, v, gl, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
@@ -723,7 +718,9 @@ def forward_saving(q, k, v, g, scale=None, initial_state=None, output_final_stat
         H=H, K=K, V=V, BT=BT, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    return o, ht, (h, A, qd, kd, gl)
+    if save_for_backward:
+        return o, ht, (h, A, qd, kd, gl, ht)
+    return o, ht
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1540,7 +1537,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     log_decay: [B, T, H, K] float32, natural log; dht: [N, H, K, V] or None;
     scale: a number or None (K ** -0.5); initial_state: [N, H, K, V] or None; cu_seqlens: [N + 1]
     or None; config: overrides of default_backward_config(K, V) or None.
-    saved: (h, A, qd, kd, gl, final state or None) from forward_saving, or None: then they are recomputed
+    saved: (h, A, qd, kd, gl, final state or None) from forward(..., save_for_backward=True), or None: then they are recomputed
     (also when dht is given without the final state).
     Returns (dq, dk, dv in the shapes and dtype of q, k, v; dgain None; dlog_decay float32 in
     the shape of log_decay or None; dh0 [N, H, K, V] in the dtype of initial_state, or None).
@@ -1665,8 +1662,8 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: [N, H, K, V] the gradient w.r.t. the final
     state, or None. config: overrides of default_backward_config(K, V).
-    saved: (h, A, qd, kd, gl, final state or None), forward_saving's tensors and final
-    state, or None (then recomputed).
+    saved: the third result of forward(..., save_for_backward=True) on the same arguments
+    (SAVED_FOR_BACKWARD; an entry may be None), or None: what is missing is recomputed.
     Returns (dq, dk, dv, dg, dh0): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens), dh0 None without an initial state.
     Steps: the per-token quantities from the inputs (printed from the derivation; an input
@@ -1689,12 +1686,12 @@ def backward(q, k, v, g, do, dht=None, scale=None, initial_state=None, cu_seqlen
         if not dht.is_floating_point() or dht.device != q.device:
             raise ValueError(f"dht must be a floating tensor on {q.device}, got {dht.dtype} on {dht.device}")
     if saved is not None:
-        if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED) + 1:
-            raise ValueError(f"saved must be ({', '.join(SAVED)}, final state or None): forward_saving's tensors and final state")
-        for _name, _x, (_shape, _dtype) in zip(SAVED, saved, saved_shapes(q, v, N, cu_seqlens is not None)):
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(SAVED_FOR_BACKWARD):
+            raise ValueError(f"saved must be ({', '.join(SAVED_FOR_BACKWARD)}): forward(..., save_for_backward=True)'s third result")
+        for _name, _x, (_shape, _dtype) in zip(SAVED_FOR_BACKWARD, saved, saved_for_backward_shapes(q, v, N, cu_seqlens is not None)):
             if _x is not None and (not isinstance(_x, torch.Tensor) or tuple(_x.shape) != _shape or _x.dtype != _dtype or _x.device != q.device):
                 _got = (tuple(_x.shape), _x.dtype, str(_x.device)) if isinstance(_x, torch.Tensor) else type(_x).__name__
-                raise ValueError(f"saved {_name} must be {_shape} {_dtype} on {q.device} (forward_saving's), got {_got}")
+                raise ValueError(f"saved {_name} must be {_shape} {_dtype} on {q.device} (forward(..., save_for_backward=True)'s), got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
     # log_decay is the input g as it is
     log_decay = g.float().contiguous()

@@ -76,7 +76,8 @@ def module_of(name, cache):
 
 def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None, saved=False):
     """Relative errors of backward's gradients against autograd through the float64 filter.
-    saved: backward takes forward_saving's tensors and final state instead of recomputing them."""
+    saved: backward takes forward(..., save_for_backward=True)'s tensors (with the final state)
+    instead of recomputing them."""
     p = make_plan(d)
     names = [i.name for i in p.inputs]
     q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=seed, unit_keys=d.structure.unit_keys)
@@ -93,10 +94,9 @@ def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, c
     dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
     kw = {}
     if saved:
-        _, ht, fwd = module.forward_saving(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], scale=scale,
-                                              initial_state=dev(S0), output_final_state=with_dht,
-                                              cu_seqlens=dev(cu_t))
-        kw["saved"] = (*fwd, ht)
+        _, _, kw["saved"] = module.forward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], scale=scale,
+                                           initial_state=dev(S0), output_final_state=with_dht,
+                                           cu_seqlens=dev(cu_t), save_for_backward=True)
     out = module.backward(dev(q), dev(k), dev(v), *[dev(ins[n]) for n in names], dev(do), dev(dht),
                           scale=scale, initial_state=dev(S0), cu_seqlens=dev(cu_t), config=config, **kw)
     assert len(out) == 4 + len(names)
@@ -193,7 +193,7 @@ def test_autograd_through_the_op_uses_the_generated_backward(model, monkeypatch)
 
 @pytest.mark.parametrize("case", ["fp32-T80-K16-V32-h0", "fp32-varlen-h0", "bf16-T80-K32-V16-h0"])
 def test_backward_takes_the_forwards_saved_tensors(case, cache, monkeypatch):
-    """gla's backward with forward_saving's states, attention and final state: the same
+    """gla's backward with the forward's saved states, attention and final state: the same
     gradients, and the recomputing kernels are not launched."""
     d, module = module_of("gla", cache)
     for name in ("chunk_state_canonical_kernel", "chunk_attention_canonical_kernel"):
@@ -210,7 +210,7 @@ def test_backward_rejects_bad_saved_tensors():
     q, k, v = (torch.randn(B, T, H, D, device=DEVICE) for D in (K, K, V))
     g = -torch.rand(B, T, H, K, device=DEVICE)
     do = torch.randn(B, T, H, V, device=DEVICE)
-    _, _, (h, A, qd, kd, gl) = module.forward_saving(q, k, v, g)
+    _, _, (h, A, qd, kd, gl, _) = module.forward(q, k, v, g, save_for_backward=True)
     with pytest.raises(ValueError, match="saved A"):
         module.backward(q, k, v, g, do, saved=(h, A[:, :10], qd, kd, gl, None))
     with pytest.raises(ValueError, match="saved must be"):
