@@ -120,6 +120,8 @@ SWEEP = {
         {"attention": dict(BK=16, num_warps=4, num_stages=2)},
         {"attention": dict(BK=32, num_warps=8, num_stages=2)},
         {"attention": dict(BK=64, num_warps=8, num_stages=2)},
+        {"attention": dict(BK=32, num_warps=4, num_stages=2)},
+        {"attention": dict(diag="loop", BK=32, num_warps=8, num_stages=2)},
         {"attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)},
         {"attention": dict(rows=True, BK=32, num_warps=8, num_stages=2)},
         {"attention": dict(rows=True, BK=32, num_warps=4, num_stages=2)},

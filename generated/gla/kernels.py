@@ -63,6 +63,7 @@ def chunk_attention_kernel(
     BK: tl.constexpr,
     STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    DIAG_LOOP: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
@@ -71,11 +72,13 @@ def chunk_attention_kernel(
     splits at r, the cumulative decay at the end of a column sub-chunk j:
     exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
     [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
-    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
-    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
-    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
-    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
-    Grid: (NT, B * H).
+    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, with the
+    decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
+    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks); with DIAG_LOOP
+    one column of every diagonal block at a time ([NC, BC, BK] per column, BC steps). With
+    STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
+    and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
+    (gl [NS, H, K]). Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -93,15 +96,30 @@ def chunk_attention_kernel(
     m_t = o_t < T
     # [BT] sub-chunk of each row of the chunk
     o_blk = o_r // BC
-    # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
-    # diagonal blocks within the chunk
     o_c = tl.arange(0, BC)
-    o_s = tl.arange(0, 4) * BC
-    o_dr = o_s[:, None, None] + o_c[None, :, None]
-    o_dc = o_s[:, None, None] + o_c[None, None, :]
-    # [BT, BT] A off the diagonal blocks; [NC, BC, BC] the diagonal blocks
+    # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
+    if DIAG_LOOP:
+        # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
+        # diagonal blocks within the chunk; [NC, BC, BC] the diagonal blocks
+        o_s = tl.arange(0, 4) * BC
+        o_dr = o_s[:, None, None] + o_c[None, :, None]
+        o_dc = o_s[:, None, None] + o_c[None, None, :]
+        b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
+    else:
+        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block
+        o_t0 = i_t * BT + 0 * BC + o_c
+        m_t0 = o_t0 < T
+        b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t1 = i_t * BT + 1 * BC + o_c
+        m_t1 = o_t1 < T
+        b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t2 = i_t * BT + 2 * BC + o_c
+        m_t2 = o_t2 < T
+        b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t3 = i_t * BT + 3 * BC + o_c
+        m_t3 = o_t3 < T
+        b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -130,27 +148,65 @@ def chunk_attention_kernel(
         b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
         b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
         b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
-        # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
-        # the diagonal, which is masked out at the store)
-        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
-        b_qd = tl.reshape(b_q, [4, BC, BK])
-        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-        for i_c in range(BC):
-            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
-            o_tc = i_t * BT + o_s + i_c
-            m_tc = o_tc < T
-            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-            b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
-            b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
+        # the diagonal blocks: q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys, the decays
+        # cumulated from each sub-chunk's start (the ratios need no offset; the exponent is
+        # clamped at 0 above the diagonal, which is masked out at the store)
+        if DIAG_LOOP:
+            # column c of each diagonal block at a time: [NC, BC, BK] products
+            b_qd = tl.reshape(b_q, [4, BC, BK])
+            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+            for i_c in range(BC):
+                # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
+                o_tc = i_t * BT + o_s + i_c
+                m_tc = o_tc < T
+                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+                b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
+                b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
+        else:
+            # one diagonal block at a time: the sub-chunk's [BC, BK] queries, keys and log2-decay
+            # (reloaded: they are in the cache), a [BC, BC, BK] product
+            b_qc = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A00 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A11 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A22 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A33 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
 
     # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
     m_off = o_blk[:, None] != o_blk[None, :]
     tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
-    b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
-    p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
-    tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
+    if DIAG_LOOP:
+        b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
+        p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
+        tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
+    else:
+        p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
+        p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A11, 0.).to(A.dtype.element_ty), mask=m_t1[:, None])
+        p_A = A + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
+        p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -489,8 +545,11 @@ def default_config(K, V):
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=3),
         # 8 warps: the [BT, BT] block, the [BT, BK] operands and the decayed operands' stores fit
-        # in registers without spills (bench/compile_report.py, sm_90); not timed yet
-        "attention": dict(BK=_block(K, 32), num_warps=8, num_stages=2),
+        # in registers without spills (bench/compile_report.py, sm_90); not timed yet. diag: the
+        # diagonal sub-chunk blocks one [BC, BC, BK] block at a time ("blocks") or one column of
+        # every block at a time ("loop", the slower: 1.88 ms on an H100 at (4, 4096, 16, 128)
+        # bf16, bench/RESULTS.md)
+        "attention": dict(BK=_block(K, 32), num_warps=8, num_stages=2, diag="blocks"),
         "state": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=2, num_stages=3),
         # the decayed queries come from the attention kernel; 8 warps: no spills (sm_90), not timed yet
         "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=8, num_stages=2),
@@ -677,6 +736,8 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     kd = torch.empty_like(k) if _decayed else None
     gl = q.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
+    if _launch.get("diag", "blocks") not in ("blocks", "loop"):
+        raise ValueError(f"config attention diag must be 'blocks' or 'loop', got {_launch['diag']!r}")
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
         chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
@@ -688,7 +749,7 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
         chunk_attention_kernel[(NT, B * H)](
             q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
             H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            DIAG_LOOP=_launch.get("diag", "blocks") == "loop", num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
     if _path == "fused":
         # per state, with the readout: one pass over the chunks
@@ -852,6 +913,7 @@ def chunk_attention_canonical_kernel(
     BK: tl.constexpr,
     STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    DIAG_LOOP: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
@@ -860,11 +922,13 @@ def chunk_attention_canonical_kernel(
     splits at r, the cumulative decay at the end of a column sub-chunk j:
     exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
     [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
-    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, one column
-    of every diagonal block at a time ([NC, BC, BK] per column). With STORE_DECAYED it also
-    stores, for the state and output kernels, the decayed queries Q o a and keys K o (a_C / a)
-    (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C (gl [NS, H, K]).
-    Grid: (NT, B * H).
+    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, with the
+    decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
+    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks); with DIAG_LOOP
+    one column of every diagonal block at a time ([NC, BC, BK] per column, BC steps). With
+    STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
+    and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
+    (gl [NS, H, K]). Grid: (NT, B * H).
     """
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -882,15 +946,30 @@ def chunk_attention_canonical_kernel(
     m_t = o_t < T
     # [BT] sub-chunk of each row of the chunk
     o_blk = o_r // BC
-    # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
-    # diagonal blocks within the chunk
     o_c = tl.arange(0, BC)
-    o_s = tl.arange(0, 4) * BC
-    o_dr = o_s[:, None, None] + o_c[None, :, None]
-    o_dc = o_s[:, None, None] + o_c[None, None, :]
-    # [BT, BT] A off the diagonal blocks; [NC, BC, BC] the diagonal blocks
+    # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
+    if DIAG_LOOP:
+        # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
+        # diagonal blocks within the chunk; [NC, BC, BC] the diagonal blocks
+        o_s = tl.arange(0, 4) * BC
+        o_dr = o_s[:, None, None] + o_c[None, :, None]
+        o_dc = o_s[:, None, None] + o_c[None, None, :]
+        b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
+    else:
+        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block
+        o_t0 = i_t * BT + 0 * BC + o_c
+        m_t0 = o_t0 < T
+        b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t1 = i_t * BT + 1 * BC + o_c
+        m_t1 = o_t1 < T
+        b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t2 = i_t * BT + 2 * BC + o_c
+        m_t2 = o_t2 < T
+        b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t3 = i_t * BT + 3 * BC + o_c
+        m_t3 = o_t3 < T
+        b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -919,27 +998,65 @@ def chunk_attention_canonical_kernel(
         b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
         b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
         b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        # the diagonal blocks, column c of each at a time: [NC, BC, BK] products
-        # q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys (the exponent is clamped at 0 above
-        # the diagonal, which is masked out at the store)
-        # the decays are cumulated from each sub-chunk's start: the ratios need no offset
-        b_qd = tl.reshape(b_q, [4, BC, BK])
-        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-        for i_c in range(BC):
-            # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
-            o_tc = i_t * BT + o_s + i_c
-            m_tc = o_tc < T
-            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-            b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
-            b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
+        # the diagonal blocks: q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys, the decays
+        # cumulated from each sub-chunk's start (the ratios need no offset; the exponent is
+        # clamped at 0 above the diagonal, which is masked out at the store)
+        if DIAG_LOOP:
+            # column c of each diagonal block at a time: [NC, BC, BK] products
+            b_qd = tl.reshape(b_q, [4, BC, BK])
+            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+            for i_c in range(BC):
+                # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
+                o_tc = i_t * BT + o_s + i_c
+                m_tc = o_tc < T
+                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+                b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
+                b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
+        else:
+            # one diagonal block at a time: the sub-chunk's [BC, BK] queries, keys and log2-decay
+            # (reloaded: they are in the cache), a [BC, BC, BK] product
+            b_qc = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t0[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A00 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t1[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t1[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A11 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t2[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t2[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A22 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
+            b_qc = tl.load(q + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t3[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+            b_ldc = tl.where(m_t3[:, None], (b_g) * RCP_LN2, 0.)
+            b_gcc = tl.cumsum(b_ldc, axis=0)
+            b_A33 += tl.sum(b_qc[:, None, :] * b_kc[None, :, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gcc[None, :, :], 0.)), axis=2)
 
     # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
     m_off = o_blk[:, None] != o_blk[None, :]
     tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
-    b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
-    p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
-    tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
+    if DIAG_LOOP:
+        b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
+        p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
+        tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
+    else:
+        p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
+        p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A11, 0.).to(A.dtype.element_ty), mask=m_t1[:, None])
+        p_A = A + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
+        p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_c[None, :]
+        tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1603,7 +1720,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
             chunk_attention_canonical_kernel[(NT, B * H)](
                 q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
                 H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
-                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+                DIAG_LOOP=_launch.get("diag", "blocks") == "loop", num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO

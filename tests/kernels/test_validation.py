@@ -114,3 +114,10 @@ def test_unknown_config_kernel():
         ops.linear_attention(q, k, v, config={"nope": {}})
     with pytest.raises(ValueError, match="path must be"):
         ops.linear_attention(q, k, v, config={"path": "sideways"})
+
+
+def test_unknown_attention_diag():
+    q, k, v = qkv()
+    g = -torch.rand_like(q)
+    with pytest.raises(ValueError, match="diag must be"):
+        ops.gla(q, k, v, g, config={"attention": {"diag": "diagonal"}})
