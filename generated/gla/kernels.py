@@ -544,12 +544,12 @@ def default_config(K, V):
     return {
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=3),
-        # 8 warps: the [BT, BT] block, the [BT, BK] operands and the decayed operands' stores fit
-        # in registers without spills (bench/compile_report.py, sm_90); not timed yet. diag: the
-        # diagonal sub-chunk blocks one [BC, BC, BK] block at a time ("blocks") or one column of
-        # every block at a time ("loop", the slower: 1.88 ms on an H100 at (4, 4096, 16, 128)
-        # bf16, bench/RESULTS.md)
-        "attention": dict(BK=_block(K, 32), num_warps=8, num_stages=2, diag="blocks"),
+        # 4 warps, BK 32: gla's forward took 1.38 ms on an H100 at (4, 4096, 16, 128) bf16,
+        # against 2.06 at 8 warps (which spill nothing on sm_90 where 4 spill 560 B: the spills
+        # cost less than the replicated work) and 1.62 at BK 16. diag: the diagonal sub-chunk
+        # blocks one [BC, BC, BK] block at a time ("blocks") or one column of every block at a
+        # time ("loop": 2.23 ms at 8 warps). bench/RESULTS.md, session 5
+        "attention": dict(BK=_block(K, 32), num_warps=4, num_stages=2, diag="blocks"),
         "state": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=2, num_stages=3),
         # the decayed queries come from the attention kernel; 8 warps: no spills (sm_90), not timed yet
         "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=8, num_stages=2),

@@ -1449,12 +1449,13 @@ def default_backward_config(K, V):
         "prepare": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=4, num_stages=2),
         "state": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
         "dv_local": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
-        # one stage: software-pipelined (num_stages=2) loads that feed a transposed tl.dot
-        # operand, and are used again besides, compile wrong on Triton 3.6 for sm_90 (the class
-        # of triton-lang/triton#6691): on an H100 gated_deltanet's dS (dh kernel) was 12x off
-        # and its dW (dqkw) differed from run to run by 0.29 relative, kda's dk, dg and dbeta
-        # differed too; the interpreter and num_stages=1 are right
-        "dh": dict(BV=_block(V, 32), num_warps=4, num_stages=1),
+        # one stage where it matters: software-pipelined (num_stages=2) loads that feed a
+        # transposed tl.dot operand, and are used again besides, compile wrong on Triton 3.6 for
+        # sm_90 (the class of triton-lang/triton#6691). On an H100 gated_deltanet's dS (dh) was
+        # 12x off and its dW (dqkw) differed from run to run by 0.29 relative; kda's dk, dg and
+        # dbeta (dqkw) differed too. kda's per-key dh kernel keeps two stages: at one it makes
+        # an illegal memory access. The interpreter is right with either
+        "dh": dict(BV=_block(V, 32), num_warps=4, num_stages=2),
         "dqkw": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=1),
         "reset": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=4, num_stages=2),
     }
