@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                          'or "precision" for PRECISION_MIXES (the Riccati kernel\'s dots by group)')
     ap.add_argument("--stress", action="store_true",
                     help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
-    ap.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)),
+    ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),
                     help="with --variants: processes that run the variants' checks (and compiles) at once")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
