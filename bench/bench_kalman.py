@@ -3,6 +3,9 @@
     python bench/bench_kalman.py                 # checks, stress grid, timings, a table last
     python bench/bench_kalman.py --quick --budget 500   # bayesian_layer first, fewest compiles,
                                                         # optional stages while 500 s last
+    python bench/bench_kalman.py --lean --stress --variants precision   # config variants (here
+        # PRECISION_MIXES) beside the default: each checked against float64 with fp32 and bf16
+        # inputs, the stress grid and T = 65536 (all in parallel processes), then timed; a table last
 
 (1) Correctness: ours (fp32 and bf16 inputs) against the float64 step-by-step filter
 (designmodel.reference.recurrent, on the CPU) for rls, bayesian_layer, bayesian_layer_diag,
@@ -65,7 +68,8 @@ def ours(model, q, k, v, x, **kw):
 
 
 def check_correctness(dev, rows, cases=(("rls", (torch.float32, torch.bfloat16)), ("bayesian_layer", (torch.float32, torch.bfloat16)),
-                                         ("bayesian_layer_diag", (torch.float32, torch.bfloat16)))):
+                                         ("bayesian_layer_diag", (torch.float32, torch.bfloat16))), config=None, label=""):
+    """Ours (with `config`; rows named by `label` when given) against the float64 filter."""
     from dataclasses import replace
     from designmodel.derive import derive
     from designmodel.reference import recurrent
@@ -80,13 +84,13 @@ def check_correctness(dev, rows, cases=(("rls", (torch.float32, torch.bfloat16))
         d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
         for dtype in dtypes:
             try:
-                _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows)
+                _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows, config=config, label=label)
             except Exception as e:  # reported, not fatal: the timings still run
-                rows.append(("check", model, str(dtype), False, repr(e)[:300]))
-                print(f"check {model} {dtype}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                rows.append(("check", label or model, str(dtype).split(".")[-1], False, repr(e)[:300]))
+                print(f"check {label or model} {dtype}: {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-def _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows):
+def _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows, config=None, label=""):
     from designmodel.reference import recurrent
     if True:
         if True:
@@ -95,20 +99,25 @@ def _check_one(model, d, dtype, q, k, v, x, S0, P0, K, H, dev, rows):
                             {**{n: t.double() for n, t in x.items()}, "p0": torch.ones(H, dtype=torch.float64)},
                             initial_state=S0.double(), initial_covariance=P0.double())
             o, (S, P), var = ours(model, qq.to(dev), kk.to(dev), vv.to(dev), {n: t.to(dev) for n, t in x.items()},
-                                  initial_state=(S0.to(dev), P0.to(dev)), output_final_state=True, output_variance=True)
+                                  initial_state=(S0.to(dev), P0.to(dev)), output_final_state=True, output_variance=True,
+                                  config=config)
             errs = dict(o=rel(o, ref.o), S=rel(S, ref.state), P=rel(P, ref.covariance), var=rel(var, ref.variance))
             tol = 1e-3 if dtype == torch.float32 else 2e-2
             ok = all(e <= tol for e in errs.values())
-            rows.append(("check", model, str(dtype).split(".")[-1], ok, errs))
-            print(f"check {model:20s} {str(dtype):15s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
+            rows.append(("check", label or model, str(dtype).split(".")[-1], ok, errs))
+            print(f"check {label or model:20s} {str(dtype):15s} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items())
                   + ("  ok" if ok else f"  FAIL (> {tol})"), flush=True)
 
 
-def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_diag")):
+def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_diag"), config=None, label="",
+           grid=True, long=True):
+    """The stress grid (bf16, T = 1024) over `models` and rls at T = long_T with r = 1e-4, all
+    with `config`: no NaN or inf anywhere. One row ("stress", cases, bad, long finite, |P - P^T|
+    / |P|, label); grid=False or long=False leaves that half out (None in its place)."""
     B, T, H, K = 1, 1024, 4, 128
     bad = []
     n = 0
-    for alpha in (0.01, 1.0):
+    for alpha in ((0.01, 1.0) if grid else ()):
         for r in (1e-4, 1e2):
             for sigma in (0.0, 1.0):
                 for unit in (True, False):
@@ -116,20 +125,126 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
                         (q, k, v), x = draw(model, B, T, H, K, K, dev, seed=3, alpha=alpha, r=r, sigma=sigma, unit_keys=unit)
                         q, k, v = (t.bfloat16() for t in (q, k, v))
                         try:
-                            o, (S, P), var = ours(model, q, k, v, x, output_final_state=True, output_variance=True)
+                            o, (S, P), var = ours(model, q, k, v, x, output_final_state=True, output_variance=True,
+                                                  config=config)
                         except Exception as e:  # a variant that does not launch is reported per case
                             bad.append((model, alpha, r, sigma, unit, type(e).__name__))
                             continue
                         n += 1
                         if not all(torch.isfinite(t).all() for t in (o, S, P, var)):
                             bad.append((model, alpha, r, sigma, unit))
-    (q, k, v), x = draw("rls", 1, long_T, 2, K, K, dev, seed=4, r=1e-4)
-    o, (S, P), var = ours("rls", q.bfloat16(), k.bfloat16(), v.bfloat16(), x, output_final_state=True, output_variance=True)
-    long_ok = all(torch.isfinite(t).all().item() for t in (o, S, P, var))
-    sym = ((P - P.mT).abs().max() / P.abs().max()).item()
-    rows.append(("stress", n, bad, long_ok, sym))
-    print(f"stress grid: {n} cases, non-finite in {bad or 'none'}; T={long_T} rls r=1e-4: "
-          f"{'finite' if long_ok else 'NON-FINITE'}, |P - P^T| / |P| = {sym:.1e}", flush=True)
+    long_ok = sym = None
+    if long:
+        (q, k, v), x = draw("rls", 1, long_T, 2, K, K, dev, seed=4, r=1e-4)
+        o, (S, P), var = ours("rls", q.bfloat16(), k.bfloat16(), v.bfloat16(), x, output_final_state=True, output_variance=True,
+                              config=config)
+        long_ok = all(torch.isfinite(t).all().item() for t in (o, S, P, var))
+        sym = ((P - P.mT).abs().max() / P.abs().max()).item()
+    rows.append(("stress", n, bad, long_ok, sym, label))
+    print(f"stress {label}: grid {n} cases, non-finite in {bad or 'none'}; T={long_T} rls r=1e-4: "
+          f"{'-' if long_ok is None else 'finite' if long_ok else 'NON-FINITE'}, "
+          f"|P - P^T| / |P| = {'-' if sym is None else f'{sym:.1e}'}", flush=True)
+
+
+# --variants precision: the Riccati kernel's dots by group (innovation: K^ P, S_in, q^^T P q^;
+# factor: the LDL's panels; solve: Y = L^-1 U^; update: P'), tf32x3 where named, else tf32.
+# tf32x3 in the innovation group is what spills (bench/compile_report.py: 5.1 KB per thread
+# with it, 2.7 KB without), so most mixes keep it tf32
+PRECISION_MIXES = {
+    "tf32": {"covariance": {"precision": "tf32"}},
+    "x3_update": {"covariance": {"precision": "tf32", "precision_update": "tf32x3"}},
+    "x3_update_solve": {"covariance": {"precision": "tf32", "precision_update": "tf32x3",
+                                       "precision_solve": "tf32x3"}},
+    "x3_all_but_innovation": {"covariance": {"precision": "tf32x3", "precision_innovation": "tf32"}},
+    "x3_update_innovation": {"covariance": {"precision": "tf32", "precision_update": "tf32x3",
+                                            "precision_innovation": "tf32x3"}},
+}
+
+
+# the parts of one bayesian_layer variant's accuracy run, each a task of its own (the Riccati
+# kernel compiles for about 90 s per specialization on Triton 3.6, and every part is one)
+ACCURACY_TASKS = ("fp32", "bf16", "grid", "long", "warm")
+
+
+def accuracy_task(name, cfg, task):
+    """One part of variant `name` (bayesian_layer with config `cfg`), on the GPU: its check
+    against float64 with fp32 or bf16 inputs, the stress grid, rls at T = 65536 and r = 1e-4,
+    or ("warm") one call at the timing shape so that the timing later finds its kernels
+    compiled. Returns (rows, seconds); an exception is a row ("error", name, task, text)."""
+    torch.set_num_threads(1)   # the float64 reference on the CPU, beside the other workers
+    t0 = time.time()
+    rows = []
+    try:
+        if task in ("fp32", "bf16"):
+            dtype = torch.float32 if task == "fp32" else torch.bfloat16
+            check_correctness("cuda", rows, cases=(("bayesian_layer", (dtype,)),), config=cfg, label=name)
+        elif task == "grid":
+            stress("cuda", rows, models=("bayesian_layer",), config=cfg, label=name, long=False)
+        elif task == "long":
+            stress("cuda", rows, config=cfg, label=name, grid=False)
+        else:
+            B, T, H, D = SHAPES[0]
+            (q, k, v), x = draw("bayesian_layer", B, T, H, D, D, "cuda", seed=5)
+            ours("bayesian_layer", *(t.bfloat16() for t in (q, k, v)), x, check_domain=False, config=cfg)
+            torch.cuda.synchronize()
+    except Exception as e:  # reported in the table, not fatal
+        rows.append(("error", name, task, f"{type(e).__name__}: {str(e)[:300]}"))
+        print(f"{name} {task}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return rows, time.time() - t0
+
+
+def accuracy(variants, rows, with_stress, workers):
+    """Every variant's accuracy tasks (the stress ones only with `with_stress`), in `workers`
+    processes at once (spawned: each its own CUDA context; Triton's on-disk cache hands what
+    they compile to the parent), or one after another here when workers <= 1."""
+    tasks = [(n, c, t) for n, c in variants.items() for t in ACCURACY_TASKS
+             if with_stress or t not in ("grid", "long")]
+    if workers <= 1:
+        results = [accuracy_task(*t) for t in tasks]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(accuracy_task, *t) for t in tasks]
+            results = []
+            for (n, _, t), f in zip(tasks, futures):
+                try:
+                    results.append(f.result())
+                except Exception as e:  # a worker that died (a crash in a kernel): that task's row
+                    results.append(([("error", n, t, f"{type(e).__name__}: {str(e)[:300]}")], 0.))
+    for (n, _, t), (r, sec) in zip(tasks, results):
+        rows.extend(r)
+        print(f"  {n} {t}: {sec:.0f} s", flush=True)
+
+
+def variant_table(variants, rows, with_stress):
+    """One line per variant: its errors against float64 (o/S/P/var), stress, time."""
+    times = {k: v for row in rows if row[0] == "time" for k, v in row[2].items()}
+    riccati = {row[3]: t for row in rows if row[0] == "breakdown" for name, t in row[2].items()
+               if "riccati" in name or "covariance" in name}
+    print("\n| variant | config | fp32 err o/S/P/var (<= 1e-3) | bf16 err o/S/P/var (<= 2e-2) | stress grid "
+          "| rls T=65536 r=1e-4 | ms | Riccati ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, c in variants.items():
+        cells = []
+        for dt in ("float32", "bfloat16"):
+            r = [row for row in rows if row[0] == "check" and row[1] == n and row[2] == dt]
+            if not r or not isinstance(r[0][4], dict):
+                cells.append("error")
+                continue
+            errs = "/".join(f"{e:.1e}" for e in r[0][4].values())
+            cells.append(errs + (" ok" if r[0][3] else " FAIL"))
+        st = [row for row in rows if row[0] == "stress" and row[-1] == n]
+        grid = [row for row in st if row[3] is None]
+        long = [row for row in st if row[3] is not None]
+        cells.append("-" if not with_stress else f"{grid[0][1]} finite" if grid and not grid[0][2]
+                     else f"NON-FINITE {grid[0][2]}" if grid else "error")
+        cells.append("-" if not with_stress else ("finite" if long[0][3] else "NON-FINITE") if long else "error")
+        errors = [f"{row[2]}: {row[3][:80]}" for row in rows if row[0] == "error" and row[1] == n]
+        t = times.get("ours_bl" if c is None else f"ours_bl_{n}")
+        cells.append(f"{t:.3f}" if t is not None else "error")
+        cells.append(f"{riccati[n]:.3f}" if n in riccati else "-")
+        print(f"| {n} | {json.dumps(c)} | " + " | ".join(cells) + " |" + (f" {'; '.join(errors)}" if errors else ""))
 
 
 def bench(fn):
@@ -170,13 +285,13 @@ def timings(shapes, rows, variants, with_torch=True):
         print(f"time {(B, T, H, D)}: " + ", ".join(f"{n} {t:.3f}" for n, t in res.items()), flush=True)
 
 
-def breakdown(shape, rows, reps=5):
-    """Per-kernel device time of ours_bl (torch profiler), ms per call."""
+def breakdown(shape, rows, reps=5, config=None, label=""):
+    """Per-kernel device time of ours_bl with `config` (torch profiler), ms per call."""
     from torch.profiler import ProfilerActivity, profile
     B, T, H, D = shape
     (q, k, v), x = draw("bayesian_layer", B, T, H, D, D, "cuda", seed=5)
     q, k, v = (t.bfloat16() for t in (q, k, v))
-    fn = lambda: ours("bayesian_layer", q, k, v, x, check_domain=False)
+    fn = lambda: ours("bayesian_layer", q, k, v, x, check_domain=False, config=config)
     with torch.no_grad():
         fn()
         torch.cuda.synchronize()
@@ -189,8 +304,8 @@ def breakdown(shape, rows, reps=5):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.)
         if t:
             res[e.key[:40]] = t / reps / 1000.
-    rows.append(("breakdown", shape, res))
-    print(f"breakdown {shape}: " + ", ".join(f"{n} {t:.3f}" for n, t in sorted(res.items(), key=lambda a: -a[1])), flush=True)
+    rows.append(("breakdown", shape, res, label))
+    print(f"breakdown {label} {shape}: " + ", ".join(f"{n} {t:.3f}" for n, t in sorted(res.items(), key=lambda a: -a[1])), flush=True)
 
 
 def main(argv=None) -> int:
@@ -200,9 +315,15 @@ def main(argv=None) -> int:
                     help="only time bayesian_layer (default and 4-warp Riccati) at the first shape, "
                          "with its error against the PyTorch chunked filter and the per-kernel split")
     ap.add_argument("--variants", default=None,
-                    help='with --lean: JSON {name: config} of bayesian_layer launch settings to time '
-                         'instead of the 4-warp Riccati, e.g. \'{"cov_w2": {"covariance": {"num_warps": 2}}}\'')
-    ap.add_argument("--stress", action="store_true", help="with --lean: then the stress grid at T = 65536")
+                    help='with --lean: JSON {name: config} of bayesian_layer launch settings to check against '
+                         'float64 (fp32 and bf16 inputs) and time beside the default instead of the 4-warp Riccati, '
+                         'e.g. \'{"tf32": {"covariance": {"precision": "tf32"}}, '
+                         '"upd3": {"covariance": {"precision": "tf32", "precision_update": "tf32x3"}}}\', '
+                         'or "precision" for PRECISION_MIXES (the Riccati kernel\'s dots by group)')
+    ap.add_argument("--stress", action="store_true",
+                    help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
+    ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),
+                    help="with --variants: processes that run the variants' checks (and compiles) at once")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
     args = ap.parse_args(argv)
@@ -211,8 +332,24 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.time()
     left = lambda: args.budget - (time.time() - t0)
-    if args.lean:
-        extra = json.loads(args.variants) if args.variants else {"cov_w4": {"covariance": {"num_warps": 4}}}
+    if args.lean and args.variants:
+        # the default and every variant: checks (and stress) in parallel processes, which also
+        # compile every kernel the timing needs, then the timings here one after another
+        extra = PRECISION_MIXES if args.variants == "precision" else json.loads(args.variants)
+        variants = {"default": None, **extra}
+        accuracy(variants, rows, args.stress, args.workers)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        timings(SHAPES[:1], rows, {("ours_bl" if c is None else f"ours_bl_{n}"): ("bayesian_layer", c)
+                                   for n, c in variants.items()})
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        for n, c in variants.items():
+            try:
+                breakdown(SHAPES[0], rows, config=c, label=n)
+            except Exception as e:
+                print(f"breakdown {n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        variant_table(variants, rows, args.stress)
+    elif args.lean:
+        extra = {"cov_w4": {"covariance": {"num_warps": 4}}}
         timings(SHAPES[:1], rows, {"ours_bl": ("bayesian_layer", None),
                                    **{f"ours_bl_{n}": ("bayesian_layer", c) for n, c in extra.items()}})
         print(f"[{time.time() - t0:.0f}s]", flush=True)

@@ -38,7 +38,8 @@ RESERVED = frozenset({
     "torch", "math", "os", "softplus", "logsigmoid", "bos", "boc", "vn", "ld", "glast", "kr",
     "ks", "gs", "row", "col", "knorm2", "RCP_LN2", "CHUNK", "SUB_CHUNK", "FAMILY", "INPUTS",
     "DOMAIN_TEXT", "forward", "check_inputs", "default_config", "prepare_chunks",
-    "HAS_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN",
+    "HAS_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN", "DOT_PRECISION", "INNOVATION_PRECISION",
+    "FACTOR_PRECISION", "SOLVE_PRECISION", "UPDATE_PRECISION",
 })
 _RESERVED_PATTERN = re.compile(r"^(_.*|[iomp]_.*|b_.*|(q|k|v|gc|gn|gain|kn|A|Aq|Ai|T)\d*)$")
 

@@ -117,7 +117,10 @@ def chunk_riccati_kernel(
     STORE_FINAL_COV: tl.constexpr,   # unused: _Pt always holds P
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INNOVATION_PRECISION: tl.constexpr,   # K^ P, S_in = K^ P K^^T (+ K K^T), q^^T P q^
+    FACTOR_PRECISION: tl.constexpr,       # the blocked LDL's panels X and Schur complements
+    SOLVE_PRECISION: tl.constexpr,        # Y = L^-1 U^ by blocks
+    UPDATE_PRECISION: tl.constexpr,       # P' = a_C^2 P + e_C I - Y^T D^-1 Y
 ):
     """The covariance across chunks (the Riccati recursion of MATH.md 6.3), and only what
     needs P. The chunk is 4 blocks of BC = 16 rows; with K^ = K o a, e the process noise
@@ -139,7 +142,11 @@ def chunk_riccati_kernel(
     halves of the key dimension), so that no copy of P stays in registers and each dot
     splits one quarter for tf32x3 at a time (about 16 KB of shared memory at K = 128).
     Padding rows get k = 0, r = 1, no decay and no process noise, so they leave P
-    untouched. Grid: (N * H,).
+    untouched. Each group of float32 dots takes its own input precision, so that the groups
+    whose rounding carries across chunks (the update of P, and what feeds it) can keep
+    tf32x3 while the others run one-pass tf32: the innovation (K^ P, S_in, q^^T P q^), the
+    factorization (the LDL's panels and Schur complements), the solve (Y) and the update
+    (P'); the ldl_block's own dots are always ieee. Grid: (N * H,).
     """
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -207,19 +214,19 @@ def chunk_riccati_kernel(
         b_khcb = b_kcb * tl.exp2(b_gc)[:, None]             # [BT, BKH] K^
         # [BT, BKH] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
         b_S = tl.zeros([BT, BT], dtype=tl.float32)
-        b_KP = tl.dot(b_khca, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-        b_KP = tl.dot(b_khcb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KP, input_precision=DOT_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kca
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=(m_t[:, None] & m_ka[None, :]))
-        b_S = tl.dot(b_KP, tl.trans(b_khca), b_S, input_precision=DOT_PRECISION)
-        b_KP = tl.dot(b_khca, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-        b_KP = tl.dot(b_khcb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KP, input_precision=DOT_PRECISION)
+        b_S = tl.dot(b_KP, tl.trans(b_khca), b_S, input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kcb
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=(m_t[:, None] & m_kb[None, :]))
-        b_S = tl.dot(b_KP, tl.trans(b_khcb), b_S, input_precision=DOT_PRECISION)
+        b_S = tl.dot(b_KP, tl.trans(b_khcb), b_S, input_precision=INNOVATION_PRECISION)
         tl.store(p_Sc + o_c[:, None] * BT + o_c[None, :], b_S)
-        b_S = tl.dot(b_kca, tl.trans(b_kca), input_precision=DOT_PRECISION)
-        b_S = tl.dot(b_kcb, tl.trans(b_kcb), b_S, input_precision=DOT_PRECISION)
+        b_S = tl.dot(b_kca, tl.trans(b_kca), input_precision=INNOVATION_PRECISION)
+        b_S = tl.dot(b_kcb, tl.trans(b_kcb), b_S, input_precision=INNOVATION_PRECISION)
         tl.store(p_Sc + BT * BT + o_c[:, None] * BT + o_c[None, :], b_S)
         if OUTPUT_VARIANCE:
             # [BT] q^^T P q^ (chunk_gain_kernel adds the rest), also over the whole chunk
@@ -228,11 +235,11 @@ def chunk_riccati_kernel(
             b_qhb = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32) * scale
             b_qhb = b_qhb * tl.exp2(b_gc)[:, None]
             b_qPq = tl.zeros([BT], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=DOT_PRECISION)
-            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=DOT_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qhb, axis=1)
             tl.store(_var + (bos + o_t) * H + i_h, b_qPq, mask=m_t)
         # every thread's scratch stores are done before any thread reads a block back
@@ -326,45 +333,45 @@ def chunk_riccati_kernel(
         tl.store(_D + (bos + o_t0) * H + i_h, b_D0, mask=m_t0)
         tl.store(_L + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_Li0, mask=m_t0[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X10 = tl.dot(b_S10, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_X10 = tl.dot(b_S10, tl.trans(b_Li0), input_precision=FACTOR_PRECISION)
         b_L10 = b_X10 / b_D0[None, :]
         tl.store(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L10, mask=m_t1[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X20 = tl.dot(b_S20, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_X20 = tl.dot(b_S20, tl.trans(b_Li0), input_precision=FACTOR_PRECISION)
         b_L20 = b_X20 / b_D0[None, :]
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L20, mask=m_t2[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X30 = tl.dot(b_S30, tl.trans(b_Li0), input_precision=DOT_PRECISION)
+        b_X30 = tl.dot(b_S30, tl.trans(b_Li0), input_precision=FACTOR_PRECISION)
         b_L30 = b_X30 / b_D0[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], b_L30, mask=m_t3[:, None])
-        b_S11 -= tl.dot(b_L10, tl.trans(b_X10), input_precision=DOT_PRECISION)
-        b_S21 -= tl.dot(b_L20, tl.trans(b_X10), input_precision=DOT_PRECISION)
-        b_S22 -= tl.dot(b_L20, tl.trans(b_X20), input_precision=DOT_PRECISION)
-        b_S31 -= tl.dot(b_L30, tl.trans(b_X10), input_precision=DOT_PRECISION)
-        b_S32 -= tl.dot(b_L30, tl.trans(b_X20), input_precision=DOT_PRECISION)
-        b_S33 -= tl.dot(b_L30, tl.trans(b_X30), input_precision=DOT_PRECISION)
+        b_S11 -= tl.dot(b_L10, tl.trans(b_X10), input_precision=FACTOR_PRECISION)
+        b_S21 -= tl.dot(b_L20, tl.trans(b_X10), input_precision=FACTOR_PRECISION)
+        b_S22 -= tl.dot(b_L20, tl.trans(b_X20), input_precision=FACTOR_PRECISION)
+        b_S31 -= tl.dot(b_L30, tl.trans(b_X10), input_precision=FACTOR_PRECISION)
+        b_S32 -= tl.dot(b_L30, tl.trans(b_X20), input_precision=FACTOR_PRECISION)
+        b_S33 -= tl.dot(b_L30, tl.trans(b_X30), input_precision=FACTOR_PRECISION)
         b_Li1, b_D1 = ldl_block(b_S11, o_s, BC)
         tl.store(_D + (bos + o_t1) * H + i_h, b_D1, mask=m_t1)
         tl.store(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_Li1, mask=m_t1[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X21 = tl.dot(b_S21, tl.trans(b_Li1), input_precision=DOT_PRECISION)
+        b_X21 = tl.dot(b_S21, tl.trans(b_Li1), input_precision=FACTOR_PRECISION)
         b_L21 = b_X21 / b_D1[None, :]
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_L21, mask=m_t2[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X31 = tl.dot(b_S31, tl.trans(b_Li1), input_precision=DOT_PRECISION)
+        b_X31 = tl.dot(b_S31, tl.trans(b_Li1), input_precision=FACTOR_PRECISION)
         b_L31 = b_X31 / b_D1[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], b_L31, mask=m_t3[:, None])
-        b_S22 -= tl.dot(b_L21, tl.trans(b_X21), input_precision=DOT_PRECISION)
-        b_S32 -= tl.dot(b_L31, tl.trans(b_X21), input_precision=DOT_PRECISION)
-        b_S33 -= tl.dot(b_L31, tl.trans(b_X31), input_precision=DOT_PRECISION)
+        b_S22 -= tl.dot(b_L21, tl.trans(b_X21), input_precision=FACTOR_PRECISION)
+        b_S32 -= tl.dot(b_L31, tl.trans(b_X21), input_precision=FACTOR_PRECISION)
+        b_S33 -= tl.dot(b_L31, tl.trans(b_X31), input_precision=FACTOR_PRECISION)
         b_Li2, b_D2 = ldl_block(b_S22, o_s, BC)
         tl.store(_D + (bos + o_t2) * H + i_h, b_D2, mask=m_t2)
         tl.store(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], b_Li2, mask=m_t2[:, None])
         # X_ib = L_ib D_b = S_ib L_bb^-T
-        b_X32 = tl.dot(b_S32, tl.trans(b_Li2), input_precision=DOT_PRECISION)
+        b_X32 = tl.dot(b_S32, tl.trans(b_Li2), input_precision=FACTOR_PRECISION)
         b_L32 = b_X32 / b_D2[None, :]
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], b_L32, mask=m_t3[:, None])
-        b_S33 -= tl.dot(b_L32, tl.trans(b_X32), input_precision=DOT_PRECISION)
+        b_S33 -= tl.dot(b_L32, tl.trans(b_X32), input_precision=FACTOR_PRECISION)
         b_Li3, b_D3 = ldl_block(b_S33, o_s, BC)
         tl.store(_D + (bos + o_t3) * H + i_h, b_D3, mask=m_t3)
         tl.store(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_s[None, :], b_Li3, mask=m_t3[:, None])
@@ -373,57 +380,57 @@ def chunk_riccati_kernel(
         # Y = L^-1 U^ by blocks: Y_b = L_bb^-1 (U^_b - sum_c L_bc Y_c), L_bc Y_c = X_bc Z_c; Z = D^-1 Y (stored for the mean kernel)
         b_R = tl.load(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc0)[:, None]
-        b_Ya = tl.dot(b_Li0, b_R, input_precision=DOT_PRECISION)
+        b_Ya = tl.dot(b_Li0, b_R, input_precision=SOLVE_PRECISION)
         b_Za = b_Ya / b_D0[:, None]
         tl.store(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]))
         b_R = tl.load(_U + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc0)[:, None]
-        b_Yb = tl.dot(b_Li0, b_R, input_precision=DOT_PRECISION)
+        b_Yb = tl.dot(b_Li0, b_R, input_precision=SOLVE_PRECISION)
         b_Zb = b_Yb / b_D0[:, None]
         tl.store(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]))
         tl.debug_barrier()
         b_R = tl.load(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc1)[:, None]
-        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Ya = tl.dot(b_Li1, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Ya = tl.dot(b_Li1, b_R, input_precision=SOLVE_PRECISION)
         b_Za = b_Ya / b_D1[:, None]
         tl.store(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]))
         b_R = tl.load(_U + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc1)[:, None]
-        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Yb = tl.dot(b_Li1, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X10, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Yb = tl.dot(b_Li1, b_R, input_precision=SOLVE_PRECISION)
         b_Zb = b_Yb / b_D1[:, None]
         tl.store(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]))
         tl.debug_barrier()
         b_R = tl.load(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc2)[:, None]
-        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Ya = tl.dot(b_Li2, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Ya = tl.dot(b_Li2, b_R, input_precision=SOLVE_PRECISION)
         b_Za = b_Ya / b_D2[:, None]
         tl.store(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]))
         b_R = tl.load(_U + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc2)[:, None]
-        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Yb = tl.dot(b_Li2, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X20, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X21, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Yb = tl.dot(b_Li2, b_R, input_precision=SOLVE_PRECISION)
         b_Zb = b_Yb / b_D2[:, None]
         tl.store(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]))
         tl.debug_barrier()
         b_R = tl.load(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc3)[:, None]
-        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Ya = tl.dot(b_Li3, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Ya = tl.dot(b_Li3, b_R, input_precision=SOLVE_PRECISION)
         b_Za = b_Ya / b_D3[:, None]
         tl.store(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], b_Za, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]))
         b_R = tl.load(_U + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_R = b_R * tl.exp2(b_gcar - b_gc3)[:, None]
-        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=DOT_PRECISION)
-        b_Yb = tl.dot(b_Li3, b_R, input_precision=DOT_PRECISION)
+        b_R -= tl.dot(b_X30, tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X31, tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_R -= tl.dot(b_X32, tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.), input_precision=SOLVE_PRECISION)
+        b_Yb = tl.dot(b_Li3, b_R, input_precision=SOLVE_PRECISION)
         b_Zb = b_Yb / b_D3[:, None]
         tl.store(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]))
         tl.debug_barrier()
@@ -436,16 +443,16 @@ def chunk_riccati_kernel(
         b_Pn += tl.where(o_ka[:, None] == o_ka[None, :], b_ecar, 0.)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
         b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
@@ -453,16 +460,16 @@ def chunk_riccati_kernel(
         b_Pn = b_Pn * tl.exp2(2. * b_gcar)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
         b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Pab, b_Pn, mask=m_Pab)
         tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
         b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
@@ -472,16 +479,16 @@ def chunk_riccati_kernel(
         b_Pn += tl.where(o_kb[:, None] == o_kb[None, :], b_ecar, 0.)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
         b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=DOT_PRECISION)
+        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
         tl.debug_barrier()
 
@@ -867,10 +874,20 @@ def _block(n, cap):
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+# the input precisions tl.dot takes for float32 operands
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# the covariance kernel's groups of dots, each with a precision of its own (MATH.md 6.3)
+_COVARIANCE_GROUPS = ("innovation", "factor", "solve", "update")
+
+
 def default_config(K, V):
     """Block sizes and launch settings per kernel (override any of them with `config=`).
 
     precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32").
+    The covariance kernel's dots come in groups (_COVARIANCE_GROUPS), each with its own
+    precision_<group> (None: the kernel's `precision`): innovation (the products with P that
+    form K^ P, S_in and q^^T P q^), factor (the LDL's panels and Schur complements), solve
+    (Y = L^-1 U^) and update (P', whose rounding carries over every later chunk).
     The covariance path is float32 throughout, its dots "tf32x3" (near float32) at every K:
     the Riccati kernel's dots take the chunk's rows and quarters of P (about 16 KB of shared memory at
     K = 128). 4 warps: at K = 128 on an H100 they beat 8 by 5% and 2 by 8x (bench/RESULTS.md).
@@ -880,12 +897,43 @@ def default_config(K, V):
     split operands would otherwise spill.
     """
     return {
-        "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3"),
+        "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3",
+                           **{f"precision_{_g}": None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
+
+
+def _launch_config(K, V, config):
+    """default_config(K, V) with the caller's per-kernel overrides, checked before any launch:
+    one ValueError for an unknown kernel or setting, or a precision outside _PRECISIONS
+    (None only where the default is None: the readout's, and the covariance groups' own)."""
+    _cfg = default_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        if not isinstance(_overrides, dict):
+            raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
+        _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
+        if _unknown:
+            raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
+        _defaults = _cfg[_kernel]
+        _cfg[_kernel] = {**_defaults, **_overrides}
+        for _n, _x in _overrides.items():
+            if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
+                raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
+                                 f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
+    return _cfg
+
+
+def _covariance_precisions(launch):
+    """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
+    each group's own precision_<group>, else the kernel's `precision`."""
+    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] for _g in _COVARIANCE_GROUPS}
 
 
 DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
@@ -1008,11 +1056,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     V = v.shape[-1]
     BT = CHUNK
     scale = K ** -0.5 if scale is None else float(scale)
-    _cfg = default_config(K, V)
-    for _kernel, _overrides in (config or {}).items():
-        if _kernel not in _cfg:
-            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
-        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    _cfg = _launch_config(K, V, config)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous()
     p0 = p0.contiguous()
@@ -1040,7 +1084,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         q, k, g, p0, r, sigma, _z, _L, _D, _U, _var, _P0, _Pt, _Sc, cu_seqlens, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]

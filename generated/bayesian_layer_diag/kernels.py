@@ -86,7 +86,9 @@ def chunk_covariance_kernel(
     STORE_FINAL_COV: tl.constexpr,
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    INNOVATION_PRECISION: tl.constexpr,   # K^ P, K K^T, Q U^T, S_in = K^ P K^^T, q^^T P q^
+    SOLVE_PRECISION: tl.constexpr,        # the products with L^-1: Y, W, B, U_v
+    UPDATE_PRECISION: tl.constexpr,       # P' = a_C P a_C + e_C I - Y^T D^-1 Y
 ):
     """The covariance across chunks (the Riccati recursion of MATH.md 6.3), and per chunk all
     the mean needs. With K^ = K o a, Q^ = Q o a and e the process noise since the chunk start:
@@ -102,7 +104,10 @@ def chunk_covariance_kernel(
     ([K, K], float32, all K rows: BK >= K) over the chunks. The LDL factorization of the
     [BT, BT] innovation covariance is right-looking, one column per step; L^-1 by forward
     substitution. Padding rows get k = 0, r = 1, no decay and no process noise, so they leave
-    P untouched. Grid: (N * H,).
+    P untouched. The dots take one input precision per group: the innovation (the products
+    with P and the keys: K^ P, K K^T, Q U^T, S_in, q^^T P q^), the solve (the products with
+    L^-1: Y, W, B, U_v) and the update (P'); the LDL and L^-1 themselves take no dots here,
+    so this kernel has no factorization group. Grid: (N * H,).
     """
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -147,7 +152,7 @@ def chunk_covariance_kernel(
         b_kh = b_k * b_a
         b_qh = b_q * b_a
         # [BT, BK] a o (K^ P)
-        b_KP = tl.dot(b_kh, b_P, input_precision=DOT_PRECISION)
+        b_KP = tl.dot(b_kh, b_P, input_precision=INNOVATION_PRECISION)
         b_aKP = b_KP * b_a
         # the decayed grams column by column: Gamma_tj = exp2(gc_t - gc_j) <= 1 per key, t >= j
         b_e = tl.zeros([BT, BK], dtype=tl.float32)
@@ -174,7 +179,7 @@ def chunk_covariance_kernel(
         b_Uh = b_U * tl.exp2(b_gl[None, :] - b_gc)
 
         # [BT, BT] the innovation covariance S_in = K^ P K^^T + (K K^T) o C + diag(r)
-        b_S = tl.dot(b_KP, tl.trans(b_kh), input_precision=DOT_PRECISION) + b_KC + tl.where(m_diag, b_r[:, None], 0.)
+        b_S = tl.dot(b_KP, tl.trans(b_kh), input_precision=INNOVATION_PRECISION) + b_KC + tl.where(m_diag, b_r[:, None], 0.)
         # S_in = L D L^T, right-looking: column j of L from the Schur complement, then its update
         b_L = tl.zeros([BT, BT], dtype=tl.float32)
         b_D = tl.zeros([BT], dtype=tl.float32)
@@ -196,18 +201,18 @@ def chunk_covariance_kernel(
         b_Li += tl.where(m_diag, 1., 0.)
 
         # W = L^-1 K^, Z = D^-1 L^-1 U^: [BT, BK], for the mean kernel
-        b_Y = tl.dot(b_Li, b_Uh, input_precision=DOT_PRECISION)
+        b_Y = tl.dot(b_Li, b_Uh, input_precision=SOLVE_PRECISION)
         b_Z = b_Y / b_D[:, None]
-        b_W = tl.dot(b_Li, b_kh, input_precision=DOT_PRECISION)
+        b_W = tl.dot(b_Li, b_kh, input_precision=SOLVE_PRECISION)
         tl.store(_w + p_tk, b_W.to(_w.dtype.element_ty), mask=m_tk)
         tl.store(_z + p_tk, b_Z.to(_z.dtype.element_ty), mask=m_tk)
         # B = tril(A L^-T) D^-1: [BT, BT], the readout's weights on the innovations
-        b_B = tl.dot(b_A, tl.trans(b_Li), input_precision=DOT_PRECISION)
+        b_B = tl.dot(b_A, tl.trans(b_Li), input_precision=SOLVE_PRECISION)
         b_B = tl.where(m_low, b_B, 0.) / b_D[None, :]
         tl.store(_Bm + ((bos + o_t[:, None]) * H + i_h) * BT + o_c[None, :], b_B.to(_Bm.dtype.element_ty), mask=m_t[:, None])
         if OUTPUT_VARIANCE:
             # [BT] q^T P_t q = q^^T P q^ + e |q|^2 - sum_j B_tj^2 D_j
-            b_var = tl.sum(tl.dot(b_qh, b_P, input_precision=DOT_PRECISION) * b_qh, axis=1) - tl.sum(b_B * b_B * b_D[None, :], axis=1)
+            b_var = tl.sum(tl.dot(b_qh, b_P, input_precision=INNOVATION_PRECISION) * b_qh, axis=1) - tl.sum(b_B * b_B * b_D[None, :], axis=1)
             b_var += tl.sum(b_q * b_q * b_e, axis=1)
             tl.store(_var + (bos + o_t) * H + i_h, b_var, mask=m_t)
         # U_v = L^-1 V: [BT, BV] blocks
@@ -216,12 +221,12 @@ def chunk_covariance_kernel(
             m_tv = m_t[:, None] & (o_v < V)[None, :]
             p_tv = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-            tl.store(_u + p_tv, tl.dot(b_Li, b_v, input_precision=DOT_PRECISION).to(_u.dtype.element_ty), mask=m_tv)
+            tl.store(_u + p_tv, tl.dot(b_Li, b_v, input_precision=SOLVE_PRECISION).to(_u.dtype.element_ty), mask=m_tv)
 
         # the Riccati step: P' = a_C P a_C + e_C I - Y^T D^-1 Y, Y = L^-1 U^
         b_P = b_P * tl.exp2(b_gl[:, None] + b_gl[None, :])
         b_P += tl.where(m_I, b_eC[None, :], 0.)
-        b_P = b_P - tl.dot(tl.trans(b_Y), b_Z, input_precision=DOT_PRECISION)
+        b_P = b_P - tl.dot(tl.trans(b_Y), b_Z, input_precision=UPDATE_PRECISION)
         b_P = 0.5 * (b_P + tl.trans(b_P))
 
     if STORE_FINAL_COV:
@@ -382,10 +387,20 @@ def _block(n, cap):
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+# the input precisions tl.dot takes for float32 operands
+_PRECISIONS = ("ieee", "tf32x3", "tf32")
+# the covariance kernel's groups of dots, each with a precision of its own (MATH.md 6.3)
+_COVARIANCE_GROUPS = ("innovation", "solve", "update")
+
+
 def default_config(K, V):
     """Block sizes and launch settings per kernel (override any of them with `config=`).
 
     precision: the input precision of the float32 dots ("ieee", "tf32x3" or "tf32").
+    The covariance kernel's dots come in groups (_COVARIANCE_GROUPS), each with its own
+    precision_<group> (None: the kernel's `precision`): innovation (the products with P that
+    form K^ P, S_in and q^^T P q^), solve (the products with L^-1) and update (P', whose
+    rounding carries over every later chunk).
     The covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
     K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
     its dots run in tf32 (about 1e-3 relative).
@@ -396,12 +411,43 @@ def default_config(K, V):
     """
     return {
         "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
-                           precision="tf32x3" if K <= 64 else "tf32"),
+                           precision="tf32x3" if K <= 64 else "tf32",
+                           **{f"precision_{_g}": None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
+
+
+def _launch_config(K, V, config):
+    """default_config(K, V) with the caller's per-kernel overrides, checked before any launch:
+    one ValueError for an unknown kernel or setting, or a precision outside _PRECISIONS
+    (None only where the default is None: the readout's, and the covariance groups' own)."""
+    _cfg = default_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
+    for _kernel, _overrides in (config or {}).items():
+        if _kernel not in _cfg:
+            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        if not isinstance(_overrides, dict):
+            raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
+        _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
+        if _unknown:
+            raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
+        _defaults = _cfg[_kernel]
+        _cfg[_kernel] = {**_defaults, **_overrides}
+        for _n, _x in _overrides.items():
+            if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
+                raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
+                                 f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
+    return _cfg
+
+
+def _covariance_precisions(launch):
+    """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
+    each group's own precision_<group>, else the kernel's `precision`."""
+    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] for _g in _COVARIANCE_GROUPS}
 
 
 DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
@@ -524,11 +570,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     V = v.shape[-1]
     BT = CHUNK
     scale = K ** -0.5 if scale is None else float(scale)
-    _cfg = default_config(K, V)
-    for _kernel, _overrides in (config or {}).items():
-        if _kernel not in _cfg:
-            raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
-        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    _cfg = _launch_config(K, V, config)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous()
     p0 = p0.contiguous()
@@ -552,7 +594,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         q, k, v, g, p0, r, sigma, _w, _u, _z, _Bm, _var, _P0, _Pt, cu_seqlens, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     if cu_seqlens is not None:

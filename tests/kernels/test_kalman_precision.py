@@ -1,0 +1,105 @@
+"""The covariance kernel's per-group dot precisions (config "covariance": precision_<group>).
+
+Each group of the Riccati kernel's float32 dots (MATH.md 6.3) takes its own input precision:
+innovation (K^ P, S_in, q^^T P q^), factor (the blocked LDL's panels and Schur complements;
+not in the per-key kernel, whose LDL takes no dots), solve (the products with L^-1) and update
+(P'). The interpreter computes every precision in float32, so here the tests check what it
+can: every knob is accepted and reaches its own dots (the dots each launch asks for are
+recorded: the groups split the kernel's dots between them, none empty), results still match
+the float64 filter, and a bad value is one ValueError before any launch.
+"""
+from collections import Counter
+
+import pytest
+import torch
+
+from designmodel import ops
+
+from .conftest import DEVICE, HAS_CUDA
+from .helpers import relative_error
+from .test_kalman import TOLERANCE, draw, initial, reference, to_dev
+
+# the groups each kernel has (bayesian_layer_diag's per-key kernel: no dots in its LDL)
+GROUPS = {
+    "rls": ("innovation", "factor", "solve", "update"),
+    "bayesian_layer": ("innovation", "factor", "solve", "update"),
+    "bayesian_layer_diag": ("innovation", "solve", "update"),
+}
+
+
+@pytest.fixture
+def dots(monkeypatch):
+    """The input precision of every dot the interpreter runs, in order."""
+    from triton.runtime import interpreter
+    seen = []
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        seen.append(str(input_precision).rsplit(".", 1)[-1].lower())
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return seen
+
+
+def run(model, data, config):
+    """The op's (o, S, P, var) with `config`: fp32 inputs, an initial mean and covariance."""
+    q, k, v, ins, p0, S0, P0 = data
+    o, (S, P), var = getattr(ops, model)(*to_dev(q, k, v), **{n: x.to(DEVICE) for n, x in ins.items()},
+                                         p0=p0.to(DEVICE), initial_state=tuple(to_dev(S0, P0)),
+                                         output_final_state=True, output_variance=True, config=config)
+    return o, S, P, var
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
+@pytest.mark.parametrize("model", list(GROUPS))
+def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, dots):
+    """tf32 marks the dots a setting reaches (the gain, mean and readout kernels run tf32x3
+    on fp32 inputs): each group's key alone marks some, the groups together mark exactly
+    those of `precision` alone, the groups' own keys win over `precision`, and the default
+    marks none. Every run agrees with the float64 filter to the kalman tests' tolerance."""
+    q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=11)
+    S0, P0 = initial(1, 1, 32, 16, seed=11)
+    data = (q, k, v, ins, p0, S0, P0)
+    ref = reference(model, q, k, v, ins, p0, S0, P0)
+
+    def marked(config):
+        dots.clear()
+        got = run(model, data, config)
+        for name, x, y in zip(("o", "S", "P", "var"), got, (ref.o, ref.state, ref.covariance, ref.variance)):
+            err = relative_error(x, y)
+            assert err <= TOLERANCE[torch.float32], f"{model} {config}: {name} relative error {err:.2e}"
+        return Counter(dots)["tf32"]
+
+    everything = marked({"covariance": {"precision": "tf32"}})
+    per_group = {g: marked({"covariance": {"precision": "tf32x3", f"precision_{g}": "tf32"}}) for g in GROUPS[model]}
+    assert all(n > 0 for n in per_group.values()), per_group
+    assert sum(per_group.values()) == everything, (per_group, everything)
+    overridden = {f"precision_{g}": "tf32x3" for g in GROUPS[model]}
+    assert marked({"covariance": {"precision": "tf32", **overridden}}) == 0
+    assert marked(None) == 0
+
+
+def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
+    """Unknown values, unknown or misspelt keys, a group the kernel lacks, None where a
+    precision is needed: ValueError naming the setting, and no kernel has run."""
+    q, k, v, ins, p0 = draw("bayesian_layer", 1, 20, 1, 16, 16)
+    call = lambda model, cfg, **x: getattr(ops, model)(q, k, v, **x, config=cfg)
+    bl = dict(g=ins["g"], r=ins["r"], sigma=ins["sigma"])
+    cases = [
+        ("bayesian_layer", {"covariance": {"precision_update": "tf32x4"}}, r"precision_update.*must be one of"),
+        ("bayesian_layer", {"covariance": {"precision": "fp16"}}, r"'precision'.*must be one of"),
+        ("bayesian_layer", {"covariance": {"precision": None}}, r"'precision'.*must be one of"),
+        ("bayesian_layer", {"covariance": {"precision_updat": "tf32"}}, r"unknown setting 'precision_updat'"),
+        ("bayesian_layer_diag", {"covariance": {"precision_factor": "tf32"}}, r"unknown setting 'precision_factor'"),
+        ("bayesian_layer", {"covariance": "tf32"}, r"config\['covariance'\] must be a dict"),
+        ("bayesian_layer", {"gain": {"precision": "tf16"}}, r"'gain'.*must be one of"),
+        ("rls", {"riccati": {}}, r"unknown kernel 'riccati'"),
+    ]
+    for model, cfg, message in cases:
+        x = {"r": ins["r"]} if model == "rls" else bl
+        if model == "bayesian_layer_diag":
+            x = {**bl, "g": ins["g"][..., None].expand(1, 20, 1, 16).contiguous()}
+        with pytest.raises(ValueError, match=message):
+            call(model, cfg, **x)
+    assert dots == []
