@@ -777,17 +777,21 @@ def default_config(K, V):
     precision_<group> (None: the kernel's `precision`): innovation (the products with P that
     form K^ P, S_in and q^^T P q^), factor (the LDL's panels and Schur complements), solve
     (Y = L^-1 U^) and update (P', whose rounding carries over every later chunk).
-    The covariance path is float32 throughout, its dots "tf32x3" (near float32) at every K:
-    the Riccati kernel's dots take the chunk's rows and quarters of P (about 16 KB of shared memory at
-    K = 128). 4 warps: at K = 128 on an H100 they beat 8 by 5% and 2 by 8x (bench/RESULTS.md).
+    The covariance path is float32 throughout. The update's dots run "tf32x3" (near float32:
+    P' carries its rounding into every later chunk), the others one-pass "tf32": on an H100 at
+    (4, 4096, 16, 128) bf16 the layer took 7.36 ms against 10.1 to 12.3 with tf32x3 throughout,
+    with fp32 inputs within 5.8e-4 of float64 (tf32x3 throughout: 4.2e-7), the stress grid and
+    rls at T = 65536, r = 1e-4 finite (bench/RESULTS.md, session 5). tf32x3 for the
+    innovation group is what spills (sm_90: 5140 against 2652 B). 4 warps: at K = 128 on an
+    H100 they beat 8 by 5% and 2 by 8x.
     The mean's serial pass keeps "tf32x3" (its rounding would accumulate over the chunks). The
     readout, which feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and
     "tf32" (about 5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones, whose
     split operands would otherwise spill.
     """
     return {
-        "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3",
-                           **{f"precision_{_g}": None for _g in _COVARIANCE_GROUPS}),
+        "covariance": dict(num_warps=4, num_stages=1, precision="tf32",
+                           **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
         "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),

@@ -30,8 +30,10 @@ CASES = {
     "fp32-varlen-K64-V32-h0": (1, 150, 1, 64, 32, True, [0, 37, 101, 150], torch.float32),
     "bf16-T80-K64-V32-h0": (1, 80, 2, 64, 32, True, None, torch.bfloat16),
 }
-# interpreter (float32 arithmetic) and GPU (tf32x3 dots) on well-conditioned inputs (r >= 0.01)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# issue 4's bounds on well-conditioned inputs (r >= 0.01): fp32 inputs within 1e-4 in the
+# interpreter (float32 arithmetic) and 1e-3 on a GPU, where the covariance's dots but its
+# update run one-pass tf32 by default (5.8e-4 on an H100, bench/RESULTS.md session 5)
+TOLERANCE = {torch.float32: 1e-3 if HAS_CUDA else 1e-4, torch.bfloat16: 2e-2}
 
 
 def draw(model, B, T, H, K, V, seed=0, r_range=(0.05, 1.0), unit_keys=False):

@@ -57,7 +57,7 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     """tf32 marks the dots a setting reaches (the gain, mean and readout kernels run tf32x3
     on fp32 inputs): each group's key alone marks some, the groups together mark exactly
     those of `precision` alone, the groups' own keys win over `precision`, and the default
-    marks none. Every run agrees with the float64 filter to the kalman tests' tolerance."""
+    marks all but the update's. Every run agrees with the float64 filter to the kalman tests' tolerance."""
     q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=11)
     S0, P0 = initial(1, 1, 32, 16, seed=11)
     data = (q, k, v, ins, p0, S0, P0)
@@ -71,13 +71,15 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
             assert err <= TOLERANCE[torch.float32], f"{model} {config}: {name} relative error {err:.2e}"
         return Counter(dots)["tf32"]
 
-    everything = marked({"covariance": {"precision": "tf32"}})
+    # `precision` reaches every group without a default of its own (the update has one)
+    everything = marked({"covariance": {"precision": "tf32", "precision_update": "tf32"}})
     per_group = {g: marked({"covariance": {"precision": "tf32x3", f"precision_{g}": "tf32"}}) for g in GROUPS[model]}
     assert all(n > 0 for n in per_group.values()), per_group
     assert sum(per_group.values()) == everything, (per_group, everything)
     overridden = {f"precision_{g}": "tf32x3" for g in GROUPS[model]}
     assert marked({"covariance": {"precision": "tf32", **overridden}}) == 0
-    assert marked(None) == 0
+    # the default: tf32 but for the update's tf32x3 (the per-key kernel at K <= 64: tf32x3)
+    assert marked(None) == (0 if model == "bayesian_layer_diag" else everything - per_group["update"])
 
 
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
