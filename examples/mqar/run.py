@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MIXERS))
     ap.add_argument("--lrs", default=None, help="comma-separated learning rates")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="training sequences per step (default 64; session 4's runs were launch-bound "
+                         "at 2 to 6 steps/s per process, so a larger batch costs little time per step)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="train each (model, learning rate) for this long instead of a step count")
     ap.add_argument("--merge", default=None, help="comma-separated mqar.json files of partial studies")
@@ -304,6 +307,8 @@ def main(argv=None) -> int:
         cfg["lrs"] = [float(x) for x in args.lrs.split(",")]
     if args.steps:
         cfg["steps"] = args.steps
+    if args.batch:
+        cfg["batch"] = args.batch
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MIXERS]
     if unknown:

@@ -2,19 +2,20 @@
 # The full MQAR study on one GPU: every (model, learning rate) in its own process side by side
 # (these models are far too small to fill a GPU alone), each trained for MINUTES, then merged.
 #
-#   bash examples/mqar/study.sh MINUTES OUT [LRS] [MODELS]
+#   bash examples/mqar/study.sh MINUTES OUT [LRS] [MODELS] [BATCH]
 #
 # Writes OUT/mqar.{md,json,png} (the merged study) and OUT/runs.tgz (each run's log and JSON).
 set -u
 minutes=$1 out=$2
 lrs=${3:-3e-3,1e-2}
 models=${4:-linear_attention,mamba2,gated_deltanet,bayesian_layer}
+batch=${5:-}
 work=$(mktemp -d)
 # one CPU thread per run: the data is drawn on the GPU, and many runs share the host's cores
 export OMP_NUM_THREADS=1
 for m in ${models//,/ }; do
     for lr in ${lrs//,/ }; do
-        python3 -m examples.mqar.run --models "$m" --lrs "$lr" --minutes "$minutes" --out "$work/$m-$lr" \
+        python3 -m examples.mqar.run --models "$m" --lrs "$lr" --minutes "$minutes" ${batch:+--batch "$batch"} --out "$work/$m-$lr" \
             > "$work/$m-$lr.log" 2>&1 &
     done
 done

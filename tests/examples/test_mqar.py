@@ -61,8 +61,9 @@ def test_evaluate_scores_an_oracle_one_and_a_wrong_oracle_zero():
 
 
 def test_smoke_run_trains_all_four_models_and_writes_its_outputs(tmp_path):
-    assert run.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert run.main(["--smoke", "--batch", "3", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "mqar_smoke.json").read_text())
+    assert res["config"]["batch"] == 3
     assert set(res["models"]) == set(run.MIXERS)
     for r in res["models"].values():
         assert torch.isfinite(torch.tensor(r["final_loss"]))
