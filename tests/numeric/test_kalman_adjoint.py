@@ -197,3 +197,39 @@ def test_per_key_decay_is_refused():
     with pytest.raises(ValueError, match="log_decay"):
         kalman_adjoint(q, k, v, x["g"][..., None].expand(1, 8, 1, 4), x["r"], x["sigma"], x["p0"],
                        torch.zeros_like(v), chunk=4)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior_readout"])
+def test_chunk_adjoint_carries_through_the_chunk_transition(strict):
+    # The carried adjoints obey the closed forms of docs/KALMAN_BACKWARD.md, with the chunk's
+    # transition F = a_C I - Yt^T Wk (Wk = Lc^-1 K^), the mean's forward S' = F S + Yt^T Lc^-1 V:
+    #   dS = F^T dS' + (Q^ - W Wk)^T dO        (all of dS)
+    #   dP = F^T dP' F                          (the part from dP'; the gain is optimal)
+    # and dP' reaches neither dq nor dv.
+    gen = torch.Generator().manual_seed(61)
+    d = torch.float64
+    B, H, C, K, V = 1, 2, 16, 6, 5
+    Q = torch.randn(B, H, C, K, generator=gen, dtype=d)
+    Kc = F.normalize(torch.randn(B, H, C, K, generator=gen, dtype=d), dim=-1) * 0.9
+    Vc = torch.randn(B, H, C, V, generator=gen, dtype=d)
+    g = F.logsigmoid(torch.randn(B, H, C, generator=gen, dtype=d) + 2)
+    r = F.softplus(torch.randn(B, H, C, generator=gen, dtype=d)) + 0.05
+    sigma = 0.05 * torch.rand(B, H, C, generator=gen, dtype=d)
+    S = torch.randn(B, H, K, V, generator=gen, dtype=d)
+    M = torch.randn(B, H, K, K, generator=gen, dtype=d) * 0.3
+    P = M @ M.mT + 0.5 * torch.eye(K, dtype=d)
+    _, _, S1, _, c = ca._chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict)
+    Wk = torch.linalg.solve_triangular(c["Lc"], c["Kh"], upper=False)
+    Fc = c["aC"][..., None, None] * torch.eye(K, dtype=d) - c["Yt"].mT @ Wk
+    assert _rel(Fc @ S + c["Yt"].mT @ torch.linalg.solve_triangular(c["Lc"], Vc, upper=False), S1) <= 1e-12
+    X = torch.randn(B, H, K, K, generator=gen, dtype=d)
+    X = X + X.mT
+    zO, zS = torch.zeros(B, H, C, V, dtype=d), torch.zeros(B, H, K, V, dtype=d)
+    local, dS, dP = ca._chunk_adjoint(Q, Kc, sigma, S, P, c, zO, None, zS, X, strict)
+    assert dS.abs().max() == 0
+    assert _rel(dP, Fc.mT @ X @ Fc) <= 1e-12
+    assert local["q"].abs().max() == 0 and local["v"].abs().max() == 0
+    dO = torch.randn(B, H, C, V, generator=gen, dtype=d)
+    dS1 = torch.randn(B, H, K, V, generator=gen, dtype=d)
+    _, dS, _ = ca._chunk_adjoint(Q, Kc, sigma, S, P, c, dO, None, dS1, torch.zeros_like(X), strict)
+    assert _rel(dS, Fc.mT @ dS1 + (c["Qh"] - c["W"] @ Wk).mT @ dO) <= 1e-12
