@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kalman_checkpoints", "kalman_adjoint"]
+__all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps"]
 
 
 # --- small linear-algebra pieces ----------------------------------------------------------------
@@ -273,6 +273,80 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
         for n, gx in local.items():
             grads[n][:, :, e_] = gx
     return _collect(grads, dS, dP, q, k, v, log_decay, noise, process_noise, prior, p0,
+                    initial_state, scale)
+
+
+def _transition(c):
+    """The chunk's mean transition F = a_C I - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys) and
+    its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
+    Wk = _solve_lower(c["Lc"], c["Kh"])
+    K = Wk.shape[-1]
+    eye = torch.eye(K, dtype=Wk.dtype, device=Wk.device)
+    return c["aC"][..., None, None] * eye - c["Yt"].mT @ Wk, c["Qh"] - c["W"] @ Wk
+
+
+def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, do, dht=None,
+                              dvar=None, scale=None, initial_state=None, chunk=64, prior_timing=False):
+    """`kalman_adjoint` scheduled as a kernel split would run it (docs/KALMAN_BACKWARD.md, section 5).
+
+    The chunk adjoint is linear in its cotangents, and the carries have closed forms:
+    dS = F^T dS' + (Q^ - W Wk)^T dO, and dP = F^T dP' F + Src with Src the chunk adjoint's dP at
+    dP' = 0. Hence: (1) checkpoints; (2) per chunk, in parallel, the value-independent matrices
+    (F, the readout map); (3) the dS sweep, sequential, a linear recursion like the reset
+    family's; (4) per chunk, in parallel, the adjoint at (dO, dvar, dS', dP' = 0): dq, dv and
+    parts of the other gradients, and Src; (5) the dP sweep, sequential, dP = F^T dP' F + Src;
+    (6) per chunk, in parallel, the adjoint at dP' alone (dk, dg, dr, dsigma parts). Same
+    arguments and result as `kalman_adjoint`.
+    """
+    B, T, H, K = q.shape
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
+    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
+                                      initial_state, chunk, prior_timing)
+    dO = do.to(f).transpose(1, 2)
+    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
+    dS_end, dP_end = (dht if isinstance(dht, (tuple, list)) else (dht, None)) if dht is not None else (None, None)
+    chunks = _chunks(T, chunk)
+    inputs = [{n: x[n][:, :, e_] for n in x} for e_ in chunks]
+    # (2) parallel over chunks: the chunk's quantities from its checkpoint
+    caches = [_chunk_forward(i["q"], i["k"], i["v"], i["g"], i["r"], i["sigma"], states[c], covs[c],
+                             prior_timing)[-1] for c, i in enumerate(inputs)]
+    maps = [_transition(c) for c in caches]
+    # (3) sequential: dS at every chunk end (dS_ends[c] is w.r.t. the state after chunk c)
+    dS_ends = [None] * len(chunks)
+    dS = torch.zeros_like(states[0]) if dS_end is None else dS_end.to(f).clone()
+    for c in reversed(range(len(chunks))):
+        dS_ends[c] = dS
+        Fc, Rc = maps[c]
+        dS = Fc.mT @ dS + Rc.mT @ dO[:, :, chunks[c]]
+    dS0 = dS
+    # (4) parallel: the adjoint at dP' = 0
+    zP = torch.zeros_like(covs[0])
+    grads = {n: torch.zeros_like(x[n]) for n in ("q", "k", "v", "g", "r", "sigma")}
+    sources = []
+    for c, i in enumerate(inputs):
+        local, _, src = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
+                                       dO[:, :, chunks[c]], None if dV_ is None else dV_[:, :, chunks[c]],
+                                       dS_ends[c], zP, prior_timing)
+        sources.append(src)
+        for n, gx in local.items():
+            grads[n][:, :, chunks[c]] = gx
+    # (5) sequential: dP at every chunk end
+    dP_ends = [None] * len(chunks)
+    dP = zP if dP_end is None else _sym(dP_end.to(f))
+    for c in reversed(range(len(chunks))):
+        dP_ends[c] = dP
+        Fc = maps[c][0]
+        dP = Fc.mT @ dP @ Fc + sources[c]
+    # (6) parallel: the adjoint at dP' alone
+    zO, zS = torch.zeros_like(dO[:, :, :1]), torch.zeros_like(states[0])
+    for c, i in enumerate(inputs):
+        C = chunks[c].stop - chunks[c].start
+        local, _, _ = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
+                                     zO.expand(-1, -1, C, -1), None, zS, dP_ends[c], prior_timing)
+        for n in ("k", "g", "r", "sigma"):
+            grads[n][:, :, chunks[c]] += local[n]
+    return _collect(grads, dS0, dP, q, k, v, log_decay, noise, process_noise, prior, p0,
                     initial_state, scale)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import designmodel.chunked_adjoint as ca
 from designmodel import zoo
 from designmodel.chunked import kalman_backward
-from designmodel.chunked_adjoint import kalman_adjoint, kalman_checkpoints
+from designmodel.chunked_adjoint import kalman_adjoint, kalman_adjoint_two_sweeps, kalman_checkpoints
 from designmodel.derive import derive
 from designmodel.reference import recurrent
 from designmodel.spec import DesignModel, Prior, Readout, Regression, Transition, exp, isotropic
@@ -79,18 +79,20 @@ def _sym(X):
     return 0.5 * (X + X.mT)
 
 
-@pytest.mark.parametrize("chunk,T", [(16, 37), (32, 45)])
+@pytest.mark.parametrize("sweep,chunk,T", [(kalman_adjoint, 16, 37), (kalman_adjoint, 32, 45),
+                                           (kalman_adjoint_two_sweeps, 16, 37)],
+                         ids=["one_sweep-16-37", "one_sweep-32-45", "two_sweeps-16-37"])
 @pytest.mark.parametrize("initial", [False, True], ids=["prior", "initial_state"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c if isinstance(c, str) else c.name)
-def test_adjoint_matches_autograd_through_step_by_step(case, initial, chunk, T):
+def test_adjoint_matches_autograd_through_step_by_step(case, initial, sweep, chunk, T):
     d = derive(case)
     spec = d.spec
     prior_timing = spec.readout.timing == "prior"
     q, k, v, x, init = _draw(spec, 2, T, 2, 6, 5, seed=11)
     do, dS, dP, dvar = _cotangents(spec, v, init, seed=12)
     scale = 0.7
-    got = kalman_adjoint(q, k, v, **_canonical(x), do=do, dht=(dS, dP), dvar=dvar, scale=scale,
-                         initial_state=init if initial else None, chunk=chunk, prior_timing=prior_timing)
+    got = sweep(q, k, v, **_canonical(x), do=do, dht=(dS, dP), dvar=dvar, scale=scale,
+                initial_state=init if initial else None, chunk=chunk, prior_timing=prior_timing)
     leaves = {n: t.clone().requires_grad_() for n, t in [("q", q), ("k", k), ("v", v), *x.items()]}
     if initial:
         leaves.update(S0=init[0].clone().requires_grad_(), P0=init[1].clone().requires_grad_())
