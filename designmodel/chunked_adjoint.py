@@ -193,12 +193,49 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
 
 # --- the sweep ------------------------------------------------------------------------------------
 
+def _check_shape(name, x, shape):
+    """ValueError naming x unless it is a tensor of the given shape."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be {list(shape)}, got {got}")
+
+
+def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads=None):
+    """One ValueError naming the first argument of a wrong shape (domains are not checked);
+    grads: the backward's (do, dvar, dht), or None for the forward."""
+    do, dvar, dht = grads if grads is not None else (None, None, None)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got {getattr(q, 'shape', type(q).__name__)}")
+    B, T, H, K = q.shape
+    _check_shape("k", k, (B, T, H, K))
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        raise ValueError(f"v must be [B, T, H, V], got {getattr(v, 'shape', type(v).__name__)}")
+    V = v.shape[-1]
+    _check_shape("v", v, (B, T, H, V))
+    if isinstance(log_decay, torch.Tensor) and log_decay.dim() == 4:
+        raise ValueError("log_decay: kalman_adjoint handles a scalar decay [B, T, H] only "
+                         f"(per-key decay not done), got {list(log_decay.shape)}")
+    for name, x in (("log_decay", log_decay), ("noise", noise), ("process_noise", process_noise),
+                    ("dvar", dvar)):
+        if x is not None or name == "noise":
+            _check_shape(name, x, (B, T, H))
+    if grads is not None:
+        _check_shape("do", do, (B, T, H, V))
+    for name, pair in (("initial_state", initial_state), ("dht", dht)):
+        if pair is None:
+            continue
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name} must be a pair (S [B, H, K, V], P [B, H, K, K]), either None")
+        for part, x, shape in (("S", pair[0], (B, H, K, V)), ("P", pair[1], (B, H, K, K))):
+            if x is not None:
+                _check_shape(f"{name} ({part})", x, shape)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+
+
 def _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state):
     """The inputs in the chunk layout [B, H, T, *] in the compute dtype, and (S0, P0)."""
     B, T, H, K = q.shape
-    if log_decay is not None and log_decay.dim() != 3:
-        raise ValueError("log_decay: kalman_adjoint handles a scalar decay [B, T, H] only "
-                         f"(per-key decay not done), got {list(log_decay.shape)}")
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = K ** -0.5 if scale is None else float(scale)
     Q, Kc, Vc = (x.to(f).transpose(1, 2) for x in (q, k, v))
@@ -227,6 +264,7 @@ def kalman_checkpoints(q, k, v, log_decay, noise, process_noise=None, prior=1.0,
 
     Arguments as `kalman_adjoint`; NC = ceil(T / chunk). Only these states are kept.
     """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk)
     x, S, P, _, _ = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
     states, covs = [S], [P]
     for e_ in _chunks(q.shape[1], chunk):
@@ -249,6 +287,7 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
     v, noise, and log_decay, process_noise, prior when tensors, initial_state (dS0, dP0) when
     given; dP0 is symmetric (the gradient w.r.t. a symmetric covariance).
     """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
     B, T, H, K = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
@@ -256,7 +295,7 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
                                       initial_state, chunk, prior_timing)
     dO = do.to(f).transpose(1, 2)
     dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
-    dS_end, dP_end = (dht if isinstance(dht, (tuple, list)) else (dht, None)) if dht is not None else (None, None)
+    dS_end, dP_end = dht if dht is not None else (None, None)
     # the carried adjoints: gradients w.r.t. the mean and covariance at the current chunk's end
     dS = torch.zeros_like(states[0]) if dS_end is None else dS_end.to(f).clone()
     dP = torch.zeros_like(covs[0]) if dP_end is None else _sym(dP_end.to(f))
@@ -298,6 +337,7 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
     (6) per chunk, in parallel, the adjoint at dP' alone (dk, dg, dr, dsigma parts). Same
     arguments and result as `kalman_adjoint`.
     """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
     B, T, H, K = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
@@ -305,7 +345,7 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
                                       initial_state, chunk, prior_timing)
     dO = do.to(f).transpose(1, 2)
     dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
-    dS_end, dP_end = (dht if isinstance(dht, (tuple, list)) else (dht, None)) if dht is not None else (None, None)
+    dS_end, dP_end = dht if dht is not None else (None, None)
     chunks = _chunks(T, chunk)
     inputs = [{n: x[n][:, :, e_] for n in x} for e_ in chunks]
     # (2) parallel over chunks: the chunk's quantities from its checkpoint

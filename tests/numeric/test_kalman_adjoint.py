@@ -193,12 +193,28 @@ def test_forward_keeps_only_chunk_start_states(monkeypatch):
     assert all(s[1:] == ((1, 2, 6, 4), (1, 2, 6, 6)) for s in seen)
 
 
-def test_per_key_decay_is_refused():
+def test_bad_arguments_raise_one_value_error_naming_them():
     spec = derive("bayesian_layer").spec
-    q, k, v, x, _ = _draw(spec, 1, 8, 1, 4, 2, seed=51)
-    with pytest.raises(ValueError, match="log_decay"):
-        kalman_adjoint(q, k, v, x["g"][..., None].expand(1, 8, 1, 4), x["r"], x["sigma"], x["p0"],
-                       torch.zeros_like(v), chunk=4)
+    q, k, v, x, (S0, P0) = _draw(spec, 1, 8, 1, 4, 2, seed=51)
+    do = torch.zeros_like(v)
+    args = (q, k, v, x["g"], x["r"], x["sigma"], x["p0"])
+    bad = [
+        ("log_decay", dict(log_decay=x["g"][..., None].expand(1, 8, 1, 4))),   # per-key decay: not done
+        ("noise", dict(noise=x["r"][:, :7])),
+        ("do", dict(do=do[..., :1])),
+        ("do", dict(do=None)),
+        ("dvar", dict(dvar=torch.zeros(1, 8, 2))),
+        (r"dht \(P\)", dict(dht=(None, P0[..., :3]))),
+        (r"initial_state \(S\)", dict(initial_state=(S0[..., :1], None))),
+        ("chunk", dict(chunk=0)),
+    ]
+    names = ["q", "k", "v", "log_decay", "noise", "process_noise", "prior"]
+    for match, change in bad:
+        kw = dict(zip(names, args), do=do, chunk=4)
+        kw.update(change)
+        for sweep in (kalman_adjoint, kalman_adjoint_two_sweeps):
+            with pytest.raises(ValueError, match=match):
+                sweep(**kw)
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior_readout"])
@@ -235,3 +251,20 @@ def test_chunk_adjoint_carries_through_the_chunk_transition(strict):
     dS1 = torch.randn(B, H, K, V, generator=gen, dtype=d)
     _, dS, _ = ca._chunk_adjoint(Q, Kc, sigma, S, P, c, dO, None, dS1, torch.zeros_like(X), strict)
     assert _rel(dS, Fc.mT @ dS1 + (c["Qh"] - c["W"] @ Wk).mT @ dO) <= 1e-12
+
+
+def test_adjoint_in_float32_against_float64_step_by_step():
+    # float32 inputs compute in float32; the bound is the preamble's 1e-4 for fp32 gradients
+    d = derive(CASES[4])
+    q, k, v, x, init = _draw(d.spec, 1, 45, 2, 16, 16, seed=71)
+    do, dS, dP, dvar = _cotangents(d.spec, v, init, seed=72)
+    f = [t.float() for t in (q, k, v, do, dvar)]
+    xf = {n: t.float() for n, t in x.items()}
+    got = kalman_adjoint(f[0], f[1], f[2], **_canonical(xf), do=f[3], dvar=f[4], scale=0.25, chunk=16)
+    leaves = {n: t.clone().requires_grad_() for n, t in [("q", q), ("k", k), ("v", v), *x.items()]}
+    ref = recurrent(d, leaves["q"] * 0.25, leaves["k"], leaves["v"], {n: leaves[n] for n in x})
+    want = dict(zip(leaves, torch.autograd.grad([ref.o, ref.variance], list(leaves.values()), [do, dvar])))
+    for name, key in (("q", "q"), ("k", "k"), ("v", "v"), ("g", "log_decay"), ("r", "noise"),
+                      ("sigma", "process_noise"), ("p0", "prior")):
+        assert got[key].dtype == torch.float32
+        assert _rel(got[key].double(), want[name]) <= 1e-4, name
