@@ -283,12 +283,13 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
     v [B, T, H, V], log_decay [B, T, H] or None, noise [B, T, H], process_noise [B, T, H] or
     None, prior (number, p0 [H] or covariance [H, K, K]), do [B, T, H, V], dht (dS [B, H, K,
     V], dP [B, H, K, K], either None) or None, dvar [B, T, H] or None, initial_state (S0, P0,
-    either None) or None, chunk the chunk length. Returns a dict like kalman_backward's: q, k,
+    either None) or None, chunk the chunk length, prior_timing True for a readout before each
+    token's update (the prior readout). Computes in float64 for float64 q, else float32. Returns a dict like kalman_backward's: q, k,
     v, noise, and log_decay, process_noise, prior when tensors, initial_state (dS0, dP0) when
     given; dP0 is symmetric (the gradient w.r.t. a symmetric covariance).
     """
     _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
-    B, T, H, K = q.shape
+    T = q.shape[1]
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
     states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
@@ -335,10 +336,11 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
     family's; (4) per chunk, in parallel, the adjoint at (dO, dvar, dS', dP' = 0): dq, dv and
     parts of the other gradients, and Src; (5) the dP sweep, sequential, dP = F^T dP' F + Src;
     (6) per chunk, in parallel, the adjoint at dP' alone (dk, dg, dr, dsigma parts). Same
-    arguments and result as `kalman_adjoint`.
+    arguments and result as `kalman_adjoint`. Steps 4 and 6 call the whole chunk adjoint with
+    the other cotangents zero (a kernel would compute only the parts that are not zero).
     """
     _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
-    B, T, H, K = q.shape
+    T = q.shape[1]
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
     states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
