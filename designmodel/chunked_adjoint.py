@@ -1,0 +1,417 @@
+"""The kalman family's backward as an explicit reverse sweep over chunks (docs/KALMAN_BACKWARD.md).
+
+    grads = kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht, dvar, ...)
+
+`designmodel.chunked.kalman_backward` differentiates the chunked filter (MATH.md 6.3) with
+torch autograd, which keeps every chunk's intermediates. This module computes the same
+gradients the way a chunked backward kernel would:
+
+- forward (`kalman_checkpoints`): run the filter once and keep only the chunk-start mean
+  S_c [K, V] and covariance P_c [K, K] of every chunk (O(T / C K^2) memory);
+- backward: from the last chunk to the first, carry dS (the gradient w.r.t. the chunk-end
+  mean) and dP (w.r.t. the chunk-end covariance, symmetric). Each chunk recomputes its
+  quantities from (S_c, P_c) and its inputs (`_chunk_forward`) and applies the chunk's
+  adjoint (`_chunk_adjoint`), written out with matrix products, triangular solves and the
+  adjoint of the Cholesky factor of the innovation covariance. No autograd anywhere.
+
+The filter is written with the Cholesky factor Lc of the innovation covariance (S_in =
+Lc Lc^T; the kernels' LDL form has L = Lc diag(d)^-1, D = d^2, and gives the same numbers):
+with the whitened innovations Et = Lc^-1 (V - K^ S) and gains Yt = Lc^-1 U^, the LDL form's
+B E is W Et for W = mask(A Lc^-T), Z^T E is Yt^T Et and Y^T Z is Yt^T Yt.
+
+Scope: scalar decay (rls, bayesian_layer; log_decay [B, T, H] or None), process noise sigma_t
+I or none, prior a number, p0 [H] or the prior covariance [H, K, K]. Not done: per-key decay
+(bayesian_layer_diag) and packed sequences (cu_seqlens); both raise ValueError.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps"]
+
+
+# --- small linear-algebra pieces ----------------------------------------------------------------
+
+def _solve_lower(L, X):
+    """L^-1 X for lower-triangular L [.., C, C], X [.., C, N]."""
+    return torch.linalg.solve_triangular(L, X, upper=False)
+
+
+def _solve_lower_t(L, X):
+    """L^-T X for lower-triangular L [.., C, C], X [.., C, N]."""
+    return torch.linalg.solve_triangular(L.mT, X, upper=True)
+
+
+def _sym(X):
+    """The symmetric part (X + X^T) / 2: the gradient w.r.t. a symmetric matrix."""
+    return 0.5 * (X + X.mT)
+
+
+def _cholesky_adjoint(Lc, dLc):
+    """dS_in from dLc for S_in = Lc Lc^T (symmetric): sym(Lc^-T Phi(Lc^T dLc) Lc^-1), where Phi
+    keeps the lower triangle and halves the diagonal (Murray 2016, "Differentiation of the
+    Cholesky decomposition")."""
+    Phi = (Lc.mT @ dLc).tril()
+    Phi = Phi - 0.5 * torch.diag_embed(Phi.diagonal(dim1=-2, dim2=-1))
+    X = torch.linalg.solve_triangular(Lc.mT, Phi, upper=True)           # Lc^-T Phi
+    X = torch.linalg.solve_triangular(Lc, X, upper=False, left=False)    # (Lc^-T Phi) Lc^-1
+    return _sym(X)
+
+
+# --- one chunk ------------------------------------------------------------------------------------
+
+def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
+    """One chunk of the filter from its start state (S [B, H, K, V], P [B, H, K, K]).
+
+    Q (scaled), Kc [B, H, C, K], Vc [B, H, C, V], g, r, sigma [B, H, C]; strict: prior
+    readout (a token's readout does not see its own innovation). Returns (o, var, S', P', cache)
+    with cache the chunk's quantities the adjoint reads.
+    """
+    C = Q.shape[2]
+    low = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril()
+    b = g.cumsum(-1)                                                     # log decay since chunk start
+    a = b.exp()                                                          # [B, H, C]
+    # Gamma_tj = a_t / a_j for t >= j; masked to -inf before exp (no overflow above the diagonal)
+    Gam = (b[..., :, None] - b[..., None, :]).masked_fill(~low, float("-inf")).exp()   # [B, H, C, C]
+    e = (Gam * Gam * sigma[..., None, :]).sum(-1)                        # process noise since start
+    Kh, Qh = a[..., None] * Kc, a[..., None] * Q
+    M = Kc @ Kc.mT                                                       # [C, C]
+    Cm = Gam * e[..., None, :]                                           # C_tj = Gamma_tj e_j, t >= j
+    Cs = Cm + Cm.mT - torch.diag_embed(Cm.diagonal(dim1=-2, dim2=-1))    # symmetric
+    KhP = Kh @ P                                                         # [C, K]
+    S_in = KhP @ Kh.mT + M * Cs + torch.diag_embed(r)                    # innovation covariance
+    Lc = torch.linalg.cholesky_ex(S_in).L
+    U = a[..., None] * KhP + e[..., None] * Kc                           # gain directions [C, K]
+    QU = Q @ U.mT
+    A = Gam * QU                                                         # [C, C], lower
+    R = _solve_lower(Lc, A.mT).mT                                        # A Lc^-T
+    W = R.tril(-1) if strict else R.tril()
+    Et = _solve_lower(Lc, Vc - Kh @ S)                                   # whitened innovations [C, V]
+    o = Qh @ S + W @ Et
+    QhP = Qh @ P
+    var = (QhP * Qh).sum(-1) + e * (Q * Q).sum(-1) - (W * W).sum(-1)
+    gC = Gam[..., -1, :]                                                 # a_C / a_i
+    Yt = _solve_lower(Lc, gC[..., None] * U)                             # whitened gains [C, K]
+    aC, eC = a[..., -1], e[..., -1]
+    K = P.shape[-1]
+    eye = torch.eye(K, dtype=P.dtype, device=P.device)
+    S_next = aC[..., None, None] * S + Yt.mT @ Et
+    P_next = _sym(aC[..., None, None] ** 2 * P + eC[..., None, None] * eye - Yt.mT @ Yt)
+    cache = dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, QhP=QhP, Lc=Lc, U=U,
+                 QU=QU, R=R, W=W, Et=Et, gC=gC, Yt=Yt, aC=aC)
+    return o, var, S_next, P_next, cache
+
+
+def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
+    """The adjoint of `_chunk_forward`: from dO [C, V], dvar [C] (or None) and the gradients
+    w.r.t. the chunk-end state (dS1 [K, V], dP1 [K, K] symmetric), the gradients w.r.t. the
+    chunk's inputs (dQ, dK, dV, dg, dr, dsigma) and its start state (dS, dP symmetric).
+
+    Steps in the reverse order of the forward; each line is the adjoint of one forward line.
+    """
+    a, Gam, e, Lc, aC = c["a"], c["Gam"], c["e"], c["Lc"], c["aC"]
+    Kh, Qh, KhP, U, W, Et, Yt = c["Kh"], c["Qh"], c["KhP"], c["U"], c["W"], c["Et"], c["Yt"]
+    # chunk-end state: S' = a_C S + Yt^T Et, P' = a_C^2 P + e_C I - Yt^T Yt
+    dS = aC[..., None, None] * dS1
+    dP = aC[..., None, None] ** 2 * dP1
+    dYt = Et @ dS1.mT - 2 * Yt @ dP1
+    dEt = Yt @ dS1
+    daC = (dS1 * S).sum((-2, -1)) + 2 * aC * (dP1 * P).sum((-2, -1))
+    deC = dP1.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # readout: O = Q^ S + W Et
+    dQh = dO @ S.mT
+    dS = dS + Qh.mT @ dO
+    dW = dO @ Et.mT
+    dEt = dEt + W.mT @ dO
+    dQ = torch.zeros_like(Q)
+    de = torch.zeros_like(e)
+    if dvar is not None:
+        # var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
+        dQh = dQh + 2 * dvar[..., None] * c["QhP"]
+        dP = dP + Qh.mT @ (dvar[..., None] * Qh)
+        de = de + dvar * (Q * Q).sum(-1)
+        dQ = dQ + 2 * (dvar * e)[..., None] * Q
+        dW = dW - 2 * dvar[..., None] * W
+    # whitened gains Yt = Lc^-1 (gC o U) and innovations Et = Lc^-1 (V - K^ S)
+    dUh = _solve_lower_t(Lc, dYt)
+    dLc = -(dUh @ Yt.mT)
+    dX = _solve_lower_t(Lc, dEt)
+    dLc = dLc - dX @ Et.mT
+    dV = dX
+    dKh = -(dX @ S.mT)
+    dS = dS - Kh.mT @ dX
+    # scores R = A Lc^-T (R^T = Lc^-1 A^T), W = mask(R)
+    dR = dW.tril(-1) if strict else dW.tril()
+    dAt = _solve_lower_t(Lc, dR.mT)                                      # dA^T = Lc^-T dR^T
+    dA = dAt.mT
+    dLc = dLc - dAt @ c["R"]
+    dLc = dLc.tril()
+    # gC o U
+    dU = c["gC"][..., None] * dUh
+    dgC = (dUh * U).sum(-1)
+    # A = Gamma o (Q U^T)
+    dQU = dA * Gam
+    dGam = dA * c["QU"]
+    dQ = dQ + dQU @ U
+    dU = dU + dQU.mT @ Q
+    # U = a o (K^ P) + e o K
+    dKhP = a[..., None] * dU
+    da = (dU * KhP).sum(-1)
+    de = de + (dU * Kc).sum(-1)
+    dK = e[..., None] * dU
+    # innovation covariance S_in = K^ P K^^T + (K K^T) o Cs + diag(r), S_in = Lc Lc^T
+    dSin = _cholesky_adjoint(Lc, dLc)
+    dr = dSin.diagonal(dim1=-2, dim2=-1)
+    dKhP = dKhP + dSin @ Kh
+    dKh = dKh + dSin @ KhP
+    dM = dSin * c["Cs"]
+    dK = dK + 2 * dM @ Kc
+    dCs = dSin * c["M"]
+    dCm = (2 * dCs).tril() - torch.diag_embed(dCs.diagonal(dim1=-2, dim2=-1))
+    dGam = dGam + dCm * e[..., None, :]
+    de = de + (dCm * Gam).sum(-2)
+    # K^ P
+    dKh = dKh + dKhP @ P
+    dP = dP + Kh.mT @ dKhP
+    # decayed keys and queries K^ = a o K, Q^ = a o Q
+    dK = dK + a[..., None] * dKh
+    dQ = dQ + a[..., None] * dQh
+    da = da + (dKh * Kc).sum(-1) + (dQh * Q).sum(-1)
+    # chunk-end decay a_C, noise e_C, and ratios gC = Gamma[C-1, :]
+    da[..., -1] += daC
+    de[..., -1] += deC
+    dGam[..., -1, :] += dgC
+    # e_t = sum_j Gamma_tj^2 sigma_j
+    dGam = dGam + 2 * de[..., :, None] * Gam * sigma[..., None, :]
+    dsigma = (de[..., :, None] * Gam * Gam).sum(-2)
+    # a = exp(b), Gamma_tj = exp(b_t - b_j): back to b, then to g (b = cumsum g)
+    dG = (dGam * Gam).tril()
+    db = da * a + dG.sum(-1) - dG.sum(-2)
+    dg = db.flip(-1).cumsum(-1).flip(-1)
+    return dict(q=dQ, k=dK, v=dV, g=dg, r=dr, sigma=dsigma), dS, _sym(dP)
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+def _check_shape(name, x, shape):
+    """ValueError naming x unless it is a tensor of the given shape."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
+        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be {list(shape)}, got {got}")
+
+
+def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads=None):
+    """One ValueError naming the first argument of a wrong shape (domains are not checked);
+    grads: the backward's (do, dvar, dht), or None for the forward."""
+    do, dvar, dht = grads if grads is not None else (None, None, None)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got {getattr(q, 'shape', type(q).__name__)}")
+    B, T, H, K = q.shape
+    _check_shape("k", k, (B, T, H, K))
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        raise ValueError(f"v must be [B, T, H, V], got {getattr(v, 'shape', type(v).__name__)}")
+    V = v.shape[-1]
+    _check_shape("v", v, (B, T, H, V))
+    if isinstance(log_decay, torch.Tensor) and log_decay.dim() == 4:
+        raise ValueError("log_decay: kalman_adjoint handles a scalar decay [B, T, H] only "
+                         f"(per-key decay not done), got {list(log_decay.shape)}")
+    for name, x in (("log_decay", log_decay), ("noise", noise), ("process_noise", process_noise),
+                    ("dvar", dvar)):
+        if x is not None or name == "noise":
+            _check_shape(name, x, (B, T, H))
+    if grads is not None:
+        _check_shape("do", do, (B, T, H, V))
+    for name, pair in (("initial_state", initial_state), ("dht", dht)):
+        if pair is None:
+            continue
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name} must be a pair (S [B, H, K, V], P [B, H, K, K]), either None")
+        for part, x, shape in (("S", pair[0], (B, H, K, V)), ("P", pair[1], (B, H, K, K))):
+            if x is not None:
+                _check_shape(f"{name} ({part})", x, shape)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+
+
+def _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state):
+    """The inputs in the chunk layout [B, H, T, *] in the compute dtype, and (S0, P0)."""
+    B, T, H, K = q.shape
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = K ** -0.5 if scale is None else float(scale)
+    Q, Kc, Vc = (x.to(f).transpose(1, 2) for x in (q, k, v))
+    Q = Q * scale
+    z = torch.zeros(B, T, H, dtype=f, device=q.device)
+    g, r, sigma = ((z if x is None else x.to(f)).transpose(1, 2)
+                   for x in (log_decay, noise, process_noise))
+    S0, P0 = initial_state if initial_state is not None else (None, None)
+    p0 = prior.to(f) if isinstance(prior, torch.Tensor) else torch.as_tensor(prior, dtype=f, device=q.device)
+    eye = torch.eye(K, dtype=f, device=q.device)
+    prior_cov = p0 if p0.dim() == 3 else p0.reshape(-1).expand(H)[:, None, None] * eye
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=f, device=q.device) if S0 is None else S0.to(f)
+    P = prior_cov.expand(B, H, K, K) if P0 is None else P0.to(f)
+    return dict(q=Q, k=Kc, v=Vc, g=g, r=r, sigma=sigma), S, P, scale, p0
+
+
+def _chunks(T, chunk):
+    """The token slices of the chunks."""
+    return [slice(s, min(s + chunk, T)) for s in range(0, T, chunk)]
+
+
+def kalman_checkpoints(q, k, v, log_decay, noise, process_noise=None, prior=1.0, scale=None,
+                       initial_state=None, chunk=64, prior_timing=False):
+    """The forward pass of the sweep: (S_c [NC + 1, B, H, K, V], P_c [NC + 1, B, H, K, K]),
+    the mean and covariance at every chunk start, the last entry the final state.
+
+    Arguments as `kalman_adjoint`; NC = ceil(T / chunk). Only these states are kept.
+    """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk)
+    x, S, P, _, _ = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
+    states, covs = [S], [P]
+    for e_ in _chunks(q.shape[1], chunk):
+        _, _, S, P, _ = _chunk_forward(*(x[n][:, :, e_] for n in "qkvg"), x["r"][:, :, e_],
+                                       x["sigma"][:, :, e_], S, P, prior_timing)
+        states.append(S)
+        covs.append(P)
+    return torch.stack(states), torch.stack(covs)
+
+
+def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
+                   scale=None, initial_state=None, chunk=64, prior_timing=False):
+    """Gradients of the chunked Kalman filter by an explicit reverse sweep over chunks.
+
+    Arguments as `designmodel.chunked.kalman_backward` (no cu_seqlens): q, k [B, T, H, K],
+    v [B, T, H, V], log_decay [B, T, H] or None, noise [B, T, H], process_noise [B, T, H] or
+    None, prior (number, p0 [H] or covariance [H, K, K]), do [B, T, H, V], dht (dS [B, H, K,
+    V], dP [B, H, K, K], either None) or None, dvar [B, T, H] or None, initial_state (S0, P0,
+    either None) or None, chunk the chunk length, prior_timing True for a readout before each
+    token's update (the prior readout). Computes in float64 for float64 q, else float32. Returns a dict like kalman_backward's: q, k,
+    v, noise, and log_decay, process_noise, prior when tensors, initial_state (dS0, dP0) when
+    given; dP0 is symmetric (the gradient w.r.t. a symmetric covariance).
+    """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
+    T = q.shape[1]
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
+    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
+                                      initial_state, chunk, prior_timing)
+    dO = do.to(f).transpose(1, 2)
+    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
+    dS_end, dP_end = dht if dht is not None else (None, None)
+    # the carried adjoints: gradients w.r.t. the mean and covariance at the current chunk's end
+    dS = torch.zeros_like(states[0]) if dS_end is None else dS_end.to(f).clone()
+    dP = torch.zeros_like(covs[0]) if dP_end is None else _sym(dP_end.to(f))
+    grads = {n: torch.zeros_like(x[n]) for n in ("q", "k", "v", "g", "r", "sigma")}
+    chunks = _chunks(T, chunk)
+    for i in reversed(range(len(chunks))):
+        e_ = chunks[i]
+        inp = {n: x[n][:, :, e_] for n in x}
+        S, P = states[i], covs[i]
+        *_, cache = _chunk_forward(inp["q"], inp["k"], inp["v"], inp["g"], inp["r"], inp["sigma"],
+                                   S, P, prior_timing)
+        local, dS, dP = _chunk_adjoint(inp["q"], inp["k"], inp["sigma"], S, P, cache, dO[:, :, e_],
+                                       None if dV_ is None else dV_[:, :, e_], dS, dP, prior_timing)
+        for n, gx in local.items():
+            grads[n][:, :, e_] = gx
+    return _collect(grads, dS, dP, q, k, v, log_decay, noise, process_noise, prior, p0,
+                    initial_state, scale)
+
+
+def _transition(c):
+    """The chunk's mean transition F = a_C I - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys) and
+    its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
+    Wk = _solve_lower(c["Lc"], c["Kh"])
+    K = Wk.shape[-1]
+    eye = torch.eye(K, dtype=Wk.dtype, device=Wk.device)
+    return c["aC"][..., None, None] * eye - c["Yt"].mT @ Wk, c["Qh"] - c["W"] @ Wk
+
+
+def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, do, dht=None,
+                              dvar=None, scale=None, initial_state=None, chunk=64, prior_timing=False):
+    """`kalman_adjoint` scheduled as a kernel split would run it (docs/KALMAN_BACKWARD.md, section 5).
+
+    The chunk adjoint is linear in its cotangents, and the carries have closed forms:
+    dS = F^T dS' + (Q^ - W Wk)^T dO, and dP = F^T dP' F + Src with Src the chunk adjoint's dP at
+    dP' = 0. Hence: (1) checkpoints; (2) per chunk, in parallel, the value-independent matrices
+    (F, the readout map); (3) the dS sweep, sequential, a linear recursion like the reset
+    family's; (4) per chunk, in parallel, the adjoint at (dO, dvar, dS', dP' = 0): dq, dv and
+    parts of the other gradients, and Src; (5) the dP sweep, sequential, dP = F^T dP' F + Src;
+    (6) per chunk, in parallel, the adjoint at dP' alone (dk, dg, dr, dsigma parts). Same
+    arguments and result as `kalman_adjoint`. Steps 4 and 6 call the whole chunk adjoint with
+    the other cotangents zero (a kernel would compute only the parts that are not zero).
+    """
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
+    T = q.shape[1]
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
+    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
+                                      initial_state, chunk, prior_timing)
+    dO = do.to(f).transpose(1, 2)
+    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
+    dS_end, dP_end = dht if dht is not None else (None, None)
+    chunks = _chunks(T, chunk)
+    inputs = [{n: x[n][:, :, e_] for n in x} for e_ in chunks]
+    # (2) parallel over chunks: the chunk's quantities from its checkpoint
+    caches = [_chunk_forward(i["q"], i["k"], i["v"], i["g"], i["r"], i["sigma"], states[c], covs[c],
+                             prior_timing)[-1] for c, i in enumerate(inputs)]
+    maps = [_transition(c) for c in caches]
+    # (3) sequential: dS at every chunk end (dS_ends[c] is w.r.t. the state after chunk c)
+    dS_ends = [None] * len(chunks)
+    dS = torch.zeros_like(states[0]) if dS_end is None else dS_end.to(f).clone()
+    for c in reversed(range(len(chunks))):
+        dS_ends[c] = dS
+        Fc, Rc = maps[c]
+        dS = Fc.mT @ dS + Rc.mT @ dO[:, :, chunks[c]]
+    dS0 = dS
+    # (4) parallel: the adjoint at dP' = 0
+    zP = torch.zeros_like(covs[0])
+    grads = {n: torch.zeros_like(x[n]) for n in ("q", "k", "v", "g", "r", "sigma")}
+    sources = []
+    for c, i in enumerate(inputs):
+        local, _, src = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
+                                       dO[:, :, chunks[c]], None if dV_ is None else dV_[:, :, chunks[c]],
+                                       dS_ends[c], zP, prior_timing)
+        sources.append(src)
+        for n, gx in local.items():
+            grads[n][:, :, chunks[c]] = gx
+    # (5) sequential: dP at every chunk end
+    dP_ends = [None] * len(chunks)
+    dP = zP if dP_end is None else _sym(dP_end.to(f))
+    for c in reversed(range(len(chunks))):
+        dP_ends[c] = dP
+        Fc = maps[c][0]
+        dP = Fc.mT @ dP @ Fc + sources[c]
+    # (6) parallel: the adjoint at dP' alone
+    zO, zS = torch.zeros_like(dO[:, :, :1]), torch.zeros_like(states[0])
+    for c, i in enumerate(inputs):
+        C = chunks[c].stop - chunks[c].start
+        local, _, _ = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
+                                     zO.expand(-1, -1, C, -1), None, zS, dP_ends[c], prior_timing)
+        for n in ("k", "g", "r", "sigma"):
+            grads[n][:, :, chunks[c]] += local[n]
+    return _collect(grads, dS0, dP, q, k, v, log_decay, noise, process_noise, prior, p0,
+                    initial_state, scale)
+
+
+def _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0, initial_state, scale):
+    """The gradients in the arguments' layouts and dtypes (the dict of kalman_backward)."""
+    def back(gx, like):
+        return gx.transpose(1, 2).to(like.dtype)
+    out = dict(q=back(grads["q"] * scale, q), k=back(grads["k"], k), v=back(grads["v"], v))
+    if log_decay is not None:
+        out["log_decay"] = back(grads["g"], log_decay)
+    out["noise"] = back(grads["r"], noise)
+    if process_noise is not None:
+        out["process_noise"] = back(grads["sigma"], process_noise)
+    S0, P0 = initial_state if initial_state is not None else (None, None)
+    if isinstance(prior, torch.Tensor):
+        if P0 is not None:
+            out["prior"] = torch.zeros_like(prior)                      # the prior is not read
+        elif p0.dim() == 3:
+            out["prior"] = dP0.sum(0).to(prior.dtype)                   # [H, K, K], batch summed
+        else:
+            dp = dP0.diagonal(dim1=-2, dim2=-1).sum((0, -1))            # trace, [H]
+            out["prior"] = (dp if prior.numel() > 1 else dp.sum()).reshape(prior.shape).to(prior.dtype)
+    if initial_state is not None:
+        out["initial_state"] = (None if S0 is None else dS0.to(S0.dtype),
+                                None if P0 is None else dP0.to(P0.dtype))
+    return out
