@@ -1,7 +1,7 @@
 """Compile time, registers and spills of a generated module's kernels for a GPU, on any machine.
 
     python bench/compile_report.py bayesian_layer --shape 4,4096,16,128 [--dtype bf16] [--arch 90]
-        [--config '{"covariance": {"num_warps": 4}}'] [--variance] [--backward] [--check]
+        [--config '{"covariance": {"num_warps": 4}}'] [--variance] [--save] [--backward] [--check]
 
 No GPU is needed: a child process runs the op's launcher in Triton's interpreter with its
 kernels replaced by recorders (nothing is launched) and prints the launches; this process
@@ -108,6 +108,7 @@ def record(model, shape, dtype, backward=False, **kw):
     module.forward(q, k, v, **inputs, **kw)
     if backward and module.FAMILY != "kalman":   # the kalman backward has no kernels of its own yet
         kw.pop("output_variance", None)
+        kw.pop("save_for_backward", None)
         module.backward(q, k, v, **inputs, do=torch.randn_like(v), **kw)
     return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
 
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--variance", action="store_true")
+    ap.add_argument("--save", action="store_true", help="forward(..., save_for_backward=True)")
     ap.add_argument("--backward", action="store_true", help="the backward's kernels too")
     ap.add_argument("--check", action="store_true",
                     help="only compile (no ptxas report); exit 1 if a kernel does not compile")
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     if RECORDING:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         kw = {"output_variance": True} if args.variance else {}
+        if args.save:
+            kw["save_for_backward"] = True
         if args.config:
             kw["config"] = json.loads(args.config)
         print(json.dumps(record(args.model, tuple(int(x) for x in args.shape.split(",")), dtype,

@@ -100,8 +100,10 @@ def chunk_riccati_kernel(
     _var,
     _P0,
     _Pt,
+    _Pc,
     _Sc,
     cu_seqlens,
+    chunk_offsets,
     scale,
     T,
     H: tl.constexpr,
@@ -111,6 +113,7 @@ def chunk_riccati_kernel(
     BC: tl.constexpr,
     HAS_INITIAL_COV: tl.constexpr,
     STORE_FINAL_COV: tl.constexpr,   # unused: _Pt always holds P
+    STORE_CHUNK_COV: tl.constexpr,   # store P at every chunk start into _Pc (for a backward)
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     INNOVATION_PRECISION: tl.constexpr,   # K^ P, S_in = K^ P K^^T (+ K K^T), q^^T P q^
@@ -143,6 +146,9 @@ def chunk_riccati_kernel(
     tf32x3 while the others run one-pass tf32: the innovation (K^ P, S_in, q^^T P q^), the
     factorization (the LDL's panels and Schur complements), the solve (Y) and the update
     (P'); the ldl_block's own dots are always ieee. Grid: (N * H,).
+    With STORE_CHUNK_COV (for a backward) it also stores P at every chunk's start, before
+    that chunk's update, into _Pc ([NS, H, K, K], indexed like the mean kernel's chunk-start
+    means: chunk i_t of sequence i_n at chunk_offsets[i_n] + i_t, else i_n * NT + i_t).
     """
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -188,7 +194,20 @@ def chunk_riccati_kernel(
     # scratch of this program: the chunk's [BT, BT] K^ P K^^T, read back by 16x16 blocks
     p_Sc = _Sc + i_nh.to(tl.int64) * 2 * BT * BT
     o_c = tl.arange(0, BT)
+    if STORE_CHUNK_COV:
+        # the index of this sequence's first chunk among all the chunk starts (as the mean's _h)
+        if IS_VARLEN:
+            boc = tl.load(chunk_offsets + i_n).to(tl.int64)
+        else:
+            boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
     for i_t in range(tl.cdiv(T, BT)):
+        if STORE_CHUNK_COV:
+            # [K, K] P at this chunk's start, by quarters (the last chunk's update or the initial P)
+            p_Pc = _Pc + ((boc + i_t) * H + i_h) * K * K
+            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], tl.load(p_Paa, mask=m_Paa, other=0.), mask=m_Paa)
+            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], tl.load(p_Pab, mask=m_Pab, other=0.), mask=m_Pab)
+            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.load(p_Pba, mask=m_Pba, other=0.), mask=m_Pba)
+            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], tl.load(p_Pbb, mask=m_Pbb, other=0.), mask=m_Pbb)
         # the whole chunk's dots at once: 64-row dots keep every warp on rows of its own, where
         # 16-row ones leave all but one warp repeating the same rows
         o_t = i_t * BT + o_c
@@ -758,6 +777,23 @@ def chunk_starts(cu_seqlens, BT=CHUNK):
     return torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32).contiguous()
 
 
+# what forward(..., save_for_backward=True) keeps for a backward: the mean S and the covariance P
+# at every chunk's start (before its update; the first chunk's: the initial state), indexed like
+# the mean kernel's chunk-start states (chunk i of sequence n at chunk_starts(cu_seqlens)[n] + i,
+# else n * cdiv(T, CHUNK) + i). The final state is forward's second result.
+SAVED_FOR_BACKWARD = ("chunk_means", "chunk_covariances")
+
+
+def saved_for_backward_shapes(q, v, N, varlen):
+    """(shape, dtype) of each tensor of SAVED_FOR_BACKWARD for q [B, T, H, K], v [B, T, H, V]
+    and N sequences: room for every chunk start (packed sequences: at most cdiv(T, CHUNK) + N
+    of them); the means in the dtype of v (the mean kernel's), the covariances float32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NS = triton.cdiv(T, CHUNK) + N if varlen else B * triton.cdiv(T, CHUNK)
+    return [((NS, H, K, V), v.dtype), ((NS, H, K, K), torch.float32)]
+
+
 def _block(n, cap):
     """A power-of-two block of at least 16 (tl.dot's smallest) covering n, at most cap."""
     return max(16, min(cap, triton.next_power_of_2(n)))
@@ -925,7 +961,7 @@ def _initial_covariance(_P0, N, H, K, device):
     return None if _P0 is None else _P0.contiguous()
 
 
-def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None):
+def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=False, output_variance=False, cu_seqlens=None, check_domain=True, config=None, save_for_backward=False):
     """The chunked forward pass of rls: the exact Kalman filter over a matrix memory.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; p0: [H] (> 0); r: [B, T, H] (> 0).
@@ -935,8 +971,10 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     output_variance: also return the predictive variance q^T P_t q [B, T, H] (float32, scaled q).
     check_domain: check that each input lies in its domain (one device-to-host sync).
     config: per-kernel overrides of default_config(K, V).
+    save_for_backward: also return saved = (S_c, P_c), the mean and covariance at every chunk
+    start (SAVED_FOR_BACKWARD, saved_for_backward_shapes).
     Returns (o [B, T, H, V] in the dtype of v, final state (S [N, H, K, V], P [N, H, K, K])
-    float32 or None), and the variance as a third element when asked.
+    float32 or None), then the variance when asked, then saved when asked.
     """
     check_inputs(q, k, v, p0, r, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=check_domain)
     B, T, H, K = q.shape
@@ -952,6 +990,13 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     _P0 = _initial_covariance(_P0, N, H, K, q.device)
     BK = max(16, triton.next_power_of_2(K))   # both kernels hold all K rows
+    # every sequence's chunks among all the chunk starts (the mean's S and, saved, P at each)
+    if cu_seqlens is not None:
+        _chunk_offsets = chunk_starts(cu_seqlens, BT)
+        NS = triton.cdiv(T, BT) + N   # at least the chunks of all sequences, without a sync
+    else:
+        _chunk_offsets, NS = None, B * triton.cdiv(T, BT)
+    _Pc = q.new_empty(NS, H, K, K, dtype=torch.float32) if save_for_backward else None
 
     # per state (covariance): P over the chunks, storing per chunk L (blocks), D, U and Z
     _w = q.new_empty(B, T, H, K, dtype=torch.float32)
@@ -966,9 +1011,9 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     _Sc = q.new_empty(N * H, 2, BT, BT, dtype=torch.float32)   # per program: a chunk's S_in parts
     _launch = _cfg["covariance"]
     chunk_riccati_kernel[(N * H,)](
-        q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Sc, cu_seqlens, scale, T,
+        q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
-        STORE_FINAL_COV=output_final_state, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
+        STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
         **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
@@ -980,11 +1025,6 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
-    if cu_seqlens is not None:
-        _chunk_offsets = chunk_starts(cu_seqlens, BT)
-        NS = triton.cdiv(T, BT) + N   # at least the chunks of all sequences, without a sync
-    else:
-        _chunk_offsets, NS = None, B * triton.cdiv(T, BT)
     _h = q.new_empty(NS, H, K, V, dtype=v.dtype)
     _e = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -1005,9 +1045,10 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     _final = (ht, _Pt) if output_final_state else None
-    if output_variance:
-        return o, _final, _var
-    return o, _final
+    _results = (o, _final, _var) if output_variance else (o, _final)
+    if save_for_backward:
+        return _results + ((_h, _Pc),)
+    return _results
 
 
 @triton.jit(do_not_specialize=["T"])
