@@ -275,6 +275,22 @@ def kalman_checkpoints(q, k, v, log_decay, noise, process_noise=None, prior=1.0,
     return torch.stack(states), torch.stack(covs)
 
 
+def _sweep_inputs(q, k, v, log_decay, noise, process_noise, prior, do, dht, dvar, scale,
+                  initial_state, chunk, prior_timing):
+    """What both sweeps start from, after one check of the arguments: (T, the compute dtype, the
+    inputs in the chunk layout, scale, the prior, the chunk-start means and covariances, dO and
+    dvar in the chunk layout, (dS, dP) at the end or Nones)."""
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
+    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
+                                      initial_state, chunk, prior_timing)
+    dO = do.to(f).transpose(1, 2)
+    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
+    return (q.shape[1], f, x, scale, p0, states, covs, dO, dV_,
+            dht if dht is not None else (None, None))
+
+
 def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
                    scale=None, initial_state=None, chunk=64, prior_timing=False):
     """Gradients of the chunked Kalman filter by an explicit reverse sweep over chunks.
@@ -288,15 +304,9 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
     v, noise, and log_decay, process_noise, prior when tensors, initial_state (dS0, dP0) when
     given; dP0 is symmetric (the gradient w.r.t. a symmetric covariance).
     """
-    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
-    T = q.shape[1]
-    f = torch.float64 if q.dtype == torch.float64 else torch.float32
-    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
-    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
-                                      initial_state, chunk, prior_timing)
-    dO = do.to(f).transpose(1, 2)
-    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
-    dS_end, dP_end = dht if dht is not None else (None, None)
+    T, f, x, scale, p0, states, covs, dO, dV_, (dS_end, dP_end) = _sweep_inputs(
+        q, k, v, log_decay, noise, process_noise, prior, do, dht, dvar, scale, initial_state, chunk,
+        prior_timing)
     # the carried adjoints: gradients w.r.t. the mean and covariance at the current chunk's end
     dS = torch.zeros_like(states[0]) if dS_end is None else dS_end.to(f).clone()
     dP = torch.zeros_like(covs[0]) if dP_end is None else _sym(dP_end.to(f))
@@ -339,15 +349,9 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
     arguments and result as `kalman_adjoint`. Steps 4 and 6 call the whole chunk adjoint with
     the other cotangents zero (a kernel would compute only the parts that are not zero).
     """
-    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht))
-    T = q.shape[1]
-    f = torch.float64 if q.dtype == torch.float64 else torch.float32
-    x, _, _, scale, p0 = _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state)
-    states, covs = kalman_checkpoints(q, k, v, log_decay, noise, process_noise, prior, scale,
-                                      initial_state, chunk, prior_timing)
-    dO = do.to(f).transpose(1, 2)
-    dV_ = None if dvar is None else dvar.to(f).transpose(1, 2)
-    dS_end, dP_end = dht if dht is not None else (None, None)
+    T, f, x, scale, p0, states, covs, dO, dV_, (dS_end, dP_end) = _sweep_inputs(
+        q, k, v, log_decay, noise, process_noise, prior, do, dht, dvar, scale, initial_state, chunk,
+        prior_timing)
     chunks = _chunks(T, chunk)
     inputs = [{n: x[n][:, :, e_] for n in x} for e_ in chunks]
     # (2) parallel over chunks: the chunk's quantities from its checkpoint

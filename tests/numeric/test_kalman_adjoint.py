@@ -15,6 +15,7 @@ from designmodel.chunked_adjoint import kalman_adjoint, kalman_adjoint_two_sweep
 from designmodel.derive import derive
 from designmodel.reference import recurrent
 from designmodel.spec import DesignModel, Prior, Readout, Regression, Transition, exp, isotropic
+from tests.numeric.test_chunked import _canonical, _draw  # the chunked filter tests' inputs
 
 _PRIOR = Prior(covariance=isotropic(zoo.p0))
 
@@ -38,31 +39,6 @@ TOL = 1e-8
 def _rel(got, want):
     """max |got - want| / max |want|."""
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
-
-
-def _draw(spec, B, T, H, K, V, seed):
-    """float64 inputs in the filter's domain: q, k (|k| = 0.9), v, the spec's inputs, (S0, P0)."""
-    gen = torch.Generator().manual_seed(seed)
-    d = torch.float64
-    q = torch.randn(B, T, H, K, generator=gen, dtype=d)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=d), dim=-1) * 0.9
-    v = torch.randn(B, T, H, V, generator=gen, dtype=d)
-    names = {i.name for i in spec.inputs}
-    x = {}
-    if "g" in names:
-        x["g"] = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=d) + 2)
-    x["r"] = F.softplus(torch.randn(B, T, H, generator=gen, dtype=d)) + 0.05
-    if "sigma" in names:
-        x["sigma"] = 0.05 * torch.rand(B, T, H, generator=gen, dtype=d)
-    x["p0"] = 0.5 + torch.rand(H, generator=gen, dtype=d)
-    S0 = torch.randn(B, H, K, V, generator=gen, dtype=d) * 0.3
-    M = torch.randn(B, H, K, K, generator=gen, dtype=d) * 0.3
-    P0 = M @ M.mT + 0.5 * torch.eye(K, dtype=d)
-    return q, k, v, x, (S0, P0)
-
-
-def _canonical(x):
-    return dict(log_decay=x.get("g"), noise=x["r"], process_noise=x.get("sigma"), prior=x["p0"])
 
 
 def _cotangents(spec, v, init, seed):
