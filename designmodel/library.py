@@ -36,7 +36,7 @@ import torch
 
 __all__ = ["NAMESPACE", "LibraryOp", "register", "op_name", "registered"]
 
-# the entry of SAVED_FOR_BACKWARD that is the forward's final state (the op's second output)
+# the entry of SAVED_FOR_BACKWARD that is the forward's final state (the saving op's last output)
 FINAL_STATE = "final_state"
 NAMESPACE = "designmodel"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -107,8 +107,13 @@ class LibraryOp:
         # names of what module.forward(..., save_for_backward=True) keeps for module.backward;
         # the saving op returns all but the final state, which is its last output anyway
         self.saves = tuple(getattr(module, "SAVED_FOR_BACKWARD", ())) if not self.kalman else ()
-        self.extra = tuple(n for n in self.saves if n != FINAL_STATE)
+        self.extra = self._kept(self.saves)
         self._define()
+
+    def _kept(self, items):
+        """The items (one per SAVED_FOR_BACKWARD name) that the saving op returns between o and
+        the final state: all but the final state's."""
+        return tuple(x for name, x in zip(self.saves, items) if name != FINAL_STATE)
 
     # --- schema and registration ----------------------------------------------------------
     def _schema(self, outputs: str) -> str:
@@ -184,7 +189,7 @@ class LibraryOp:
             o, ht, saved = self.kernels.forward(q, k, v, *inputs, initial_state=opt["initial_state"],
                                                 save_for_backward=True, **kwargs)
             # an absent entry is an empty tensor; the final state is the last output
-            kept = [_empty(q) if x is None else x for name, x in zip(self.saves, saved) if name != FINAL_STATE]
+            kept = [_empty(q) if x is None else x for x in self._kept(saved)]
             return (o, *kept, ht if ht is not None else _empty(q))
         run.__name__ = f"{self.name}_{fn}"
         return run
@@ -217,8 +222,7 @@ class LibraryOp:
         cu = opt["cu_seqlens"]
         N = q.shape[0] if cu is None else cu.shape[0] - 1
         shapes = self.kernels.saved_for_backward_shapes(q, v, N, cu is not None)
-        return (o, *[_dense(shape, q, dtype) for name, (shape, dtype) in zip(self.saves, shapes)
-                     if name != FINAL_STATE], ht)
+        return (o, *[_dense(shape, q, dtype) for shape, dtype in self._kept(shapes)], ht)
 
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
