@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps"]
+__all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps", "kalman_adjoint_chunks"]
 
 
 # --- small linear-algebra pieces ----------------------------------------------------------------
@@ -64,10 +64,24 @@ def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
     """One chunk of the filter from its start state (S [B, H, K, V], P [B, H, K, K]).
 
     Q (scaled), Kc [B, H, C, K], Vc [B, H, C, V], g, r, sigma [B, H, C]; strict: prior
-    readout (a token's readout does not see its own innovation). Returns (o, var, S', P', cache)
-    with cache the chunk's quantities the adjoint reads.
+    readout (a token's readout does not see its own innovation). Any leading dimensions may
+    stand for [B, H] (kalman_adjoint_chunks passes [B, H, NC], every chunk at once). Returns
+    (o, var, S', P', cache) with cache the chunk's quantities the adjoint reads.
     """
-    C = Q.shape[2]
+    c = _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict)
+    o = c["Qh"] @ S + c["W"] @ c["Et"]
+    var = ((c["Qh"] @ P) * c["Qh"]).sum(-1) + c["e"] * (Q * Q).sum(-1) - (c["W"] * c["W"]).sum(-1)
+    aC, eC, Yt = c["aC"], c["e"][..., -1], c["Yt"]
+    K = P.shape[-1]
+    eye = torch.eye(K, dtype=P.dtype, device=P.device)
+    S_next = aC[..., None, None] * S + Yt.mT @ c["Et"]
+    P_next = _sym(aC[..., None, None] ** 2 * P + eC[..., None, None] * eye - Yt.mT @ Yt)
+    return o, var, S_next, P_next, c
+
+
+def _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict):
+    """What `_chunk_forward` computes before its outputs and the adjoint reads (the cache)."""
+    C = Q.shape[-2]
     low = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril()
     b = g.cumsum(-1)                                                     # log decay since chunk start
     a = b.exp()                                                          # [B, H, C]
@@ -87,73 +101,80 @@ def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
     R = _solve_lower(Lc, A.mT).mT                                        # A Lc^-T
     W = R.tril(-1) if strict else R.tril()
     Et = _solve_lower(Lc, Vc - Kh @ S)                                   # whitened innovations [C, V]
-    o = Qh @ S + W @ Et
-    QhP = Qh @ P
-    var = (QhP * Qh).sum(-1) + e * (Q * Q).sum(-1) - (W * W).sum(-1)
     gC = Gam[..., -1, :]                                                 # a_C / a_i
     Yt = _solve_lower(Lc, gC[..., None] * U)                             # whitened gains [C, K]
-    aC, eC = a[..., -1], e[..., -1]
-    K = P.shape[-1]
-    eye = torch.eye(K, dtype=P.dtype, device=P.device)
-    S_next = aC[..., None, None] * S + Yt.mT @ Et
-    P_next = _sym(aC[..., None, None] ** 2 * P + eC[..., None, None] * eye - Yt.mT @ Yt)
-    cache = dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, QhP=QhP, Lc=Lc, U=U,
-                 QU=QU, R=R, W=W, Et=Et, gC=gC, Yt=Yt, aC=aC)
-    return o, var, S_next, P_next, cache
+    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, Lc=Lc, U=U,
+                QU=QU, R=R, W=W, Et=Et, gC=gC, Yt=Yt, aC=a[..., -1])
 
 
 def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
-    """The adjoint of `_chunk_forward`: from dO [C, V], dvar [C] (or None) and the gradients
-    w.r.t. the chunk-end state (dS1 [K, V], dP1 [K, K] symmetric), the gradients w.r.t. the
-    chunk's inputs (dQ, dK, dV, dg, dr, dsigma) and its start state (dS, dP symmetric).
+    """The adjoint of `_chunk_forward`: from dO [C, V], dvar [C] and the gradients w.r.t. the
+    chunk-end state (dS1 [K, V], dP1 [K, K] symmetric), the gradients w.r.t. the chunk's
+    inputs (dQ, dK, dV, dg, dr, dsigma) and its start state (dS, dP symmetric).
 
-    Steps in the reverse order of the forward; each line is the adjoint of one forward line.
+    A cotangent given as None is zero, and the terms it feeds are skipped (the adjoint is linear
+    in the cotangents: kalman_adjoint_chunks calls it at (dO, dvar, dS1) and at dP1 alone);
+    dV and dS are then None when nothing reaches them. Steps in the reverse order of the
+    forward; each line is the adjoint of one forward line.
     """
     a, Gam, e, Lc, aC = c["a"], c["Gam"], c["e"], c["Lc"], c["aC"]
     Kh, Qh, KhP, U, W, Et, Yt = c["Kh"], c["Qh"], c["KhP"], c["U"], c["W"], c["Et"], c["Yt"]
+    dQ, dQh, dW, dEt, de = 0, 0, None, None, torch.zeros_like(e)
+    dS, dP, dYt, daC, deC = None, 0, 0, 0, 0
     # chunk-end state: S' = a_C S + Yt^T Et, P' = a_C^2 P + e_C I - Yt^T Yt
-    dS = aC[..., None, None] * dS1
-    dP = aC[..., None, None] ** 2 * dP1
-    dYt = Et @ dS1.mT - 2 * Yt @ dP1
-    dEt = Yt @ dS1
-    daC = (dS1 * S).sum((-2, -1)) + 2 * aC * (dP1 * P).sum((-2, -1))
-    deC = dP1.diagonal(dim1=-2, dim2=-1).sum(-1)
+    if dS1 is not None:
+        dS = aC[..., None, None] * dS1
+        dYt = Et @ dS1.mT
+        dEt = Yt @ dS1
+        daC = (dS1 * S).sum((-2, -1))
+    if dP1 is not None:
+        dP = aC[..., None, None] ** 2 * dP1
+        dYt = dYt - 2 * Yt @ dP1
+        daC = daC + 2 * aC * (dP1 * P).sum((-2, -1))
+        deC = dP1.diagonal(dim1=-2, dim2=-1).sum(-1)
     # readout: O = Q^ S + W Et
-    dQh = dO @ S.mT
-    dS = dS + Qh.mT @ dO
-    dW = dO @ Et.mT
-    dEt = dEt + W.mT @ dO
-    dQ = torch.zeros_like(Q)
-    de = torch.zeros_like(e)
+    if dO is not None:
+        dQh = dO @ S.mT
+        dS = _add(dS, Qh.mT @ dO)
+        dW = dO @ Et.mT
+        dEt = _add(dEt, W.mT @ dO)
     if dvar is not None:
         # var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
-        dQh = dQh + 2 * dvar[..., None] * c["QhP"]
+        dQh = dQh + 2 * dvar[..., None] * (Qh @ P)
         dP = dP + Qh.mT @ (dvar[..., None] * Qh)
         de = de + dvar * (Q * Q).sum(-1)
         dQ = dQ + 2 * (dvar * e)[..., None] * Q
-        dW = dW - 2 * dvar[..., None] * W
+        dW = _add(dW, -2 * dvar[..., None] * W)
     # whitened gains Yt = Lc^-1 (gC o U) and innovations Et = Lc^-1 (V - K^ S)
-    dUh = _solve_lower_t(Lc, dYt)
-    dLc = -(dUh @ Yt.mT)
-    dX = _solve_lower_t(Lc, dEt)
-    dLc = dLc - dX @ Et.mT
-    dV = dX
-    dKh = -(dX @ S.mT)
-    dS = dS - Kh.mT @ dX
+    if isinstance(dYt, torch.Tensor):
+        dUh = _solve_lower_t(Lc, dYt)
+        dLc = -(dUh @ Yt.mT)
+    else:                                                                # no state cotangent
+        dUh, dLc = torch.zeros_like(U), torch.zeros_like(Lc)
+    dV, dKh = None, 0
+    if dEt is not None:
+        dX = _solve_lower_t(Lc, dEt)
+        dLc = dLc - dX @ Et.mT
+        dV = dX
+        dKh = -(dX @ S.mT)
+        dS = _add(dS, -(Kh.mT @ dX))
     # scores R = A Lc^-T (R^T = Lc^-1 A^T), W = mask(R)
-    dR = dW.tril(-1) if strict else dW.tril()
-    dAt = _solve_lower_t(Lc, dR.mT)                                      # dA^T = Lc^-T dR^T
-    dA = dAt.mT
-    dLc = dLc - dAt @ c["R"]
+    dQU, dGam = 0, 0
+    if dW is not None:
+        dR = dW.tril(-1) if strict else dW.tril()
+        dAt = _solve_lower_t(Lc, dR.mT)                                  # dA^T = Lc^-T dR^T
+        dA = dAt.mT
+        dLc = dLc - dAt @ c["R"]
+        dQU = dA * Gam
+        dGam = dA * c["QU"]
     dLc = dLc.tril()
     # gC o U
     dU = c["gC"][..., None] * dUh
     dgC = (dUh * U).sum(-1)
     # A = Gamma o (Q U^T)
-    dQU = dA * Gam
-    dGam = dA * c["QU"]
-    dQ = dQ + dQU @ U
-    dU = dU + dQU.mT @ Q
+    if dW is not None:
+        dQ = dQ + dQU @ U
+        dU = dU + dQU.mT @ Q
     # U = a o (K^ P) + e o K
     dKhP = a[..., None] * dU
     da = (dU * KhP).sum(-1)
@@ -175,8 +196,10 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
     dP = dP + Kh.mT @ dKhP
     # decayed keys and queries K^ = a o K, Q^ = a o Q
     dK = dK + a[..., None] * dKh
-    dQ = dQ + a[..., None] * dQh
-    da = da + (dKh * Kc).sum(-1) + (dQh * Q).sum(-1)
+    da = da + (dKh * Kc).sum(-1)
+    if dO is not None or dvar is not None:
+        dQ = dQ + a[..., None] * dQh
+        da = da + (dQh * Q).sum(-1)
     # chunk-end decay a_C, noise e_C, and ratios gC = Gamma[C-1, :]
     da[..., -1] += daC
     de[..., -1] += deC
@@ -188,7 +211,13 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
     dG = (dGam * Gam).tril()
     db = da * a + dG.sum(-1) - dG.sum(-2)
     dg = db.flip(-1).cumsum(-1).flip(-1)
+    dQ = dQ if isinstance(dQ, torch.Tensor) else torch.zeros_like(Q)
     return dict(q=dQ, k=dK, v=dV, g=dg, r=dr, sigma=dsigma), dS, _sym(dP)
+
+
+def _add(x, y):
+    """x + y where x may be None (zero)."""
+    return y if x is None else x + y
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -200,9 +229,10 @@ def _check_shape(name, x, shape):
         raise ValueError(f"{name} must be {list(shape)}, got {got}")
 
 
-def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads=None):
+def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads=None, N=None):
     """One ValueError naming the first argument of a wrong shape (domains are not checked);
-    grads: the backward's (do, dvar, dht), or None for the forward."""
+    grads: the backward's (do, dvar, dht), or None for the forward; N the number of sequences
+    (states are [N, H, *]; B when None)."""
     do, dvar, dht = grads if grads is not None else (None, None, None)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K], got {getattr(q, 'shape', type(q).__name__)}")
@@ -226,7 +256,8 @@ def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads
             continue
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"{name} must be a pair (S [B, H, K, V], P [B, H, K, K]), either None")
-        for part, x, shape in (("S", pair[0], (B, H, K, V)), ("P", pair[1], (B, H, K, K))):
+        n = B if N is None else N
+        for part, x, shape in (("S", pair[0], (n, H, K, V)), ("P", pair[1], (n, H, K, K))):
             if x is not None:
                 _check_shape(f"{name} ({part})", x, shape)
     if not isinstance(chunk, int) or chunk < 1:
@@ -346,8 +377,8 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
     family's; (4) per chunk, in parallel, the adjoint at (dO, dvar, dS', dP' = 0): dq, dv and
     parts of the other gradients, and Src; (5) the dP sweep, sequential, dP = F^T dP' F + Src;
     (6) per chunk, in parallel, the adjoint at dP' alone (dk, dg, dr, dsigma parts). Same
-    arguments and result as `kalman_adjoint`. Steps 4 and 6 call the whole chunk adjoint with
-    the other cotangents zero (a kernel would compute only the parts that are not zero).
+    arguments and result as `kalman_adjoint`. Steps 4 and 6 call the chunk adjoint with the other
+    cotangents None, so that it computes only the terms they reach.
     """
     T, f, x, scale, p0, states, covs, dO, dV_, (dS_end, dP_end) = _sweep_inputs(
         q, k, v, log_decay, noise, process_noise, prior, do, dht, dvar, scale, initial_state, chunk,
@@ -367,33 +398,150 @@ def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, d
         dS = Fc.mT @ dS + Rc.mT @ dO[:, :, chunks[c]]
     dS0 = dS
     # (4) parallel: the adjoint at dP' = 0
-    zP = torch.zeros_like(covs[0])
     grads = {n: torch.zeros_like(x[n]) for n in ("q", "k", "v", "g", "r", "sigma")}
     sources = []
     for c, i in enumerate(inputs):
         local, _, src = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
                                        dO[:, :, chunks[c]], None if dV_ is None else dV_[:, :, chunks[c]],
-                                       dS_ends[c], zP, prior_timing)
+                                       dS_ends[c], None, prior_timing)
         sources.append(src)
         for n, gx in local.items():
             grads[n][:, :, chunks[c]] = gx
     # (5) sequential: dP at every chunk end
     dP_ends = [None] * len(chunks)
-    dP = zP if dP_end is None else _sym(dP_end.to(f))
+    dP = torch.zeros_like(covs[0]) if dP_end is None else _sym(dP_end.to(f))
     for c in reversed(range(len(chunks))):
         dP_ends[c] = dP
         Fc = maps[c][0]
         dP = Fc.mT @ dP @ Fc + sources[c]
     # (6) parallel: the adjoint at dP' alone
-    zO, zS = torch.zeros_like(dO[:, :, :1]), torch.zeros_like(states[0])
     for c, i in enumerate(inputs):
-        C = chunks[c].stop - chunks[c].start
         local, _, _ = _chunk_adjoint(i["q"], i["k"], i["sigma"], states[c], covs[c], caches[c],
-                                     zO.expand(-1, -1, C, -1), None, zS, dP_ends[c], prior_timing)
+                                     None, None, None, dP_ends[c], prior_timing)
         for n in ("k", "g", "r", "sigma"):
             grads[n][:, :, chunks[c]] += local[n]
     return _collect(grads, dS0, dP, q, k, v, log_decay, noise, process_noise, prior, p0,
                     initial_state, scale)
+
+
+# --- every chunk at once ---------------------------------------------------------------------------
+
+# what a padding token holds: no key, value, query, decay or process noise, unit noise; it
+# changes nothing (its innovation covariance row is r = 1 alone, its gain is zero)
+_PAD = dict(q=0.0, k=0.0, v=0.0, g=0.0, r=1.0, sigma=0.0)
+
+
+def _in_chunks(x, chunk, fill):
+    """[B, H, T, *] (or [B, H, T]) -> [B, H, NC, chunk, *], the last chunk padded with fill."""
+    tdim = 2
+    T = x.shape[tdim]
+    NC = -(-T // chunk)
+    if NC * chunk != T:
+        pad = x.new_full((*x.shape[:tdim], NC * chunk - T, *x.shape[tdim + 1:]), fill)
+        x = torch.cat([x, pad], tdim)
+    return x.reshape(*x.shape[:tdim], NC, chunk, *x.shape[tdim + 1:])
+
+
+def _from_chunks(x, T):
+    """The inverse of `_in_chunks`: [B, H, NC, chunk, *] -> [B, H, T, *]."""
+    return x.flatten(2, 3)[:, :, :T]
+
+
+def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
+                          scale=None, initial_state=None, chunk=64, prior_timing=False,
+                          checkpoints=None, cu_seqlens=None):
+    """`kalman_adjoint_two_sweeps` with every chunk at once: the backward a GPU runs.
+
+    The parallel steps (2, 4, 6 of docs/KALMAN_BACKWARD.md section 5) take all chunks as one
+    batch ([B, H, NC] leading dimensions, the last chunk padded with tokens that change
+    nothing); only the two linear sweeps (dS = F^T dS' + (Q^ - W Wk)^T dO and dP = F^T dP' F +
+    Src) loop over chunks. Arguments and result as `kalman_adjoint`, plus
+
+    checkpoints: (S_c [NS, H, K, V], P_c [NS, H, K, K]), the mean and covariance at every chunk
+        start (packed sequences: at least NS rows) as the generated forward keeps them (`forward(..., save_for_backward=True)`:
+        chunk i of sequence n at n * NC + i, or at chunk_starts(cu_seqlens)[n] + i for packed
+        sequences), or None to recompute them here (`kalman_checkpoints`);
+    cu_seqlens: [N + 1] packed sequence boundaries (B = 1) or None; each sequence is swept
+        on its own, from its own initial state and final-state gradients.
+    """
+    B, T, H, K = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
+    bounds = [0, T] if cu_seqlens is None else [int(b) for b in cu_seqlens]
+    _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht),
+           None if cu_seqlens is None else len(bounds) - 1)
+    V = v.shape[-1]
+    if cu_seqlens is not None and (B != 1 or bounds[0] != 0 or bounds[-1] != T
+                                   or any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:]))):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {T} with B = 1, got {bounds} (B = {B})")
+    N = len(bounds) - 1
+    seqs = [(n, bounds[n], bounds[n + 1]) for n in range(N)] if cu_seqlens is not None else [(None, 0, T)]
+    counts = [-(-(e - b) // chunk) for _, b, e in seqs]
+    first = [sum(counts[:i]) for i in range(len(seqs))]
+    if checkpoints is not None:
+        # packed sequences: the forward allocates a bound on the number of chunks (no sync)
+        NS = sum(counts) * (B if cu_seqlens is None else 1)
+        for part, x, D in (("S_c", checkpoints[0], V), ("P_c", checkpoints[1], K)):
+            rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 4 else NS
+            _check_shape(f"checkpoints ({part})", x, (max(NS, rows) if cu_seqlens is not None else NS, H, K, D))
+    f = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dS_end, dP_end = dht if dht is not None else (None, None)
+    S0, P0 = initial_state if initial_state is not None else (None, None)
+    parts = []
+    for (n, b, e), NC, c0 in zip(seqs, counts, first):
+        one = (lambda x: x) if n is None else (lambda x: None if x is None else x[n:n + 1])
+        tok = (lambda x: x) if n is None else (lambda x: None if x is None else x[:, b:e])
+        if checkpoints is None:
+            states, covs = kalman_checkpoints(
+                tok(q), tok(k), tok(v), tok(log_decay), tok(noise), tok(process_noise), prior, scale,
+                None if initial_state is None else (one(S0), one(P0)), chunk, prior_timing)
+            states, covs = states[:NC].movedim(0, 2), covs[:NC].movedim(0, 2)
+        else:
+            # [NS, H, K, *] -> [B, H, NC, K, *] (B = 1 for one packed sequence)
+            pick = slice(c0, c0 + NC) if n is not None else slice(None)
+            states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2).to(f) for x in checkpoints)
+        x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
+                                       tok(process_noise), prior, scale, None)
+        grads, dS0, dP0 = _sweep_chunks(
+            {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
+            _in_chunks(tok(do).to(f).transpose(1, 2), chunk, 0.0),
+            None if dvar is None else _in_chunks(tok(dvar).to(f).transpose(1, 2), chunk, 0.0),
+            one(dS_end), one(dP_end), prior_timing)
+        parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
+    grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
+    dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    return _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0,
+                    initial_state, scale_)
+
+
+def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict):
+    """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
+    chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
+    or None, dS_end and dP_end the final state's gradients or None. Returns (the gradients
+    [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma; dS0; dP0)."""
+    NC = states.shape[2]
+    # (2) the chunks' quantities, their mean transitions F and readout maps Q^ - W Wk
+    c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
+    F, readout = _transition(c)
+    # (3) dS at every chunk end, sequential
+    dS = torch.zeros_like(states[:, :, 0]) if dS_end is None else dS_end.to(states.dtype)
+    dS_ends = torch.empty_like(states)
+    for i in reversed(range(NC)):
+        dS_ends[:, :, i] = dS
+        dS = F[:, :, i].mT @ dS + readout[:, :, i].mT @ dO[:, :, i]
+    # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
+    grads, _, sources = _chunk_adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
+                                       dS_ends, None, strict)
+    # (5) dP at every chunk end, sequential
+    dP = torch.zeros_like(covs[:, :, 0]) if dP_end is None else _sym(dP_end.to(covs.dtype))
+    dP_ends = torch.empty_like(covs)
+    for i in reversed(range(NC)):
+        dP_ends[:, :, i] = dP
+        dP = F[:, :, i].mT @ dP @ F[:, :, i] + sources[:, :, i]
+    # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
+    more, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
+                                dP_ends, strict)
+    for m in ("k", "g", "r", "sigma"):
+        grads[m] = grads[m] + more[m]
+    return grads, dS, dP
 
 
 def _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0, initial_state, scale):

@@ -94,6 +94,12 @@ def _config_text(config) -> str | None:
     return json.dumps(config, sort_keys=True)
 
 
+def _given(kept):
+    """The backward's saved tensors from the op's Tensor[] argument: an empty list, nothing was
+    kept (the backward recomputes: None); an empty tensor, that entry is absent (None)."""
+    return tuple(None if x.numel() == 0 else x for x in kept) if len(kept) else None
+
+
 class LibraryOp:
     """The registered custom ops of one generated module, and Python wrappers that take the
     module's own arguments (inputs by position or by name) and return its results."""
@@ -104,9 +110,11 @@ class LibraryOp:
         self.family = module.FAMILY
         self.kalman = self.family == "kalman"
         self.inputs = list(module.INPUTS)
-        # names of what module.forward(..., save_for_backward=True) keeps for module.backward;
-        # the saving op returns all but the final state, which is its last output anyway
-        self.saves = tuple(getattr(module, "SAVED_FOR_BACKWARD", ())) if not self.kalman else ()
+        # names of what module.forward(..., save_for_backward=True) keeps for module.backward
+        # (none where the backward would not read them); the saving op returns all but the
+        # final state, which is among its outputs anyway
+        reads = getattr(module, "BACKWARD_READS_SAVED", True)
+        self.saves = tuple(getattr(module, "SAVED_FOR_BACKWARD", ())) if reads else ()
         self.extra = self._kept(self.saves)
         self._define()
 
@@ -125,7 +133,8 @@ class LibraryOp:
 
     def _define(self) -> None:
         outputs = "(Tensor, Tensor, Tensor, Tensor)" if self.kalman else "(Tensor, Tensor)"
-        saving = "(" + ", ".join(["Tensor"] * (2 + len(self.extra))) + ")"
+        # the saving op: o, the kept tensors, then the final state (and P, the variance)
+        saving = "(" + ", ".join(["Tensor"] * ((4 if self.kalman else 2) + len(self.extra))) + ")"
         kinds = [("", "forward", outputs, self._fake), ("_recurrent", "recurrent", outputs, self._fake)]
         if self.saves:
             kinds.append(("_saving", "saving", saving, self._fake_saving))
@@ -141,8 +150,10 @@ class LibraryOp:
         if self.kalman:
             # the gradients of (o, S, P, variance) in; those of the inputs and (S0, P0) out
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 2))
+            saved = ", Tensor[] saved" if self.saves else ""
             schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dS, Tensor? dP, Tensor? dvar, "
-                      f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens) -> ({grads})")
+                      f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens{saved}) "
+                      f"-> ({grads})")
         else:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
             saved = ", Tensor[] saved" if self.saves else ""
@@ -178,11 +189,15 @@ class LibraryOp:
             if self.kalman:
                 S0, P0 = opt["initial_state"], opt["initial_covariance"]
                 kwargs["initial_state"] = None if S0 is None and P0 is None else (S0, P0)
-                out = getattr(self.kernels, fn)(q, k, v, *inputs, output_variance=opt["output_variance"], **kwargs)
+                saving = fn == "saving"
+                if saving:
+                    kwargs["save_for_backward"] = True
+                out = getattr(self.kernels, "forward" if saving else fn)(
+                    q, k, v, *inputs, output_variance=opt["output_variance"], **kwargs)
                 o, final = out[0], out[1]
                 S, P = final if final is not None else (_empty(q), _empty(q))
                 var = out[2] if opt["output_variance"] else _empty(q)
-                return o, S, P, var
+                return (o, *self._kept(out[-1]), S, P, var) if saving else (o, S, P, var)
             if fn != "saving":
                 o, ht = getattr(self.kernels, fn)(q, k, v, *inputs, initial_state=opt["initial_state"], **kwargs)
                 return o, (ht if ht is not None else _empty(q))
@@ -216,20 +231,25 @@ class LibraryOp:
     def _fake_saving(self, *args):
         """The saving op's outputs: (o, *kept, final state), module.saved_for_backward_shapes."""
         q, k, v, inputs, opt = self._split(args)
-        o, ht = self._fake(*args)
+        o, *rest = self._fake(*args)   # rest: the final state (kalman: S, P, the variance)
         if q.dim() != 4 or v.dim() != 4:
-            return (o, *[_empty(q) for _ in self.extra], ht)
+            return (o, *[_empty(q) for _ in self.extra], *rest)
         cu = opt["cu_seqlens"]
         N = q.shape[0] if cu is None else cu.shape[0] - 1
         shapes = self.kernels.saved_for_backward_shapes(q, v, N, cu is not None)
-        return (o, *[_dense(shape, q, dtype) for shape, dtype in self._kept(shapes)], ht)
+        kept = [_dense(shape, q, dtype) for shape, dtype in self._kept(shapes)]
+        return (o, *kept, *rest)
 
     # --- autograd --------------------------------------------------------------------------
     def _setup_context(self, ctx, inputs, output):
         q, k, v, ins, opt = self._split(inputs)
         if self.kalman:
+            # the saving op's kept tensors sit between o and (S, P, the variance)
+            kept = list(output[1:-3])
+            if kept:
+                ctx.mark_non_differentiable(*kept)
             ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["initial_covariance"],
-                                  opt["cu_seqlens"])
+                                  opt["cu_seqlens"], *kept)
             ctx.output_variance = opt["output_variance"]
         else:
             # the saving op's kept tensors (between o and the final state), in the order of
@@ -244,16 +264,18 @@ class LibraryOp:
         ctx.output_final_state = opt["output_final_state"]
         ctx.n_args = len(inputs)
 
-    def _backward_kalman(self, ctx, do, dS, dP, dvar):
+    def _backward_kalman(self, ctx, *grads):
+        do, (dS, dP, dvar) = grads[0], grads[-3:]   # (o, S, P, var), or (o, *kept, S, P, var)
         saved = ctx.saved_tensors
         n = len(self.inputs)
         q, k, v, ins = saved[0], saved[1], saved[2], list(saved[3:3 + n])
         S0, P0, cu = saved[3 + n], saved[4 + n], saved[5 + n]
+        kept = [list(saved[6 + n:])] if self.saves else []
         def given(x, asked):
             return x.contiguous() if asked and x is not None else None
         out = self._backward_op(q, k, v, *ins, do.contiguous(), given(dS, ctx.output_final_state),
                                 given(dP, ctx.output_final_state), given(dvar, ctx.output_variance),
-                                ctx.scale, S0, P0, cu)
+                                ctx.scale, S0, P0, cu, *kept)
         dq, dk, dv, dins = out[0], out[1], out[2], list(out[3:3 + n])
         dS0, dP0 = out[3 + n], out[4 + n]
         # one gradient per op argument: q, k, v, inputs, scale, initial_state,
@@ -283,22 +305,22 @@ class LibraryOp:
         if fn is None:
             raise NotImplementedError(f"{self.name}: the generated {self.family}-family kernels have no "
                                       "backward yet (module.backward is missing)")
+        kw = {}
         if self.kalman:
-            do, dS, dP, dvar, scale, S0, P0, cu = rest[n:]
+            do, dS, dP, dvar, scale, S0, P0, cu = rest[n:n + 8]
+            if self.saves:
+                kw["saved"] = _given(rest[n + 8])
             state = None if S0 is None and P0 is None else (S0, P0)
             dht = None if dS is None and dP is None else (dS, dP)
-            out = fn(q, k, v, *ins, do, dht=dht, dvar=dvar, scale=scale, initial_state=state, cu_seqlens=cu)
+            out = fn(q, k, v, *ins, do, dht=dht, dvar=dvar, scale=scale, initial_state=state, cu_seqlens=cu, **kw)
             grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], [q, k, v, *ins])]
             dS0, dP0 = out[3 + n] if out[3 + n] is not None else (None, None)
             grads.append(_empty(q) if dS0 is None else dS0.to(S0.dtype).contiguous())
             grads.append(_empty(q) if dP0 is None else dP0.to(P0.dtype).contiguous())
             return tuple(grads)
         do, dht, scale, h0, cu = rest[n:n + 5]
-        kw = {}
         if self.saves:
-            # an empty list: nothing was kept (the backward recomputes); an empty tensor: absent
-            kept = rest[n + 5]
-            kw["saved"] = tuple(None if x.numel() == 0 else x for x in kept) if len(kept) else None
+            kw["saved"] = _given(rest[n + 5])
         out = fn(q, k, v, *ins, do, dht=dht, scale=scale, initial_state=h0, cu_seqlens=cu, config=None, **kw)
         like = [q, k, v, *ins]
         grads = [g.to(x.dtype).contiguous() for g, x in zip(out[:3 + n], like)]
@@ -328,6 +350,12 @@ class LibraryOp:
         return self._call(self._recurrent_op, q, k, v, args, kwargs)
 
     __call__ = forward
+
+    def _wants_saving(self, op, tensors) -> bool:
+        """Whether to run the saving op instead of op: keep what the backward would recompute
+        only when a gradient will be asked for."""
+        return (op is self._forward_op and self._saving_op is not None and torch.is_grad_enabled()
+                and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors))
 
     def _call(self, op, q, k, v, args, kwargs):
         if len(args) > len(self.inputs):
@@ -369,9 +397,7 @@ class LibraryOp:
             state = kwargs.get("initial_state")
             if state is not None and not isinstance(state, torch.Tensor):
                 raise ValueError(f"initial_state must be a [N, H, K, V] tensor, got {type(state).__name__}")
-            # keep what the backward would recompute only when a gradient will be asked for
-            if op is self._forward_op and self._saving_op is not None and torch.is_grad_enabled() and any(
-                    isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, *ins, state)):
+            if self._wants_saving(op, (q, k, v, *ins, state)):
                 op = self._saving_op
             out = op(q, k, v, *ins, scale, state, ofs, cu, check, config)
             return out[0], (out[-1] if ofs else None)
@@ -379,8 +405,11 @@ class LibraryOp:
         for what, x in (("initial_state[0] (mean S)", S0), ("initial_state[1] (covariance P)", P0)):
             if x is not None and not isinstance(x, torch.Tensor):
                 raise ValueError(f"{what} must be a tensor, got {type(x).__name__}")
+        if self._wants_saving(op, (q, k, v, *ins, S0, P0)):
+            op = self._saving_op
         ov = bool(kwargs.get("output_variance", False))
-        o, S, P, var = op(q, k, v, *ins, scale, S0, P0, ofs, ov, cu, check, config)
+        out = op(q, k, v, *ins, scale, S0, P0, ofs, ov, cu, check, config)
+        o, (S, P, var) = out[0], out[-3:]
         final = (S, P) if ofs else None
         return (o, final, var) if ov else (o, final)
 

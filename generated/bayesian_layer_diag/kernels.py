@@ -476,10 +476,13 @@ def _launch_config(K, V, config):
     return _cfg
 
 
-def _covariance_precisions(launch):
+def _covariance_precisions(launch, dtype):
     """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
-    each group's own precision_<group>, else the kernel's `precision`."""
-    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] for _g in _COVARIANCE_GROUPS}
+    each group's own precision_<group>, else the kernel's `precision`, else by the inputs'
+    dtype: "tf32x3" for float32, "tf32" for 16-bit inputs (default_config says why)."""
+    _by_dtype = "tf32x3" if dtype == torch.float32 else "tf32"
+    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] or _by_dtype
+            for _g in _COVARIANCE_GROUPS}
 
 
 DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
@@ -635,7 +638,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         q, k, v, g, p0, r, sigma, _w, _u, _z, _Bm, _var, _P0, _Pt, _Pc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     _h = q.new_empty(NS, H, K, V, dtype=v.dtype)
@@ -1010,22 +1013,27 @@ def token_chain_kernel(
 
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
+# the per-key backward recomputes the filter under autograd: it reads nothing the forward keeps
+BACKWARD_READS_SAVED = False
 
-def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+
+def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of bayesian_layer_diag's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: (dS [N, H, K, V], dP [N, H, K, K]) the
     gradients w.r.t. the final state, either or both None; dvar: [B, T, H] the gradient
     w.r.t. the predictive variance, or None. config: unused (no backward kernels to tune).
+    saved: what `forward(..., save_for_backward=True)` returned as saved, or None to recompute it (unused: the per-key filter's gradients are taken by autograd).
     Returns (dq, dk, dv, dg, dp0, dr, dsigma, (dS0, dP0)): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens); the last item is None without an initial state,
     else the gradients of its given parts.
 
     Steps: the per-token quantities from the inputs (printed from the derivation), the
     gradients of the chunked filter w.r.t. them (designmodel.chunked.kalman_backward: the
-    filter recomputed in PyTorch under autograd, exact but not a kernel yet), then the chain
-    rule back to the inputs (sympy's derivatives, printed).
+    filter recomputed in PyTorch under autograd, exact but not a kernel yet; the explicit
+    adjoint has no per-key decay yet), then the chain rule back to the inputs (sympy's
+    derivatives, printed).
     """
     from designmodel.chunked import kalman_backward
 

@@ -814,19 +814,21 @@ def default_config(K, V):
     form K^ P, S_in and q^^T P q^), factor (the LDL's panels and Schur complements), solve
     (Y = L^-1 U^) and update (P', whose rounding carries over every later chunk).
     The covariance path is float32 throughout. The update's dots run "tf32x3" (near float32:
-    P' carries its rounding into every later chunk), the others one-pass "tf32": on an H100 at
-    (4, 4096, 16, 128) bf16 the layer took 7.36 ms against 10.1 to 12.3 with tf32x3 throughout,
-    with fp32 inputs within 5.8e-4 of float64 (tf32x3 throughout: 4.2e-7), the stress grid and
-    rls at T = 65536, r = 1e-4 finite (bench/RESULTS.md, session 5). tf32x3 for the
-    innovation group is what spills (sm_90: 5140 against 2652 B). 4 warps: at K = 128 on an
-    H100 they beat 8 by 5% and 2 by 8x.
+    P' carries its rounding into every later chunk); the others take precision None: "tf32x3"
+    for float32 inputs and one-pass "tf32" for 16-bit ones. On an H100 at (4, 4096, 16, 128)
+    bf16 the layer took 7.36 ms with tf32 against 10.1 to 12.3 with tf32x3 throughout, the
+    stress grid and rls at T = 65536, r = 1e-4 finite (bench/RESULTS.md, session 5); but
+    float32 inputs need tf32x3: with tf32 they were 1.8e-3 off float64 on packed sequences
+    (issue 4 asks 1e-3) and 30x off on rls with r = 1e-4 and |k| = 3 (session 6). tf32x3 for
+    the innovation group is what spills (sm_90: 5140 against 2652 B). 4 warps: at K = 128 on
+    an H100 they beat 8 by 5% and 2 by 8x.
     The mean's serial pass keeps "tf32x3" (its rounding would accumulate over the chunks). The
     readout, which feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and
     "tf32" (about 5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones, whose
     split operands would otherwise spill.
     """
     return {
-        "covariance": dict(num_warps=4, num_stages=1, precision="tf32",
+        "covariance": dict(num_warps=4, num_stages=1, precision=None,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
@@ -859,10 +861,13 @@ def _launch_config(K, V, config):
     return _cfg
 
 
-def _covariance_precisions(launch):
+def _covariance_precisions(launch, dtype):
     """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
-    each group's own precision_<group>, else the kernel's `precision`."""
-    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] for _g in _COVARIANCE_GROUPS}
+    each group's own precision_<group>, else the kernel's `precision`, else by the inputs'
+    dtype: "tf32x3" for float32, "tf32" for 16-bit inputs (default_config says why)."""
+    _by_dtype = "tf32x3" if dtype == torch.float32 else "tf32"
+    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] or _by_dtype
+            for _g in _COVARIANCE_GROUPS}
 
 
 DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
@@ -1014,7 +1019,7 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
         q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]
@@ -1351,23 +1356,25 @@ def token_chain_kernel(
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
-def backward(q, k, v, p0, r, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None):
+def backward(q, k, v, p0, r, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of rls's forward w.r.t. every tensor input.
 
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: (dS [N, H, K, V], dP [N, H, K, K]) the
     gradients w.r.t. the final state, either or both None; dvar: [B, T, H] the gradient
     w.r.t. the predictive variance, or None. config: unused (no backward kernels to tune).
+    saved: what `forward(..., save_for_backward=True)` returned as saved, or None to recompute it.
     Returns (dq, dk, dv, dp0, dr, (dS0, dP0)): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens); the last item is None without an initial state,
     else the gradients of its given parts.
 
-    Steps: the per-token quantities from the inputs (printed from the derivation), the
-    gradients of the chunked filter w.r.t. them (designmodel.chunked.kalman_backward: the
-    filter recomputed in PyTorch under autograd, exact but not a kernel yet), then the chain
-    rule back to the inputs (sympy's derivatives, printed).
+    Steps: the per-token quantities from the inputs (printed from the derivation); the
+    gradients of the chunked filter w.r.t. them by its explicit adjoint, every chunk at once
+    from the chunk-start states that the forward kernels keep (designmodel.chunked_adjoint.
+    kalman_adjoint_chunks, in PyTorch: docs/KALMAN_BACKWARD.md); then the chain rule back to
+    the inputs (sympy's derivatives, printed).
     """
-    from designmodel.chunked import kalman_backward
+    from designmodel.chunked_adjoint import kalman_adjoint_chunks
 
     check_inputs(q, k, v, p0, r, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
     B, T, H, K = q.shape
@@ -1396,11 +1403,15 @@ def backward(q, k, v, p0, r, do, dht=None, dvar=None, scale=None, initial_state=
     token_quantities_kernel[_grid](
         k, p0, r, noise, prior, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
     )
-    _grads = kalman_backward(
+    if saved is None:
+        # the chunk-start states, by the forward kernels
+        saved = forward(q, k, v, p0, r, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                        check_domain=False, save_for_backward=True)[-1]
+    _grads = kalman_adjoint_chunks(
         q, k, v, None, noise, None,
         prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
         initial_state=initial_state if initial_state is None else _split_state(initial_state),
-        cu_seqlens=cu_seqlens, prior_timing=False)
+        chunk=CHUNK, prior_timing=False, checkpoints=saved, cu_seqlens=cu_seqlens)
     dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
     dnoise = _grads["noise"]
     # the prior is one number per head: its gradient sits on the first row, the chain rule

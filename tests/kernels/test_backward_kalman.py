@@ -2,9 +2,11 @@
 torch autograd through the float64 step-by-step filter (designmodel.reference.recurrent).
 
 The generated `backward` materializes the per-token quantities with a printed kernel, takes
-their gradients from the chunked filter recomputed under autograd (designmodel.chunked), and
-chains them back to the spec's inputs with sympy's derivatives, printed; the ops reach it
-through the custom ops' autograd (designmodel.library), eager and under torch.compile.
+their gradients from the chunked filter's explicit adjoint over every chunk at once, started
+from the chunk-start states the forward kernels keep (designmodel.chunked_adjoint; per-key
+decay: the chunked filter recomputed under autograd, designmodel.chunked), and chains them back
+to the spec's inputs with sympy's derivatives, printed; the ops reach it through the custom ops'
+autograd (designmodel.library), eager and under torch.compile.
 """
 from dataclasses import replace
 
@@ -22,7 +24,7 @@ from designmodel.spec import (Constant, DesignModel, Input, Prior, Readout, Regr
 from .conftest import DEVICE
 from .helpers import relative_error
 
-TOL = 1e-4   # fp32 inputs in the interpreter against float64
+TOL = 1e-4   # fp32 inputs against float64
 
 # a spec outside the zoo: every quantity a nonlinear function of an input, a prior readout
 x, y, z = Input("x"), Input("y"), Input("z")
@@ -106,8 +108,10 @@ def test_varlen_gradients():
     _check("bayesian_layer", B=1, T=60, cu=[0, 13, 60], initial=True, variance=True)
 
 
-def test_compiled_model_backward_matches_eager():
-    """torch.compile(fullgraph=True) through the op's forward and backward custom ops."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_backward_matches_eager(backend):
+    """torch.compile(fullgraph=True) through the op's saving forward and backward custom ops
+    (the variance asked for, the final state not: an unused output before a used one)."""
     gen = torch.Generator().manual_seed(3)
     B, T, H, K = 1, 30, 2, 16
     q, k, v = (torch.randn(B, T, H, K, generator=gen) for _ in range(3))
@@ -121,12 +125,35 @@ def test_compiled_model_backward_matches_eager():
         return (o * o).sum() + var.sum()
 
     grads = []
-    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+    torch._dynamo.reset()
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend=backend)):
         leaves = [t.clone().to(DEVICE).requires_grad_() for t in (q, k, v, g, r, sigma)]
         fn(*leaves).backward()
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         assert relative_error(a, b) <= 1e-6
+
+
+def test_backward_reads_the_chunk_states_the_forward_kept(monkeypatch):
+    """With a gradient to come, the op runs the forward kernels once, keeping the chunk-start
+    means and covariances, and the backward starts from them instead of recomputing them."""
+    module = designmodel.compile("bayesian_layer").kernels
+    calls = []
+    forward, backward = module.forward, module.backward
+
+    def spy_forward(*args, **kw):
+        calls.append(("forward", kw.get("save_for_backward", False)))
+        return forward(*args, **kw)
+
+    def spy_backward(*args, saved=None, **kw):
+        calls.append(("backward", None if saved is None else [tuple(x.shape) for x in saved]))
+        return backward(*args, saved=saved, **kw)
+    monkeypatch.setattr(module, "forward", spy_forward)
+    monkeypatch.setattr(module, "backward", spy_backward)
+    _check("bayesian_layer", B=2, T=70, initial=True, variance=False)
+    B, T, H, K, V = 2, 70, 2, 16, 8
+    NS = B * 2   # two chunks of 64 per sequence
+    assert calls == [("forward", True), ("backward", [(NS, H, K, V), (NS, H, K, K)])]
 
 
 def test_backward_bad_gradient_shape_raises():

@@ -42,9 +42,10 @@ def dots(monkeypatch):
     return seen
 
 
-def run(model, data, config):
-    """The op's (o, S, P, var) with `config`: fp32 inputs, an initial mean and covariance."""
+def run(model, data, config, dtype=torch.float32):
+    """The op's (o, S, P, var) with `config`: q, k, v in dtype, an initial mean and covariance."""
     q, k, v, ins, p0, S0, P0 = data
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     o, (S, P), var = getattr(ops, model)(*to_dev(q, k, v), **{n: x.to(DEVICE) for n, x in ins.items()},
                                          p0=p0.to(DEVICE), initial_state=tuple(to_dev(S0, P0)),
                                          output_final_state=True, output_variance=True, config=config)
@@ -57,18 +58,22 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     """tf32 marks the dots a setting reaches (the gain, mean and readout kernels run tf32x3
     on fp32 inputs): each group's key alone marks some, the groups together mark exactly
     those of `precision` alone, the groups' own keys win over `precision`, and the default
-    marks all but the update's. Every run agrees with the float64 filter to the kalman tests' tolerance."""
+    marks none for fp32 inputs and, for bf16 ones, what precision "tf32" marks. Every run
+    agrees with the float64 filter to the kalman tests' tolerance."""
     q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=11)
     S0, P0 = initial(1, 1, 32, 16, seed=11)
     data = (q, k, v, ins, p0, S0, P0)
     ref = reference(model, q, k, v, ins, p0, S0, P0)
 
-    def marked(config):
+    def marked(config, dtype=torch.float32):
         dots.clear()
-        got = run(model, data, config)
-        for name, x, y in zip(("o", "S", "P", "var"), got, (ref.o, ref.state, ref.covariance, ref.variance)):
+        got = run(model, data, config, dtype)
+        # the reference on the inputs as rounded to dtype
+        want = ref if dtype == torch.float32 else reference(
+            model, *(x.to(dtype).float() for x in (q, k, v)), ins, p0, S0, P0)
+        for name, x, y in zip(("o", "S", "P", "var"), got, (want.o, want.state, want.covariance, want.variance)):
             err = relative_error(x, y)
-            assert err <= TOLERANCE[torch.float32], f"{model} {config}: {name} relative error {err:.2e}"
+            assert err <= TOLERANCE[dtype], f"{model} {config}: {name} relative error {err:.2e}"
         return Counter(dots)["tf32"]
 
     # `precision` reaches every group without a default of its own (the update has one)
@@ -78,8 +83,13 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     assert sum(per_group.values()) == everything, (per_group, everything)
     overridden = {f"precision_{g}": "tf32x3" for g in GROUPS[model]}
     assert marked({"covariance": {"precision": "tf32", **overridden}}) == 0
-    # the default: tf32 but for the update's tf32x3 (the per-key kernel at K <= 64: tf32x3)
-    assert marked(None) == (0 if model == "bayesian_layer_diag" else everything - per_group["update"])
+    # the default: tf32x3 for fp32 inputs; for bf16 ones tf32 but for the update's tf32x3
+    # (the per-key kernel at K <= 64: tf32x3 for both), as precision "tf32" gives
+    assert marked(None) == 0
+    bf16 = marked(None, torch.bfloat16)
+    assert bf16 == marked({"covariance": {"precision": "tf32x3" if model == "bayesian_layer_diag" else "tf32"}},
+                          torch.bfloat16)
+    assert bf16 > 0   # the readout's dots run tf32 for 16-bit inputs
 
 
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
@@ -91,7 +101,7 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
     cases = [
         ("bayesian_layer", {"covariance": {"precision_update": "tf32x4"}}, r"precision_update.*must be one of"),
         ("bayesian_layer", {"covariance": {"precision": "fp16"}}, r"'precision'.*must be one of"),
-        ("bayesian_layer", {"covariance": {"precision": None}}, r"'precision'.*must be one of"),
+        ("bayesian_layer_diag", {"covariance": {"precision": None}}, r"'precision'.*must be one of"),
         ("bayesian_layer", {"covariance": {"precision_updat": "tf32"}}, r"unknown setting 'precision_updat'"),
         ("bayesian_layer_diag", {"covariance": {"precision_factor": "tf32"}}, r"unknown setting 'precision_factor'"),
         ("bayesian_layer", {"covariance": "tf32"}, r"config\['covariance'\] must be a dict"),

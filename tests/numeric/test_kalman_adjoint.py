@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import designmodel.chunked_adjoint as ca
 from designmodel import zoo
 from designmodel.chunked import kalman_backward
-from designmodel.chunked_adjoint import kalman_adjoint, kalman_adjoint_two_sweeps, kalman_checkpoints
+from designmodel.chunked_adjoint import (kalman_adjoint, kalman_adjoint_chunks, kalman_adjoint_two_sweeps,
+                                         kalman_checkpoints)
 from designmodel.derive import derive
 from designmodel.reference import recurrent
 from designmodel.spec import DesignModel, Prior, Readout, Regression, Transition, exp, isotropic
@@ -56,8 +57,10 @@ def _sym(X):
 
 
 @pytest.mark.parametrize("sweep,chunk,T", [(kalman_adjoint, 16, 37), (kalman_adjoint, 32, 45),
-                                           (kalman_adjoint_two_sweeps, 16, 37)],
-                         ids=["one_sweep-16-37", "one_sweep-32-45", "two_sweeps-16-37"])
+                                           (kalman_adjoint_two_sweeps, 16, 37),
+                                           (kalman_adjoint_chunks, 16, 37), (kalman_adjoint_chunks, 8, 40)],
+                         ids=["one_sweep-16-37", "one_sweep-32-45", "two_sweeps-16-37", "chunks-16-37",
+                              "chunks-8-40"])
 @pytest.mark.parametrize("initial", [False, True], ids=["prior", "initial_state"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c if isinstance(c, str) else c.name)
 def test_adjoint_matches_autograd_through_step_by_step(case, initial, sweep, chunk, T):
@@ -138,6 +141,50 @@ def test_adjoint_full_prior_covariance_and_partial_state_gradients():
         assert _rel(got[name], want[name]) <= TOL, name
     assert _rel(got["prior"], _sym(want["prior"])) <= TOL
     assert _rel(got["initial_state"][0], want["initial_state"][0]) <= TOL
+
+
+@pytest.mark.parametrize("initial", [False, True], ids=["prior", "initial_state"])
+def test_chunks_from_given_checkpoints_and_packed_sequences(initial):
+    # the every-chunk-at-once sweep reading checkpoints in the generated forward's layout
+    # ([NS, H, K, *], chunk i of sequence n at chunk_starts[n] + i), on packed sequences,
+    # against the one-chunk-at-a-time sweep run on each sequence alone
+    spec = _spec("bayesian_variance", exp(zoo.g), zoo.sigma)
+    bounds, chunk = [0, 13, 40, 57], 8
+    N = len(bounds) - 1
+    q, k, v, x, init = _draw(spec, 1, bounds[-1], 2, 6, 5, seed=51, N=N)
+    do, dS, dP, dvar = _cotangents(spec, v, init, seed=52)
+    kw = dict(scale=0.6, chunk=chunk)
+    per, states, covs = [], [], []
+    for n in range(N):
+        b, e = bounds[n], bounds[n + 1]
+        cut = {m: (y[:, b:e] if y.dim() > 1 else y) for m, y in x.items()}
+        h0 = (init[0][n:n + 1], init[1][n:n + 1]) if initial else None
+        S_c, P_c = kalman_checkpoints(q[:, b:e], k[:, b:e], v[:, b:e], **_canonical(cut),
+                                      initial_state=h0, **kw)
+        states.append(S_c[:-1, 0])
+        covs.append(P_c[:-1, 0])
+        per.append(kalman_adjoint(q[:, b:e], k[:, b:e], v[:, b:e], **_canonical(cut), do=do[:, b:e],
+                                  dht=(dS[n:n + 1], dP[n:n + 1]), dvar=dvar[:, b:e], initial_state=h0,
+                                  **kw))
+    got = kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, dht=(dS, dP), dvar=dvar,
+                                initial_state=init if initial else None,
+                                checkpoints=(torch.cat(states), torch.cat(covs)),
+                                cu_seqlens=torch.tensor(bounds), **kw)
+    for name in ("q", "k", "v", "log_decay", "noise", "process_noise"):
+        want = torch.cat([p[name] for p in per], 1)
+        assert _rel(got[name], want) <= TOL, name
+    if initial:
+        for j in (0, 1):
+            want = torch.cat([p["initial_state"][j] for p in per])
+            assert _rel(got["initial_state"][j], want) <= TOL
+    else:
+        assert _rel(got["prior"], sum(p["prior"] for p in per)) <= TOL
+    with pytest.raises(ValueError, match="checkpoints"):
+        kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, checkpoints=(states[0], covs[0]),
+                              cu_seqlens=torch.tensor(bounds), **kw)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, cu_seqlens=torch.tensor([0, 30, 20, 57]),
+                              **kw)
 
 
 def test_forward_keeps_only_chunk_start_states(monkeypatch):
