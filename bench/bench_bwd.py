@@ -114,8 +114,14 @@ def profile(model, run, reps=5) -> dict:
         for _ in range(reps):
             run()
         torch.cuda.synchronize()
-    res = {e.key[:60]: e.device_time_total / reps / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+    # kernels whose names agree in their first 60 characters are summed (PyTorch's elementwise
+    # kernels differ only further on)
+    res = {}
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            res[e.key[:60]] = res.get(e.key[:60], 0.0) + e.device_time_total / reps / 1000
     res = dict(sorted(res.items(), key=lambda a: -a[1]))
+    print(f"  profile {model:16s} {'all kernels':60s} {sum(res.values()):8.3f} ms", flush=True)
     for name, ms in res.items():
         print(f"  profile {model:16s} {name:60s} {ms:8.3f} ms", flush=True)
     return res

@@ -25,6 +25,8 @@ I or none, prior a number, p0 [H] or the prior covariance [H, K, K]. Not done: p
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 __all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps", "kalman_adjoint_chunks"]
@@ -32,14 +34,12 @@ __all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps", 
 
 # --- small linear-algebra pieces ----------------------------------------------------------------
 
-def _solve_lower(L, X):
-    """L^-1 X for lower-triangular L [.., C, C], X [.., C, N]."""
-    return torch.linalg.solve_triangular(L, X, upper=False)
-
-
-def _solve_lower_t(L, X):
-    """L^-T X for lower-triangular L [.., C, C], X [.., C, N]."""
-    return torch.linalg.solve_triangular(L.mT, X, upper=True)
+def _inverse_lower(L):
+    """L^-1 for lower-triangular L [.., C, C] (lower-triangular too). The chunk's solves are
+    products with it: one triangular solve per chunk, then matrix products, which batch far
+    better on a GPU than a triangular solve per right-hand side (as the forward kernels do)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
 def _sym(X):
@@ -47,15 +47,13 @@ def _sym(X):
     return 0.5 * (X + X.mT)
 
 
-def _cholesky_adjoint(Lc, dLc):
-    """dS_in from dLc for S_in = Lc Lc^T (symmetric): sym(Lc^-T Phi(Lc^T dLc) Lc^-1), where Phi
-    keeps the lower triangle and halves the diagonal (Murray 2016, "Differentiation of the
-    Cholesky decomposition")."""
+def _cholesky_adjoint(Lc, Li, dLc):
+    """dS_in from dLc for S_in = Lc Lc^T (symmetric; Li = Lc^-1): sym(Lc^-T Phi(Lc^T dLc) Lc^-1),
+    where Phi keeps the lower triangle and halves the diagonal (Murray 2016, "Differentiation
+    of the Cholesky decomposition")."""
     Phi = (Lc.mT @ dLc).tril()
     Phi = Phi - 0.5 * torch.diag_embed(Phi.diagonal(dim1=-2, dim2=-1))
-    X = torch.linalg.solve_triangular(Lc.mT, Phi, upper=True)           # Lc^-T Phi
-    X = torch.linalg.solve_triangular(Lc, X, upper=False, left=False)    # (Lc^-T Phi) Lc^-1
-    return _sym(X)
+    return _sym(Li.mT @ Phi @ Li)
 
 
 # --- one chunk ------------------------------------------------------------------------------------
@@ -95,74 +93,77 @@ def _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict):
     KhP = Kh @ P                                                         # [C, K]
     S_in = KhP @ Kh.mT + M * Cs + torch.diag_embed(r)                    # innovation covariance
     Lc = torch.linalg.cholesky_ex(S_in).L
+    Li = _inverse_lower(Lc)
     U = a[..., None] * KhP + e[..., None] * Kc                           # gain directions [C, K]
     QU = Q @ U.mT
     A = Gam * QU                                                         # [C, C], lower
-    R = _solve_lower(Lc, A.mT).mT                                        # A Lc^-T
+    R = A @ Li.mT                                                        # A Lc^-T
     W = R.tril(-1) if strict else R.tril()
-    Et = _solve_lower(Lc, Vc - Kh @ S)                                   # whitened innovations [C, V]
+    Et = Li @ (Vc - Kh @ S)                                              # whitened innovations [C, V]
     gC = Gam[..., -1, :]                                                 # a_C / a_i
-    Yt = _solve_lower(Lc, gC[..., None] * U)                             # whitened gains [C, K]
-    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, Lc=Lc, U=U,
+    Yt = Li @ (gC[..., None] * U)                                        # whitened gains [C, K]
+    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, Lc=Lc, Li=Li, U=U,
                 QU=QU, R=R, W=W, Et=Et, gC=gC, Yt=Yt, aC=a[..., -1])
 
 
-def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
+def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean=True,
+                   carry_covariance=True):
     """The adjoint of `_chunk_forward`: from dO [C, V], dvar [C] and the gradients w.r.t. the
     chunk-end state (dS1 [K, V], dP1 [K, K] symmetric), the gradients w.r.t. the chunk's
     inputs (dQ, dK, dV, dg, dr, dsigma) and its start state (dS, dP symmetric).
 
     A cotangent given as None is zero, and the terms it feeds are skipped (the adjoint is linear
     in the cotangents: kalman_adjoint_chunks calls it at (dO, dvar, dS1) and at dP1 alone);
-    dV and dS are then None when nothing reaches them. Steps in the reverse order of the
-    forward; each line is the adjoint of one forward line.
+    dV and dS are then None when nothing reaches them. carry_mean, carry_covariance: False
+    skips the start state's dS or dP (returned as None), when the sweeps give them. Steps in
+    the reverse order of the forward; each line is the adjoint of one forward line.
     """
-    a, Gam, e, Lc, aC = c["a"], c["Gam"], c["e"], c["Lc"], c["aC"]
+    a, Gam, e, Lc, Li, aC = c["a"], c["Gam"], c["e"], c["Lc"], c["Li"], c["aC"]
     Kh, Qh, KhP, U, W, Et, Yt = c["Kh"], c["Qh"], c["KhP"], c["U"], c["W"], c["Et"], c["Yt"]
     dQ, dQh, dW, dEt, de = 0, 0, None, None, torch.zeros_like(e)
     dS, dP, dYt, daC, deC = None, 0, 0, 0, 0
     # chunk-end state: S' = a_C S + Yt^T Et, P' = a_C^2 P + e_C I - Yt^T Yt
     if dS1 is not None:
-        dS = aC[..., None, None] * dS1
+        dS = aC[..., None, None] * dS1 if carry_mean else None
         dYt = Et @ dS1.mT
         dEt = Yt @ dS1
         daC = (dS1 * S).sum((-2, -1))
     if dP1 is not None:
-        dP = aC[..., None, None] ** 2 * dP1
+        dP = aC[..., None, None] ** 2 * dP1 if carry_covariance else 0
         dYt = dYt - 2 * Yt @ dP1
         daC = daC + 2 * aC * (dP1 * P).sum((-2, -1))
         deC = dP1.diagonal(dim1=-2, dim2=-1).sum(-1)
     # readout: O = Q^ S + W Et
     if dO is not None:
         dQh = dO @ S.mT
-        dS = _add(dS, Qh.mT @ dO)
+        dS = _add(dS, Qh.mT @ dO) if carry_mean else None
         dW = dO @ Et.mT
         dEt = _add(dEt, W.mT @ dO)
     if dvar is not None:
         # var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
         dQh = dQh + 2 * dvar[..., None] * (Qh @ P)
-        dP = dP + Qh.mT @ (dvar[..., None] * Qh)
+        dP = dP + Qh.mT @ (dvar[..., None] * Qh) if carry_covariance else 0
         de = de + dvar * (Q * Q).sum(-1)
         dQ = dQ + 2 * (dvar * e)[..., None] * Q
         dW = _add(dW, -2 * dvar[..., None] * W)
     # whitened gains Yt = Lc^-1 (gC o U) and innovations Et = Lc^-1 (V - K^ S)
     if isinstance(dYt, torch.Tensor):
-        dUh = _solve_lower_t(Lc, dYt)
+        dUh = Li.mT @ dYt
         dLc = -(dUh @ Yt.mT)
     else:                                                                # no state cotangent
         dUh, dLc = torch.zeros_like(U), torch.zeros_like(Lc)
     dV, dKh = None, 0
     if dEt is not None:
-        dX = _solve_lower_t(Lc, dEt)
+        dX = Li.mT @ dEt
         dLc = dLc - dX @ Et.mT
         dV = dX
         dKh = -(dX @ S.mT)
-        dS = _add(dS, -(Kh.mT @ dX))
+        dS = _add(dS, -(Kh.mT @ dX)) if carry_mean else None
     # scores R = A Lc^-T (R^T = Lc^-1 A^T), W = mask(R)
     dQU, dGam = 0, 0
     if dW is not None:
         dR = dW.tril(-1) if strict else dW.tril()
-        dAt = _solve_lower_t(Lc, dR.mT)                                  # dA^T = Lc^-T dR^T
+        dAt = Li.mT @ dR.mT                                              # dA^T = Lc^-T dR^T
         dA = dAt.mT
         dLc = dLc - dAt @ c["R"]
         dQU = dA * Gam
@@ -181,7 +182,7 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
     de = de + (dU * Kc).sum(-1)
     dK = e[..., None] * dU
     # innovation covariance S_in = K^ P K^^T + (K K^T) o Cs + diag(r), S_in = Lc Lc^T
-    dSin = _cholesky_adjoint(Lc, dLc)
+    dSin = _cholesky_adjoint(Lc, Li, dLc)
     dr = dSin.diagonal(dim1=-2, dim2=-1)
     dKhP = dKhP + dSin @ Kh
     dKh = dKh + dSin @ KhP
@@ -193,7 +194,7 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
     de = de + (dCm * Gam).sum(-2)
     # K^ P
     dKh = dKh + dKhP @ P
-    dP = dP + Kh.mT @ dKhP
+    dP = _sym(dP + Kh.mT @ dKhP) if carry_covariance else None
     # decayed keys and queries K^ = a o K, Q^ = a o Q
     dK = dK + a[..., None] * dKh
     da = da + (dKh * Kc).sum(-1)
@@ -212,7 +213,7 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict):
     db = da * a + dG.sum(-1) - dG.sum(-2)
     dg = db.flip(-1).cumsum(-1).flip(-1)
     dQ = dQ if isinstance(dQ, torch.Tensor) else torch.zeros_like(Q)
-    return dict(q=dQ, k=dK, v=dV, g=dg, r=dr, sigma=dsigma), dS, _sym(dP)
+    return dict(q=dQ, k=dK, v=dV, g=dg, r=dr, sigma=dsigma), dS, dP
 
 
 def _add(x, y):
@@ -360,7 +361,7 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
 def _transition(c):
     """The chunk's mean transition F = a_C I - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys) and
     its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
-    Wk = _solve_lower(c["Lc"], c["Kh"])
+    Wk = c["Li"] @ c["Kh"]
     K = Wk.shape[-1]
     eye = torch.eye(K, dtype=Wk.dtype, device=Wk.device)
     return c["aC"][..., None, None] * eye - c["Yt"].mT @ Wk, c["Qh"] - c["W"] @ Wk
@@ -449,7 +450,7 @@ def _from_chunks(x, T):
 
 def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
                           scale=None, initial_state=None, chunk=64, prior_timing=False,
-                          checkpoints=None, cu_seqlens=None):
+                          checkpoints=None, cu_seqlens=None, tf32=False, sweeps=None):
     """`kalman_adjoint_two_sweeps` with every chunk at once: the backward a GPU runs.
 
     The parallel steps (2, 4, 6 of docs/KALMAN_BACKWARD.md section 5) take all chunks as one
@@ -462,7 +463,11 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         chunk i of sequence n at n * NC + i, or at chunk_starts(cu_seqlens)[n] + i for packed
         sequences), or None to recompute them here (`kalman_checkpoints`);
     cu_seqlens: [N + 1] packed sequence boundaries (B = 1) or None; each sequence is swept
-        on its own, from its own initial state and final-state gradients.
+        on its own, from its own initial state and final-state gradients;
+    tf32: run the float32 matrix products on a GPU's TF32 tensor cores (about 1e-3 relative;
+        the forward kernels' covariance precision for 16-bit inputs), else in full float32;
+    sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
+        module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch.
     """
     B, T, H, K = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
     bounds = [0, T] if cu_seqlens is None else [int(b) for b in cu_seqlens]
@@ -497,14 +502,16 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         else:
             # [NS, H, K, *] -> [B, H, NC, K, *] (B = 1 for one packed sequence)
             pick = slice(c0, c0 + NC) if n is not None else slice(None)
-            states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2).to(f) for x in checkpoints)
+            states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2).to(f).contiguous()
+                            for x in checkpoints)
         x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
                                        tok(process_noise), prior, scale, None)
-        grads, dS0, dP0 = _sweep_chunks(
-            {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
-            _in_chunks(tok(do).to(f).transpose(1, 2), chunk, 0.0),
-            None if dvar is None else _in_chunks(tok(dvar).to(f).transpose(1, 2), chunk, 0.0),
-            one(dS_end), one(dP_end), prior_timing)
+        with _matmul_tf32(tf32):
+            grads, dS0, dP0 = _sweep_chunks(
+                {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
+                _in_chunks(tok(do).to(f).transpose(1, 2), chunk, 0.0),
+                None if dvar is None else _in_chunks(tok(dvar).to(f).transpose(1, 2), chunk, 0.0),
+                one(dS_end), one(dP_end), prior_timing, sweeps, tf32)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
     dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
@@ -512,33 +519,77 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                     initial_state, scale_)
 
 
-def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict):
-    """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
-    chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
-    or None, dS_end and dP_end the final state's gradients or None. Returns (the gradients
-    [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma; dS0; dP0)."""
-    NC = states.shape[2]
-    # (2) the chunks' quantities, their mean transitions F and readout maps Q^ - W Wk
-    c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
-    F, readout = _transition(c)
-    # (3) dS at every chunk end, sequential
-    dS = torch.zeros_like(states[:, :, 0]) if dS_end is None else dS_end.to(states.dtype)
-    dS_ends = torch.empty_like(states)
+@contextlib.contextmanager
+def _matmul_tf32(on):
+    """Within the block, float32 matrix products on CUDA take TF32 when `on` (restored after)."""
+    matmul = torch.backends.cuda.matmul
+    if not on:
+        yield
+        return
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    old = getattr(matmul, name)
+    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
+
+
+def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
+    """Step 3 chunk by chunk: dS = F^T dS' + (Q^ - W Wk)^T dO with F = a_C I - Yt^T Wk, i.e.
+    dS = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO). Yt, Wk, Qh [B, H, NC, C, K], W [B, H, NC,
+    C, C], dO [B, H, NC, C, V], aC [B, H, NC], dS_end [B, H, K, V] or None. Returns (dS at
+    every chunk end [B, H, NC, K, V], dS at the start). (tf32: the caller's context sets it.)"""
+    B, H, NC, C, K = Yt.shape
+    dS = Yt.new_zeros(B, H, K, dO.shape[-1]) if dS_end is None else dS_end
+    dS_ends = Yt.new_empty(B, H, NC, K, dO.shape[-1])
     for i in reversed(range(NC)):
         dS_ends[:, :, i] = dS
-        dS = F[:, :, i].mT @ dS + readout[:, :, i].mT @ dO[:, :, i]
-    # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
-    grads, _, sources = _chunk_adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
-                                       dS_ends, None, strict)
-    # (5) dP at every chunk end, sequential
-    dP = torch.zeros_like(covs[:, :, 0]) if dP_end is None else _sym(dP_end.to(covs.dtype))
-    dP_ends = torch.empty_like(covs)
+        X = Yt[:, :, i] @ dS + W[:, :, i].mT @ dO[:, :, i]
+        dS = aC[:, :, i, None, None] * dS + Qh[:, :, i].mT @ dO[:, :, i] - Wk[:, :, i].mT @ X
+    return dS_ends, dS
+
+
+def _covariance_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
+    """Step 5 chunk by chunk: dP = F^T dP' F + Src with F = a_C I - Yt^T Wk, i.e. (X = Yt dP')
+    dP = a_C^2 dP' - a_C (X^T Wk + Wk^T X) + Wk^T (X Yt^T) Wk + Src. Yt, Wk [B, H, NC, C, K],
+    sources [B, H, NC, K, K], aC [B, H, NC], dP_end [B, H, K, K] (symmetric) or None. Returns
+    (dP at every chunk end [B, H, NC, K, K], dP at the start)."""
+    B, H, NC, C, K = Yt.shape
+    dP = Yt.new_zeros(B, H, K, K) if dP_end is None else dP_end
+    dP_ends = Yt.new_empty(B, H, NC, K, K)
     for i in reversed(range(NC)):
         dP_ends[:, :, i] = dP
-        dP = F[:, :, i].mT @ dP @ F[:, :, i] + sources[:, :, i]
+        a, Y, Wk_ = aC[:, :, i, None, None], Yt[:, :, i], Wk[:, :, i]
+        X = Y @ dP
+        M = X.mT @ Wk_
+        dP = a * a * dP - a * (M + M.mT) + Wk_.mT @ (X @ Y.mT) @ Wk_ + sources[:, :, i]
+    return dP_ends, dP
+
+
+def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, tf32=False):
+    """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
+    chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
+    or None, dS_end and dP_end the final state's gradients or None; sweeps: (mean sweep,
+    covariance sweep) with the signatures of `_mean_sweep` and `_covariance_sweep` (the
+    generated modules' Triton kernels), or None for those. Returns (the gradients [B, H, NC,
+    C, *] of q (scaled), k, v, g, r, sigma; dS0; dP0)."""
+    # (2) the chunks' quantities
+    c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
+    mean_sweep, covariance_sweep = sweeps or (_mean_sweep, _covariance_sweep)
+    Wk = c["Li"] @ c["Kh"]                                               # whitened keys [C, K]
+    # (3) dS at every chunk end, sequential
+    dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
+                             None if dS_end is None else dS_end.to(states.dtype), tf32=tf32)
+    # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
+    grads, _, sources = _chunk_adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
+                                       dS_ends, None, strict, carry_mean=False)
+    # (5) dP at every chunk end, sequential
+    dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
+                                   None if dP_end is None else _sym(dP_end.to(covs.dtype)), tf32=tf32)
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
     more, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
-                                dP_ends, strict)
+                                dP_ends, strict, carry_mean=False, carry_covariance=False)
     for m in ("k", "g", "r", "sigma"):
         grads[m] = grads[m] + more[m]
     return grads, dS, dP

@@ -21,6 +21,7 @@ Kernels, in launch order:
     chunk_covariance_kernel  grid (N * H)    S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)
     chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; S' = a_C S + Z^T E (stores S per chunk and E)
     chunk_readout_kernel     grid (NV, NT, N * H) O = (Q o a) S + B E
+Backward (`backward`): the chunked filter recomputed under autograd (no per-key adjoint yet).
 """
 import torch
 import triton
