@@ -19,9 +19,13 @@ Lc Lc^T; the kernels' LDL form has L = Lc diag(d)^-1, D = d^2, and gives the sam
 with the whitened innovations Et = Lc^-1 (V - K^ S) and gains Yt = Lc^-1 U^, the LDL form's
 B E is W Et for W = mask(A Lc^-T), Z^T E is Yt^T Et and Y^T Z is Yt^T Yt.
 
+`kalman_adjoint_chunks` is the schedule the generated modules' backward runs: every chunk at
+once, from the checkpoints the forward kernels keep, with the two sequential sweeps as the
+modules' Triton kernels (docs/KALMAN_BACKWARD.md, section 6); it also takes packed sequences.
+
 Scope: scalar decay (rls, bayesian_layer; log_decay [B, T, H] or None), process noise sigma_t
 I or none, prior a number, p0 [H] or the prior covariance [H, K, K]. Not done: per-key decay
-(bayesian_layer_diag) and packed sequences (cu_seqlens); both raise ValueError.
+(bayesian_layer_diag; ValueError); packed sequences (cu_seqlens) only in kalman_adjoint_chunks.
 """
 from __future__ import annotations
 
