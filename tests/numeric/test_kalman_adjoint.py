@@ -3,6 +3,7 @@ torch.autograd through the float64 step-by-step filter and against designmodel.c
 autograd backward: every input's gradient, with and without an initial state, with gradients
 of the final state (dS, dP) and of the predictive variance."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -291,3 +292,44 @@ def test_adjoint_in_float32_against_float64_step_by_step():
                       ("sigma", "process_noise"), ("p0", "prior")):
         assert got[key].dtype == torch.float32
         assert _rel(got[key].double(), want[name]) <= 1e-4, name
+
+
+def test_chunks_compiled_steps_match_eager():
+    # the parallel steps through torch.compile (what a CUDA backward runs) give the eager
+    # steps' gradients, which the tests above check against autograd through the filter
+    spec = _spec("bayesian_variance", exp(zoo.g), zoo.sigma)
+    q, k, v, x, init = _draw(spec, 2, 37, 2, 6, 5, seed=61)
+    do, dS, dP, dvar = _cotangents(spec, v, init, seed=62)
+    kw = dict(do=do, dht=(dS, dP), dvar=dvar, scale=0.6, initial_state=init, chunk=16)
+    want = kalman_adjoint_chunks(q, k, v, **_canonical(x), compiled=False, **kw)
+    got = kalman_adjoint_chunks(q, k, v, **_canonical(x), compiled=True, **kw)
+    for name in ("q", "k", "v", "log_decay", "noise", "process_noise"):
+        assert _rel(got[name], want[name]) <= TOL, name
+    for j in (0, 1):
+        assert _rel(got["initial_state"][j], want["initial_state"][j]) <= TOL
+
+
+def test_chunks_fall_back_to_eager_steps_where_compiling_fails(monkeypatch):
+    # a torch.compile that cannot compile (no working inductor, say): one warning, the eager
+    # steps' gradients, and eager steps from then on
+    monkeypatch.setattr(ca, "_COMPILED", [])
+    monkeypatch.setattr(ca, "_COMPILE_FAILED", [])
+
+    def broken(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = _spec("bayesian_variance", exp(zoo.g), zoo.sigma)
+    q, k, v, x, init = _draw(spec, 1, 20, 1, 4, 3, seed=71)
+    do = torch.randn(*v.shape, dtype=torch.float64)
+    want = kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, chunk=8, compiled=False)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        got = kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, chunk=8, compiled=True)
+    assert all(_rel(got[n], want[n]) <= TOL for n in ("q", "k", "v", "log_decay", "noise"))
+    assert len(ca._COMPILE_FAILED) == 1
+    # from then on the eager steps, without another warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = kalman_adjoint_chunks(q, k, v, **_canonical(x), do=do, chunk=8, compiled=True)
+    assert _rel(again["k"], want["k"]) <= TOL and len(ca._COMPILE_FAILED) == 1
