@@ -96,6 +96,59 @@ def _kernel_rows(d, seed):
     return rows
 
 
+def _gradient_error(d, op, seed):
+    """The largest relative error, over q, k, v and the spec's inputs, of the compiled op's
+    gradients (fp32 inputs) against autograd through the float64 filter, for a loss that reads
+    the output and the final state (and, for the kalman family, the final covariance)."""
+    B, T, H, K, V = 1, 70, 2, 16, 8   # T not a multiple of the chunk; K != V
+    q, k, v, inputs = random_inputs(d, B, T, H, K, V, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wo = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    ws = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    wp = torch.randn(B, H, K, K, generator=gen, dtype=torch.float64)
+    dev = _device()
+    ours = {n: x.float().to(dev).requires_grad_() for n, x in [("q", q), ("k", k), ("v", v), *inputs.items()]}
+    o, state = op(ours["q"], ours["k"], ours["v"], **{n: ours[n] for n in inputs}, scale=1.0,
+                  output_final_state=True)[:2]
+    S, P = state if isinstance(state, tuple) else (state, None)
+    loss = (o * wo.to(o)).sum() + (S * ws.to(S)).sum() + (0 if P is None else (P * wp.to(P)).sum())
+    got = torch.autograd.grad(loss, list(ours.values()))
+    leaves = {n: x.detach().double().cpu().requires_grad_() for n, x in ours.items()}
+    ref = reference.recurrent(d, leaves["q"], leaves["k"], leaves["v"], {n: leaves[n] for n in inputs})
+    rloss = (ref.o * wo).sum() + (ref.state * ws).sum()
+    if P is not None:
+        rloss = rloss + (ref.covariance * wp).sum()
+    want = torch.autograd.grad(rloss, list(leaves.values()), allow_unused=True)
+    unit = leaves["k"].detach()
+    cov = d.spec.prior.covariance
+    errors = []
+    for name, g, w in zip(leaves, got, want):
+        g = g.double().cpu()
+        w = torch.zeros_like(g) if w is None else w
+        if name == "k" and d.structure.unit_keys:
+            # keys on the sphere: only the tangential part of a key's gradient is defined
+            g, w = (x - (x * unit).sum(-1, keepdim=True) * unit for x in (g, w))
+        if cov.kind == "full" and name == cov.value:
+            g, w = (0.5 * (x + x.mT) for x in (g, w))   # a covariance: its symmetric part
+        errors.append(relative_error(g, w))
+    return max(errors)
+
+
+def _gradient_rows(d, seed):
+    """The compiled op's gradients against the float64 filter's, fp32 inputs."""
+    from designmodel.codegen.compiler import compile as compile_op
+    from designmodel.codegen.plan import PlanError
+    try:
+        op = compile_op(d.spec)
+    except PlanError:
+        return []   # _kernel_rows reports it
+    where = "GPU" if _device() == "cuda" else "Triton interpreter"
+    tol = KERNEL_TOL[torch.float32]
+    err = _gradient_error(d, op, seed)
+    return [(f"gradients ({where}, float32) = float64 filter", err < tol,
+             f"rel. error {err:.1e} (tol {tol:.0e})")]
+
+
 def check(spec, seed: int = 0) -> list[tuple[str, bool | None, str]]:
     """Rows (what, passed or None if skipped, detail) for a spec."""
     d = derive(spec)
@@ -103,4 +156,5 @@ def check(spec, seed: int = 0) -> list[tuple[str, bool | None, str]]:
     rows += [(f"proof: {p.statement.split(': ', 1)[1]}", p.holds, "sympy") for p in applicable(d)]
     rows += _reference_rows(d, seed)
     rows += _kernel_rows(d, seed)
+    rows += _gradient_rows(d, seed)
     return rows
