@@ -23,9 +23,11 @@ B E is W Et for W = mask(A Lc^-T), Z^T E is Yt^T Et and Y^T Z is Yt^T Yt.
 once, from the checkpoints the forward kernels keep, with the two sequential sweeps as the
 modules' Triton kernels (docs/KALMAN_BACKWARD.md, section 6); it also takes packed sequences.
 
-Scope: scalar decay (rls, bayesian_layer; log_decay [B, T, H] or None), process noise sigma_t
-I or none, prior a number, p0 [H] or the prior covariance [H, K, K]. Not done: per-key decay
-(bayesian_layer_diag; ValueError); packed sequences (cu_seqlens) only in kalman_adjoint_chunks.
+Scope: a scalar decay (rls, bayesian_layer; log_decay [B, T, H] or None) or a per-key one
+(bayesian_layer_diag; log_decay [B, T, H, K]: a, Gamma and e carry the key dimension last),
+process noise sigma_t I or none, prior a number, p0 [H] or the prior covariance [H, K, K].
+Not done: per-key (diagonal) process noise. Packed sequences (cu_seqlens): only
+kalman_adjoint_chunks.
 """
 from __future__ import annotations
 
@@ -67,49 +69,114 @@ def _cholesky_adjoint(Lc, Li, dLc):
 def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
     """One chunk of the filter from its start state (S [B, H, K, V], P [B, H, K, K]).
 
-    Q (scaled), Kc [B, H, C, K], Vc [B, H, C, V], g, r, sigma [B, H, C]; strict: prior
-    readout (a token's readout does not see its own innovation). Any leading dimensions may
-    stand for [B, H] (kalman_adjoint_chunks passes [B, H, NC], every chunk at once). Returns
-    (o, var, S', P', cache) with cache the chunk's quantities the adjoint reads.
+    Q (scaled), Kc [B, H, C, K], Vc [B, H, C, V], g [B, H, C] (or [B, H, C, K]: a per-key
+    decay), r, sigma [B, H, C]; strict: prior readout (a token's readout does not see its own
+    innovation). Any leading dimensions may stand for [B, H] (kalman_adjoint_chunks passes
+    [B, H, NC], every chunk at once). Returns (o, var, S', P', cache) with cache the chunk's
+    quantities the adjoint reads.
     """
     c = _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict)
     o = c["Qh"] @ S + c["W"] @ c["Et"]
-    var = ((c["Qh"] @ P) * c["Qh"]).sum(-1) + c["e"] * (Q * Q).sum(-1) - (c["W"] * c["W"]).sum(-1)
-    aC, eC, Yt = c["aC"], c["e"][..., -1], c["Yt"]
-    K = P.shape[-1]
-    eye = torch.eye(K, dtype=P.dtype, device=P.device)
-    S_next = aC[..., None, None] * S + Yt.mT @ c["Et"]
-    P_next = _sym(aC[..., None, None] ** 2 * P + eC[..., None, None] * eye - Yt.mT @ Yt)
+    var = (((c["Qh"] @ P) * c["Qh"]).sum(-1) + _fold(_scale(c["e"], Q * Q), Q[..., 0])
+           - (c["W"] * c["W"]).sum(-1))
+    Yt = c["Yt"]
+    S_next = _scale_state(c["aC"], S) + Yt.mT @ c["Et"]
+    P_next = _sym(_scale_state(c["aC"], _scale_state(c["aC"], P).mT) + _diagonal(c["eC"], P)
+                  - Yt.mT @ Yt)
     return o, var, S_next, P_next, c
+
+
+# --- a scalar or a per-key decay -------------------------------------------------------------------
+# With a scalar decay a_t, Gamma_tj and e_t are numbers per token ([.., C], [.., C, C]); with a
+# per-key decay they carry the key dimension last ([.., C, K], [.., C, C, K]). These helpers
+# apply either to the [.., C, K] and [.., K, *] matrices of the filter.
+
+def _scale(x, X):
+    """x o X for X [.., C, K]: a per-token x [.., C] scales X's rows, a per-key x is X's shape."""
+    return x[..., None] * X if x.dim() == X.dim() - 1 else x * X
+
+
+def _fold(X, like):
+    """The adjoint of `_scale` w.r.t. x: X [.., C, K] summed over the keys when x (like) is per
+    token, as it is when x is per key."""
+    return X.sum(-1) if like.dim() == X.dim() - 1 else X
+
+
+def _scale_state(aC, X):
+    """diag(a_C) X for X [.., K, *]: a_C a number per chunk [..] or per key [.., K]."""
+    return aC[..., None, None] * X if aC.dim() == X.dim() - 2 else aC[..., :, None] * X
+
+
+def _diagonal(eC, like):
+    """diag(e_C) [.., K, K] from a number per chunk or per key."""
+    K = like.shape[-1]
+    if eC.dim() == like.dim() - 2:
+        return eC[..., None, None] * torch.eye(K, dtype=like.dtype, device=like.device)
+    return torch.diag_embed(eC)
+
+
+def _decays(g, sigma, per_key):
+    """a (decay since the chunk start), Gamma_tj = a_t / a_j (t >= j, else 0) and e (process
+    noise since the chunk start), per token or per token and key."""
+    C = g.shape[-2] if per_key else g.shape[-1]
+    low = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    b = g.cumsum(-2 if per_key else -1)                                  # log decay since chunk start
+    # Gamma masked to -inf before exp (no overflow above the diagonal)
+    if per_key:
+        Gam = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~low[..., None], float("-inf")).exp()
+        e = (Gam * Gam * sigma[..., None, :, None]).sum(-2)              # [.., C, K]
+    else:
+        Gam = (b[..., :, None] - b[..., None, :]).masked_fill(~low, float("-inf")).exp()
+        e = (Gam * Gam * sigma[..., None, :]).sum(-1)                    # [.., C]
+    return b.exp(), Gam, e, low
+
+
+def _last(x, per_key):
+    """The chunk's last token of a per-token [.., C] or per-key [.., C, K] quantity."""
+    return x[..., -1, :] if per_key else x[..., -1]
+
+
+def _noise_scores(Kc, Gam, e, per_key):
+    """The process noise's share of the innovation covariance, sum_m k_tm k_jm Gamma_tj,m e_j,m
+    for t >= j, made symmetric; and what its adjoint reads."""
+    if per_key:
+        Cm = Gam * e[..., None, :, :]                                    # [t, j, m]
+        Ml = torch.einsum("...tm,...jm,...tjm->...tj", Kc, Kc, Cm)
+        return Ml + Ml.mT - torch.diag_embed(Ml.diagonal(dim1=-2, dim2=-1)), dict(Cm=Cm)
+    M = Kc @ Kc.mT                                                       # [C, C]
+    Cm = Gam * e[..., None, :]                                           # C_tj = Gamma_tj e_j, t >= j
+    Cs = Cm + Cm.mT - torch.diag_embed(Cm.diagonal(dim1=-2, dim2=-1))    # symmetric
+    return M * Cs, dict(M=M, Cs=Cs)
+
+
+def _scores(Q, U, Gam, per_key):
+    """A_tj = q_t^T diag(Gamma_tj) u_j (lower); and what its adjoint reads."""
+    if per_key:
+        return torch.einsum("...tm,...tjm,...jm->...tj", Q, Gam, U), {}
+    QU = Q @ U.mT
+    return Gam * QU, dict(QU=QU)
 
 
 def _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict):
     """What `_chunk_forward` computes before its outputs and the adjoint reads (the cache)."""
-    C = Q.shape[-2]
-    low = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril()
-    b = g.cumsum(-1)                                                     # log decay since chunk start
-    a = b.exp()                                                          # [B, H, C]
-    # Gamma_tj = a_t / a_j for t >= j; masked to -inf before exp (no overflow above the diagonal)
-    Gam = (b[..., :, None] - b[..., None, :]).masked_fill(~low, float("-inf")).exp()   # [B, H, C, C]
-    e = (Gam * Gam * sigma[..., None, :]).sum(-1)                        # process noise since start
-    Kh, Qh = a[..., None] * Kc, a[..., None] * Q
-    M = Kc @ Kc.mT                                                       # [C, C]
-    Cm = Gam * e[..., None, :]                                           # C_tj = Gamma_tj e_j, t >= j
-    Cs = Cm + Cm.mT - torch.diag_embed(Cm.diagonal(dim1=-2, dim2=-1))    # symmetric
+    per_key = g.dim() == Q.dim()
+    a, Gam, e, low = _decays(g, sigma, per_key)
+    Kh, Qh = _scale(a, Kc), _scale(a, Q)
+    noise, noise_cache = _noise_scores(Kc, Gam, e, per_key)
     KhP = Kh @ P                                                         # [C, K]
-    S_in = KhP @ Kh.mT + M * Cs + torch.diag_embed(r)                    # innovation covariance
+    S_in = KhP @ Kh.mT + noise + torch.diag_embed(r)                     # innovation covariance
     Lc = torch.linalg.cholesky_ex(S_in).L
     Li = _inverse_lower(Lc)
-    U = a[..., None] * KhP + e[..., None] * Kc                           # gain directions [C, K]
-    QU = Q @ U.mT
-    A = Gam * QU                                                         # [C, C], lower
+    U = _scale(a, KhP) + _scale(e, Kc)                                   # gain directions [C, K]
+    A, score_cache = _scores(Q, U, Gam, per_key)                         # [C, C], lower
     R = A @ Li.mT                                                        # A Lc^-T
     W = R.tril(-1) if strict else R.tril()
     Et = Li @ (Vc - Kh @ S)                                              # whitened innovations [C, V]
-    gC = Gam[..., -1, :]                                                 # a_C / a_i
-    Yt = Li @ (gC[..., None] * U)                                        # whitened gains [C, K]
-    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, M=M, Cs=Cs, KhP=KhP, Lc=Lc, Li=Li, U=U,
-                QU=QU, R=R, W=W, Et=Et, gC=gC, Yt=Yt, aC=a[..., -1])
+    gC = Gam[..., -1, :, :] if per_key else Gam[..., -1, :]              # a_C / a_i
+    Yt = Li @ _scale(gC, U)                                              # whitened gains [C, K]
+    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, KhP=KhP, Lc=Lc, Li=Li, U=U, R=R, W=W, Et=Et,
+                gC=gC, Yt=Yt, aC=_last(a, per_key), eC=_last(e, per_key), low=low,
+                per_key=per_key, **noise_cache, **score_cache)
 
 
 def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean=True,
@@ -124,21 +191,24 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
     skips the start state's dS or dP (returned as None), when the sweeps give them. Steps in
     the reverse order of the forward; each line is the adjoint of one forward line.
     """
+    pk = c["per_key"]
     a, Gam, e, Lc, Li, aC = c["a"], c["Gam"], c["e"], c["Lc"], c["Li"], c["aC"]
     Kh, Qh, KhP, U, W, Et, Yt = c["Kh"], c["Qh"], c["KhP"], c["U"], c["W"], c["Et"], c["Yt"]
     dQ, dQh, dW, dEt, de = 0, 0, None, None, torch.zeros_like(e)
     dS, dP, dYt, daC, deC = None, 0, 0, 0, 0
-    # chunk-end state: S' = a_C S + Yt^T Et, P' = a_C^2 P + e_C I - Yt^T Yt
+    # chunk-end state: S' = diag(a_C) S + Yt^T Et, P' = diag(a_C) P diag(a_C) + diag(e_C) - Yt^T Yt
     if dS1 is not None:
-        dS = aC[..., None, None] * dS1 if carry_mean else None
+        dS = _scale_state(aC, dS1) if carry_mean else None
         dYt = Et @ dS1.mT
         dEt = Yt @ dS1
-        daC = (dS1 * S).sum((-2, -1))
+        daC = (dS1 * S).sum(-1) if pk else (dS1 * S).sum((-2, -1))
     if dP1 is not None:
-        dP = aC[..., None, None] ** 2 * dP1 if carry_covariance else 0
+        dP = _scale_state(aC, _scale_state(aC, dP1).mT) if carry_covariance else 0
         dYt = dYt - 2 * Yt @ dP1
-        daC = daC + 2 * aC * (dP1 * P).sum((-2, -1))
-        deC = dP1.diagonal(dim1=-2, dim2=-1).sum(-1)
+        dPP = dP1 * P
+        daC = daC + (2 * (dPP * aC[..., None, :]).sum(-1) if pk else 2 * aC * dPP.sum((-2, -1)))
+        deC = dP1.diagonal(dim1=-2, dim2=-1)
+        deC = deC if pk else deC.sum(-1)
     # readout: O = Q^ S + W Et
     if dO is not None:
         dQh = dO @ S.mT
@@ -146,11 +216,11 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
         dW = dO @ Et.mT
         dEt = _add(dEt, W.mT @ dO)
     if dvar is not None:
-        # var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
+        # var = rowsum((Q^ P) o Q^) + sum_m e_m q_m^2 - rowsum(W o W)
         dQh = dQh + 2 * dvar[..., None] * (Qh @ P)
         dP = dP + Qh.mT @ (dvar[..., None] * Qh) if carry_covariance else 0
-        de = de + dvar * (Q * Q).sum(-1)
-        dQ = dQ + 2 * (dvar * e)[..., None] * Q
+        de = de + _fold(dvar[..., None] * Q * Q, e)
+        dQ = dQ + 2 * dvar[..., None] * _scale(e, Q)
         dW = _add(dW, -2 * dvar[..., None] * W)
     # whitened gains Yt = Lc^-1 (gC o U) and innovations Et = Lc^-1 (V - K^ S)
     if isinstance(dYt, torch.Tensor):
@@ -166,58 +236,84 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
         dKh = -(dX @ S.mT)
         dS = _add(dS, -(Kh.mT @ dX)) if carry_mean else None
     # scores R = A Lc^-T (R^T = Lc^-1 A^T), W = mask(R)
-    dQU, dGam = 0, 0
+    dA = None
     if dW is not None:
         dR = dW.tril(-1) if strict else dW.tril()
         dAt = Li.mT @ dR.mT                                              # dA^T = Lc^-T dR^T
         dA = dAt.mT
         dLc = dLc - dAt @ c["R"]
-        dQU = dA * Gam
-        dGam = dA * c["QU"]
     dLc = dLc.tril()
     # gC o U
-    dU = c["gC"][..., None] * dUh
-    dgC = (dUh * U).sum(-1)
-    # A = Gamma o (Q U^T)
-    if dW is not None:
-        dQ = dQ + dQU @ U
-        dU = dU + dQU.mT @ Q
+    dU = _scale(c["gC"], dUh)
+    dgC = _fold(dUh * U, c["gC"])
+    # A_tj = q_t^T diag(Gamma_tj) u_j
+    dGam = torch.zeros_like(Gam)
+    if dA is not None:
+        if pk:
+            dQ = dQ + torch.einsum("...tj,...tjm,...jm->...tm", dA, Gam, U)
+            dU = dU + torch.einsum("...tj,...tjm,...tm->...jm", dA, Gam, Q)
+            dGam = dA[..., None] * Q[..., :, None, :] * U[..., None, :, :]
+        else:
+            dQU = dA * Gam
+            dGam = dA * c["QU"]
+            dQ = dQ + dQU @ U
+            dU = dU + dQU.mT @ Q
     # U = a o (K^ P) + e o K
-    dKhP = a[..., None] * dU
-    da = (dU * KhP).sum(-1)
-    de = de + (dU * Kc).sum(-1)
-    dK = e[..., None] * dU
-    # innovation covariance S_in = K^ P K^^T + (K K^T) o Cs + diag(r), S_in = Lc Lc^T
+    dKhP = _scale(a, dU)
+    da = _fold(dU * KhP, a)
+    de = de + _fold(dU * Kc, e)
+    dK = _scale(e, dU)
+    # innovation covariance S_in = K^ P K^^T + noise scores + diag(r), S_in = Lc Lc^T
     dSin = _cholesky_adjoint(Lc, Li, dLc)
     dr = dSin.diagonal(dim1=-2, dim2=-1)
     dKhP = dKhP + dSin @ Kh
     dKh = dKh + dSin @ KhP
-    dM = dSin * c["Cs"]
-    dK = dK + 2 * dM @ Kc
-    dCs = dSin * c["M"]
-    dCm = (2 * dCs).tril() - torch.diag_embed(dCs.diagonal(dim1=-2, dim2=-1))
-    dGam = dGam + dCm * e[..., None, :]
-    de = de + (dCm * Gam).sum(-2)
+    # the noise scores' lower part, each off-diagonal entry counted twice (symmetric)
+    w = 2 * dSin.tril() - torch.diag_embed(dSin.diagonal(dim1=-2, dim2=-1))
+    if pk:
+        Cm = c["Cm"]
+        dK = dK + torch.einsum("...tj,...jm,...tjm->...tm", w, Kc, Cm)
+        dK = dK + torch.einsum("...tj,...tm,...tjm->...jm", w, Kc, Cm)
+        dCm = w[..., None] * Kc[..., :, None, :] * Kc[..., None, :, :]
+        dGam = dGam + dCm * e[..., None, :, :]
+        de = de + (dCm * Gam).sum(-3)
+    else:
+        dK = dK + 2 * (dSin * c["Cs"]) @ Kc
+        dCm = w * c["M"]
+        dGam = dGam + dCm * e[..., None, :]
+        de = de + (dCm * Gam).sum(-2)
     # K^ P
     dKh = dKh + dKhP @ P
     dP = _sym(dP + Kh.mT @ dKhP) if carry_covariance else None
     # decayed keys and queries K^ = a o K, Q^ = a o Q
-    dK = dK + a[..., None] * dKh
-    da = da + (dKh * Kc).sum(-1)
+    dK = dK + _scale(a, dKh)
+    da = da + _fold(dKh * Kc, a)
     if dO is not None or dvar is not None:
-        dQ = dQ + a[..., None] * dQh
-        da = da + (dQh * Q).sum(-1)
+        dQ = dQ + _scale(a, dQh)
+        da = da + _fold(dQh * Q, a)
     # chunk-end decay a_C, noise e_C, and ratios gC = Gamma[C-1, :]
-    da[..., -1] += daC
-    de[..., -1] += deC
-    dGam[..., -1, :] += dgC
-    # e_t = sum_j Gamma_tj^2 sigma_j
-    dGam = dGam + 2 * de[..., :, None] * Gam * sigma[..., None, :]
-    dsigma = (de[..., :, None] * Gam * Gam).sum(-2)
-    # a = exp(b), Gamma_tj = exp(b_t - b_j): back to b, then to g (b = cumsum g)
-    dG = (dGam * Gam).tril()
-    db = da * a + dG.sum(-1) - dG.sum(-2)
-    dg = db.flip(-1).cumsum(-1).flip(-1)
+    if pk:
+        da[..., -1, :] += daC
+        de[..., -1, :] += deC
+        dGam[..., -1, :, :] += dgC
+        # e_t = sum_j Gamma_tj^2 sigma_j (per key)
+        dGam = dGam + 2 * de[..., :, None, :] * Gam * sigma[..., None, :, None]
+        dsigma = (de[..., :, None, :] * Gam * Gam).sum((-3, -1))
+        # a = exp(b), Gamma_tj = exp(b_t - b_j): back to b, then to g (b = cumsum g)
+        dG = dGam * Gam * c["low"][..., None]
+        db = da * a + dG.sum(-2) - dG.sum(-3)
+        dg = db.flip(-2).cumsum(-2).flip(-2)
+    else:
+        da[..., -1] += daC
+        de[..., -1] += deC
+        dGam[..., -1, :] += dgC
+        # e_t = sum_j Gamma_tj^2 sigma_j
+        dGam = dGam + 2 * de[..., :, None] * Gam * sigma[..., None, :]
+        dsigma = (de[..., :, None] * Gam * Gam).sum(-2)
+        # a = exp(b), Gamma_tj = exp(b_t - b_j): back to b, then to g (b = cumsum g)
+        dG = (dGam * Gam).tril()
+        db = da * a + dG.sum(-1) - dG.sum(-2)
+        dg = db.flip(-1).cumsum(-1).flip(-1)
     dQ = dQ if isinstance(dQ, torch.Tensor) else torch.zeros_like(Q)
     return dict(q=dQ, k=dK, v=dV, g=dg, r=dr, sigma=dsigma), dS, dP
 
@@ -250,8 +346,8 @@ def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads
     V = v.shape[-1]
     _check_shape("v", v, (B, T, H, V))
     if isinstance(log_decay, torch.Tensor) and log_decay.dim() == 4:
-        raise ValueError("log_decay: kalman_adjoint handles a scalar decay [B, T, H] only "
-                         f"(per-key decay not done), got {list(log_decay.shape)}")
+        _check_shape("log_decay (per key)", log_decay, (B, T, H, K))
+        log_decay = None
     for name, x in (("log_decay", log_decay), ("noise", noise), ("process_noise", process_noise),
                     ("dvar", dvar)):
         if x is not None or name == "noise":
@@ -368,9 +464,8 @@ def _transition(c):
     """The chunk's mean transition F = a_C I - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys) and
     its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
     Wk = c["Li"] @ c["Kh"]
-    K = Wk.shape[-1]
-    eye = torch.eye(K, dtype=Wk.dtype, device=Wk.device)
-    return c["aC"][..., None, None] * eye - c["Yt"].mT @ Wk, c["Qh"] - c["W"] @ Wk
+    F = _diagonal(c["aC"], c["Yt"].mT @ Wk) - c["Yt"].mT @ Wk
+    return F, c["Qh"] - c["W"] @ Wk
 
 
 def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, do, dht=None,
@@ -557,7 +652,7 @@ def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     for i in reversed(range(NC)):
         dS_ends[:, :, i] = dS
         X = Yt[:, :, i] @ dS + W[:, :, i].mT @ dO[:, :, i]
-        dS = aC[:, :, i, None, None] * dS + Qh[:, :, i].mT @ dO[:, :, i] - Wk[:, :, i].mT @ X
+        dS = _scale_state(aC[:, :, i], dS) + Qh[:, :, i].mT @ dO[:, :, i] - Wk[:, :, i].mT @ X
     return dS_ends, dS
 
 
@@ -571,10 +666,11 @@ def _covariance_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
     dP_ends = Yt.new_empty(B, H, NC, K, K)
     for i in reversed(range(NC)):
         dP_ends[:, :, i] = dP
-        a, Y, Wk_ = aC[:, :, i, None, None], Yt[:, :, i], Wk[:, :, i]
+        a, Y, Wk_ = aC[:, :, i], Yt[:, :, i], Wk[:, :, i]
         X = Y @ dP
-        M = X.mT @ Wk_
-        dP = a * a * dP - a * (M + M.mT) + Wk_.mT @ (X @ Y.mT) @ Wk_ + sources[:, :, i]
+        aM = _scale_state(a, X.mT @ Wk_)                                 # diag(a_C) dP Yt^T Wk
+        dP = (_scale_state(a, _scale_state(a, dP).mT) - (aM + aM.mT) + Wk_.mT @ (X @ Y.mT) @ Wk_
+              + sources[:, :, i])
     return dP_ends, dP
 
 

@@ -21,7 +21,11 @@ Kernels, in launch order:
     chunk_covariance_kernel  grid (N * H)    S_in = K^ P K^^T + (K K^T) o C + diag(r) = L D L^T; W = L^-1 K^, U_v = L^-1 V, Z = D^-1 L^-1 U^, B = tril(A L^-T) D^-1, variance; P' = a_C^2 P + e_C I - (L^-1 U^)^T D^-1 (L^-1 U^)
     chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; S' = a_C S + Z^T E (stores S per chunk and E)
     chunk_readout_kernel     grid (NV, NT, N * H) O = (Q o a) S + B E
-Backward (`backward`): the chunked filter recomputed under autograd (no per-key adjoint yet).
+Backward (`backward`): the chunked filter's adjoint (docs/KALMAN_BACKWARD.md) from the chunk-start
+states the forward keeps: its parallel steps in PyTorch over every chunk at once
+(designmodel.chunked_adjoint), its two sequential sweeps as kernels:
+    mean_adjoint_sweep_kernel        grid (NV, N * H) dS = D dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)
+    covariance_adjoint_sweep_kernel  grid (N * H)     dP = F^T dP' F + Src, F = D - Yt^T Wk (rank C), D = diag(a_C)
 """
 import torch
 import triton
@@ -1014,8 +1018,139 @@ def token_chain_kernel(
 
 TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
-# the per-key backward recomputes the filter under autograd: it reads nothing the forward keeps
-BACKWARD_READS_SAVED = False
+
+# --- the backward's two sequential sweeps (docs/KALMAN_BACKWARD.md section 5, steps 3 and 5) ---
+# The chunk transition F = D - Yt^T Wk (D = diag(a_C), a_C one number per chunk or, for a
+# per-key decay, one per key) is a rank-C update of D, so neither sweep forms it: with the
+# whitened gains Yt = L^-1 U^ and keys Wk = L^-1 K^ of every chunk ([C, K] each),
+#   dS_c = D dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)                    (W: the readout's scores)
+#   dP_c = D dP' D - (D X^T Wk + Wk^T X D) + Wk^T (X Yt^T) Wk + Src     (X = Yt dP', dP' symmetric)
+# Every input is float32 in the layout [B H, NC, C, *] (one row of chunks per sequence and head).
+
+@triton.jit(do_not_specialize=["NC"])
+def mean_adjoint_sweep_kernel(
+    Yt, Wk, Qh, Wr, dO, aC, dS_end, dS_ends, dS0, NC,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_END: tl.constexpr, PER_KEY: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_ck = (o_c[:, None] < C) & (o_k[None, :] < K)
+    m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    # dS [BK, BV]: the gradient w.r.t. the mean at the current chunk's end
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_END:
+        b_dS = tl.load(dS_end + i_bh * K * V + p_kv, mask=m_kv, other=0.0)
+    for i in range(NC - 1, -1, -1):
+        n = i_bh * NC + i
+        tl.store(dS_ends + n * K * V + p_kv, b_dS, mask=m_kv)
+        p_ck = n * C * K + o_c[:, None] * K + o_k[None, :]
+        b_Yt = tl.load(Yt + p_ck, mask=m_ck, other=0.0)        # [C, BK]
+        b_Wk = tl.load(Wk + p_ck, mask=m_ck, other=0.0)        # [C, BK]
+        b_Qh = tl.load(Qh + p_ck, mask=m_ck, other=0.0)        # [C, BK]
+        b_W = tl.load(Wr + n * C * C + o_c[:, None] * C + o_c[None, :])            # [C, C]
+        b_dO = tl.load(dO + n * C * V + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0.0)   # [C, BV]
+        # X = Yt dS' + W^T dO  [C, BV]
+        b_X = tl.dot(b_Yt, b_dS, input_precision=PRECISION)
+        b_X += tl.dot(tl.trans(b_W), b_dO, input_precision=PRECISION)
+        if PER_KEY:
+            b_a = tl.load(aC + n * K + o_k, mask=o_k < K, other=0.0)    # [BK]
+            b_dS = b_a[:, None] * b_dS
+        else:
+            b_dS = tl.load(aC + n) * b_dS
+        b_dS += tl.dot(tl.trans(b_Qh), b_dO, input_precision=PRECISION)
+        b_dS -= tl.dot(tl.trans(b_Wk), b_X, input_precision=PRECISION)
+    tl.store(dS0 + i_bh * K * V + p_kv, b_dS, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["NC"])
+def covariance_adjoint_sweep_kernel(
+    Yt, Wk, Src, aC, dP_end, dP_ends, dP0, NC,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_END: tl.constexpr, PER_KEY: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_bh = tl.program_id(0)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    m_ck = (o_c[:, None] < C) & (o_k[None, :] < K)
+    m_kk = (o_k[:, None] < K) & (o_k[None, :] < K)
+    p_kk = o_k[:, None] * K + o_k[None, :]
+    # dP [BK, BK]: the gradient w.r.t. the covariance at the current chunk's end (symmetric)
+    b_dP = tl.zeros([BK, BK], dtype=tl.float32)
+    if HAS_END:
+        b_dP = tl.load(dP_end + i_bh * K * K + p_kk, mask=m_kk, other=0.0)
+    for i in range(NC - 1, -1, -1):
+        n = i_bh * NC + i
+        tl.store(dP_ends + n * K * K + p_kk, b_dP, mask=m_kk)
+        p_ck = n * C * K + o_c[:, None] * K + o_k[None, :]
+        b_Yt = tl.load(Yt + p_ck, mask=m_ck, other=0.0)        # [C, BK]
+        b_Wk = tl.load(Wk + p_ck, mask=m_ck, other=0.0)        # [C, BK]
+        b_X = tl.dot(b_Yt, b_dP, input_precision=PRECISION)                          # [C, BK]
+        b_ZW = tl.dot(tl.dot(b_X, tl.trans(b_Yt), input_precision=PRECISION), b_Wk,
+                      input_precision=PRECISION)                                        # [C, BK]
+        b_M = tl.dot(tl.trans(b_X), b_Wk, input_precision=PRECISION)                  # [BK, BK]
+        if PER_KEY:
+            b_a = tl.load(aC + n * K + o_k, mask=o_k < K, other=0.0)    # [BK]
+            b_dP = b_a[:, None] * b_dP * b_a[None, :]
+            b_M = b_a[:, None] * b_M
+        else:
+            b_a = tl.load(aC + n)
+            b_dP = b_a * b_a * b_dP
+            b_M = b_a * b_M
+        b_dP += tl.load(Src + n * K * K + p_kk, mask=m_kk, other=0.0)
+        b_dP -= b_M + tl.trans(b_M)
+        b_dP += tl.dot(tl.trans(b_Wk), b_ZW, input_precision=PRECISION)
+    tl.store(dP0 + i_bh * K * K + p_kk, b_dP, mask=m_kk)
+
+
+def _sweep_precision(tf32):
+    """tl.dot's input precision for the sweeps' float32 products."""
+    return "tf32" if tf32 else "ieee"
+
+
+def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
+    """Step 3: dS at every chunk end and at the start, from Yt, Wk, Qh [B, H, NC, C, K], the
+    scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] (or [B, H, NC, K] for a
+    per-key decay) and the final gradient dS_end [B, H, K, V] (or None). Returns
+    (dS_ends [B, H, NC, K, V], dS0 [B, H, K, V])."""
+    B, H, NC, C, K = Yt.shape
+    V = dO.shape[-1]
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(64, triton.next_power_of_2(V)))
+    dS_ends = Yt.new_empty(B, H, NC, K, V)
+    dS0 = Yt.new_empty(B, H, K, V)
+    args = [x.contiguous() for x in (Yt, Wk, Qh, W, dO, aC)]
+    end = None if dS_end is None else dS_end.float().contiguous()
+    # one stage: a pipelined load fed transposed into tl.dot is what Triton 3.6 miscompiles
+    # on sm_90 (templates/reset/backward.py.j2)
+    mean_adjoint_sweep_kernel[(triton.cdiv(V, BV), B * H)](
+        *args, end, dS_ends, dS0, NC, K=K, V=V, C=C, BK=BK, BV=BV, HAS_END=end is not None,
+        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=4, num_stages=1)
+    return dS_ends, dS0
+
+
+def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
+    """Step 5: dP at every chunk end and at the start, from Yt, Wk [B, H, NC, C, K], the
+    chunks' sources [B, H, NC, K, K], a_C [B, H, NC] (or [B, H, NC, K]) and the final gradient
+    dP_end [B, H, K, K] (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K])."""
+    B, H, NC, C, K = Yt.shape
+    BK = max(16, triton.next_power_of_2(K))
+    dP_ends = Yt.new_empty(B, H, NC, K, K)
+    dP0 = Yt.new_empty(B, H, K, K)
+    args = [x.contiguous() for x in (Yt, Wk, sources, aC)]
+    end = None if dP_end is None else dP_end.float().contiguous()
+    covariance_adjoint_sweep_kernel[(B * H,)](
+        *args, end, dP_ends, dP0, NC, K=K, C=C, BK=BK, HAS_END=end is not None,
+        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+    return dP_ends, dP0
+
+
+# what kalman_adjoint_chunks runs its sweeps with
+ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 
 
 def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
@@ -1025,18 +1160,18 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
     do: [B, T, H, V] the gradient w.r.t. o; dht: (dS [N, H, K, V], dP [N, H, K, K]) the
     gradients w.r.t. the final state, either or both None; dvar: [B, T, H] the gradient
     w.r.t. the predictive variance, or None. config: unused (no backward kernels to tune).
-    saved: what `forward(..., save_for_backward=True)` returned as saved, or None to recompute it (unused: the per-key filter's gradients are taken by autograd).
+    saved: what `forward(..., save_for_backward=True)` returned as saved, or None to recompute it.
     Returns (dq, dk, dv, dg, dp0, dr, dsigma, (dS0, dP0)): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens); the last item is None without an initial state,
     else the gradients of its given parts.
 
-    Steps: the per-token quantities from the inputs (printed from the derivation), the
-    gradients of the chunked filter w.r.t. them (designmodel.chunked.kalman_backward: the
-    filter recomputed in PyTorch under autograd, exact but not a kernel yet; the explicit
-    adjoint has no per-key decay yet), then the chain rule back to the inputs (sympy's
-    derivatives, printed).
+    Steps: the per-token quantities from the inputs (printed from the derivation); the
+    gradients of the chunked filter w.r.t. them by its explicit adjoint, every chunk at once
+    from the chunk-start states that the forward kernels keep (designmodel.chunked_adjoint.
+    kalman_adjoint_chunks, in PyTorch: docs/KALMAN_BACKWARD.md); then the chain rule back to
+    the inputs (sympy's derivatives, printed).
     """
-    from designmodel.chunked import kalman_backward
+    from designmodel.chunked_adjoint import kalman_adjoint_chunks
 
     check_inputs(q, k, v, g, p0, r, sigma, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, check_domain=False)
     B, T, H, K = q.shape
@@ -1069,11 +1204,16 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
     token_quantities_kernel[_grid](
         k, g, p0, r, sigma, log_decay, noise, process_noise, prior, NR, H=H, K=K, BT=TOKEN_ROWS, BK=_BK,
     )
-    _grads = kalman_backward(
+    if saved is None:
+        # the chunk-start states, by the forward kernels
+        saved = forward(q, k, v, g, p0, r, sigma, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                        check_domain=False, save_for_backward=True)[-1]
+    _grads = kalman_adjoint_chunks(
         q, k, v, log_decay, noise, process_noise,
         prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
         initial_state=initial_state if initial_state is None else _split_state(initial_state),
-        cu_seqlens=cu_seqlens, prior_timing=False)
+        chunk=CHUNK, prior_timing=False, checkpoints=saved, cu_seqlens=cu_seqlens,
+        tf32=q.dtype != torch.float32, sweeps=ADJOINT_SWEEPS)
     dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
     dlog_decay = _grads["log_decay"]
     dnoise = _grads["noise"]

@@ -25,8 +25,8 @@ Kernels, in launch order:
 Backward (`backward`): the chunked filter's adjoint (docs/KALMAN_BACKWARD.md) from the chunk-start
 states the forward keeps: its parallel steps in PyTorch over every chunk at once
 (designmodel.chunked_adjoint), its two sequential sweeps as kernels:
-    mean_adjoint_sweep_kernel        grid (NV, N * H) dS = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)
-    covariance_adjoint_sweep_kernel  grid (N * H)     dP = F^T dP' F + Src, F = a_C I - Yt^T Wk (rank C)
+    mean_adjoint_sweep_kernel        grid (NV, N * H) dS = D dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)
+    covariance_adjoint_sweep_kernel  grid (N * H)     dP = F^T dP' F + Src, F = D - Yt^T Wk (rank C), D = diag(a_C)
 """
 import torch
 import triton
@@ -1362,17 +1362,18 @@ TOKEN_ROWS = 64  # rows per program of the per-token kernels
 
 
 # --- the backward's two sequential sweeps (docs/KALMAN_BACKWARD.md section 5, steps 3 and 5) ---
-# The chunk transition F = a_C I - Yt^T Wk is a rank-C update of a_C I, so neither sweep forms
-# it: with the whitened gains Yt = L^-1 U^ and keys Wk = L^-1 K^ of every chunk ([C, K] each),
-#   dS_c = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)                  (W: the readout's scores)
-#   dP_c = a_C^2 dP' - a_C (X^T Wk + Wk^T X) + Wk^T (X Yt^T) Wk + Src   (X = Yt dP', dP' symmetric)
+# The chunk transition F = D - Yt^T Wk (D = diag(a_C), a_C one number per chunk or, for a
+# per-key decay, one per key) is a rank-C update of D, so neither sweep forms it: with the
+# whitened gains Yt = L^-1 U^ and keys Wk = L^-1 K^ of every chunk ([C, K] each),
+#   dS_c = D dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)                    (W: the readout's scores)
+#   dP_c = D dP' D - (D X^T Wk + Wk^T X D) + Wk^T (X Yt^T) Wk + Src     (X = Yt dP', dP' symmetric)
 # Every input is float32 in the layout [B H, NC, C, *] (one row of chunks per sequence and head).
 
 @triton.jit(do_not_specialize=["NC"])
 def mean_adjoint_sweep_kernel(
     Yt, Wk, Qh, Wr, dO, aC, dS_end, dS_ends, dS0, NC,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_END: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_END: tl.constexpr, PER_KEY: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     o_c = tl.arange(0, C)
@@ -1395,11 +1396,15 @@ def mean_adjoint_sweep_kernel(
         b_Qh = tl.load(Qh + p_ck, mask=m_ck, other=0.0)        # [C, BK]
         b_W = tl.load(Wr + n * C * C + o_c[:, None] * C + o_c[None, :])            # [C, C]
         b_dO = tl.load(dO + n * C * V + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0.0)   # [C, BV]
-        b_a = tl.load(aC + n)
         # X = Yt dS' + W^T dO  [C, BV]
         b_X = tl.dot(b_Yt, b_dS, input_precision=PRECISION)
         b_X += tl.dot(tl.trans(b_W), b_dO, input_precision=PRECISION)
-        b_dS = b_a * b_dS + tl.dot(tl.trans(b_Qh), b_dO, input_precision=PRECISION)
+        if PER_KEY:
+            b_a = tl.load(aC + n * K + o_k, mask=o_k < K, other=0.0)    # [BK]
+            b_dS = b_a[:, None] * b_dS
+        else:
+            b_dS = tl.load(aC + n) * b_dS
+        b_dS += tl.dot(tl.trans(b_Qh), b_dO, input_precision=PRECISION)
         b_dS -= tl.dot(tl.trans(b_Wk), b_X, input_precision=PRECISION)
     tl.store(dS0 + i_bh * K * V + p_kv, b_dS, mask=m_kv)
 
@@ -1407,7 +1412,8 @@ def mean_adjoint_sweep_kernel(
 @triton.jit(do_not_specialize=["NC"])
 def covariance_adjoint_sweep_kernel(
     Yt, Wk, Src, aC, dP_end, dP_ends, dP0, NC,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_END: tl.constexpr, PRECISION: tl.constexpr,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_END: tl.constexpr, PER_KEY: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     o_c = tl.arange(0, C)
@@ -1425,13 +1431,20 @@ def covariance_adjoint_sweep_kernel(
         p_ck = n * C * K + o_c[:, None] * K + o_k[None, :]
         b_Yt = tl.load(Yt + p_ck, mask=m_ck, other=0.0)        # [C, BK]
         b_Wk = tl.load(Wk + p_ck, mask=m_ck, other=0.0)        # [C, BK]
-        b_a = tl.load(aC + n)
         b_X = tl.dot(b_Yt, b_dP, input_precision=PRECISION)                          # [C, BK]
         b_ZW = tl.dot(tl.dot(b_X, tl.trans(b_Yt), input_precision=PRECISION), b_Wk,
                       input_precision=PRECISION)                                        # [C, BK]
-        b_dP = b_a * b_a * b_dP + tl.load(Src + n * K * K + p_kk, mask=m_kk, other=0.0)
         b_M = tl.dot(tl.trans(b_X), b_Wk, input_precision=PRECISION)                  # [BK, BK]
-        b_dP -= b_a * (b_M + tl.trans(b_M))
+        if PER_KEY:
+            b_a = tl.load(aC + n * K + o_k, mask=o_k < K, other=0.0)    # [BK]
+            b_dP = b_a[:, None] * b_dP * b_a[None, :]
+            b_M = b_a[:, None] * b_M
+        else:
+            b_a = tl.load(aC + n)
+            b_dP = b_a * b_a * b_dP
+            b_M = b_a * b_M
+        b_dP += tl.load(Src + n * K * K + p_kk, mask=m_kk, other=0.0)
+        b_dP -= b_M + tl.trans(b_M)
         b_dP += tl.dot(tl.trans(b_Wk), b_ZW, input_precision=PRECISION)
     tl.store(dP0 + i_bh * K * K + p_kk, b_dP, mask=m_kk)
 
@@ -1443,8 +1456,9 @@ def _sweep_precision(tf32):
 
 def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     """Step 3: dS at every chunk end and at the start, from Yt, Wk, Qh [B, H, NC, C, K], the
-    scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] and the final gradient
-    dS_end [B, H, K, V] (or None). Returns (dS_ends [B, H, NC, K, V], dS0 [B, H, K, V])."""
+    scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] (or [B, H, NC, K] for a
+    per-key decay) and the final gradient dS_end [B, H, K, V] (or None). Returns
+    (dS_ends [B, H, NC, K, V], dS0 [B, H, K, V])."""
     B, H, NC, C, K = Yt.shape
     V = dO.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
@@ -1457,14 +1471,14 @@ def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     # on sm_90 (templates/reset/backward.py.j2)
     mean_adjoint_sweep_kernel[(triton.cdiv(V, BV), B * H)](
         *args, end, dS_ends, dS0, NC, K=K, V=V, C=C, BK=BK, BV=BV, HAS_END=end is not None,
-        PRECISION=_sweep_precision(tf32), num_warps=4, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=4, num_stages=1)
     return dS_ends, dS0
 
 
 def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
     """Step 5: dP at every chunk end and at the start, from Yt, Wk [B, H, NC, C, K], the
-    chunks' sources [B, H, NC, K, K], a_C [B, H, NC] and the final gradient dP_end [B, H, K, K]
-    (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K])."""
+    chunks' sources [B, H, NC, K, K], a_C [B, H, NC] (or [B, H, NC, K]) and the final gradient
+    dP_end [B, H, K, K] (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K])."""
     B, H, NC, C, K = Yt.shape
     BK = max(16, triton.next_power_of_2(K))
     dP_ends = Yt.new_empty(B, H, NC, K, K)
@@ -1473,7 +1487,7 @@ def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
     end = None if dP_end is None else dP_end.float().contiguous()
     covariance_adjoint_sweep_kernel[(B * H,)](
         *args, end, dP_ends, dP0, NC, K=K, C=C, BK=BK, HAS_END=end is not None,
-        PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
     return dP_ends, dP0
 
 

@@ -34,6 +34,8 @@ CASES = [
     _spec("decay_no_process_noise", exp(zoo.g), 0),
     _spec("bayesian_variance", exp(zoo.g), zoo.sigma),
     _spec("bayesian_prior_readout", exp(zoo.g), zoo.sigma, timing="prior"),
+    _spec("per_key_variance", exp(zoo.g_key), zoo.sigma),           # a per-key decay
+    _spec("per_key_prior_readout", exp(zoo.g_key), zoo.sigma, timing="prior"),
 ]
 TOL = 1e-8
 
@@ -223,7 +225,7 @@ def test_bad_arguments_raise_one_value_error_naming_them():
     do = torch.zeros_like(v)
     args = (q, k, v, x["g"], x["r"], x["sigma"], x["p0"])
     bad = [
-        ("log_decay", dict(log_decay=x["g"][..., None].expand(1, 8, 1, 4))),   # per-key decay: not done
+        (r"log_decay \(per key\)", dict(log_decay=x["g"][..., None].expand(1, 8, 1, 3))),   # K = 4
         ("noise", dict(noise=x["r"][:, :7])),
         ("do", dict(do=do[..., :1])),
         ("do", dict(do=None)),
@@ -236,7 +238,7 @@ def test_bad_arguments_raise_one_value_error_naming_them():
     for match, change in bad:
         kw = dict(zip(names, args), do=do, chunk=4)
         kw.update(change)
-        for sweep in (kalman_adjoint, kalman_adjoint_two_sweeps):
+        for sweep in (kalman_adjoint, kalman_adjoint_two_sweeps, kalman_adjoint_chunks):
             with pytest.raises(ValueError, match=match):
                 sweep(**kw)
 
