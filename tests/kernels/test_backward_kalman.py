@@ -104,8 +104,20 @@ def test_spec_with_nonlinear_quantities_and_prior_readout():
     _check(SOFT, initial=True, variance=True, T=50)
 
 
-def test_varlen_gradients():
-    _check("bayesian_layer", B=1, T=60, cu=[0, 13, 60], initial=True, variance=True)
+# the same with a per-key decay (bayesian_layer_diag's kind), through the same adjoint
+xk = Input("x", per="key")
+SOFT_DIAG = DesignModel("soft_kalman_diag", prior=Prior(covariance=isotropic(c0 * c0)),
+                        transition=Transition(decay=exp(logsigmoid(xk + 2)), noise=softplus(z) / 10),
+                        observation=Regression(noise=softplus(y) + 0.1), readout=Readout("prior", variance=True))
+
+
+def test_spec_with_per_key_decay_nonlinear_quantities_and_prior_readout():
+    _check(SOFT_DIAG, initial=True, variance=True, T=50)
+
+
+@pytest.mark.parametrize("model", ["bayesian_layer", "bayesian_layer_diag"])
+def test_varlen_gradients(model):
+    _check(model, B=1, T=60, cu=[0, 13, 60], initial=True, variance=True)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
