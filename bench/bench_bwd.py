@@ -31,11 +31,13 @@ import triton  # noqa: E402
 
 from designmodel import ops  # noqa: E402
 
-MODELS = ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "kda", "bayesian_layer"]
+MODELS = ["linear_attention", "mamba2", "gla", "deltanet", "gated_deltanet", "kda", "bayesian_layer",
+          "bayesian_layer_diag"]
 # fla's op for the same model, or its ungated counterpart where fla refuses the gated backward
 # (the Bayesian Layer's target is a multiple of fla's delta rule, issue 5)
 FLA = {"linear_attention": "linear_attention", "mamba2": "linear_attention", "gla": "gla",
-       "deltanet": "deltanet", "gated_deltanet": "deltanet", "kda": "kda", "bayesian_layer": "deltanet"}
+       "deltanet": "deltanet", "gated_deltanet": "deltanet", "kda": "kda", "bayesian_layer": "deltanet",
+       "bayesian_layer_diag": "kda"}
 
 
 def fla_call(name, q, k, v, x):
@@ -65,11 +67,11 @@ def inputs(model, B, T, H, D, seed=0, requires_grad=True, device="cuda"):
     x = {}
     if model in ("mamba2", "gated_deltanet", "bayesian_layer"):
         x["g"] = F.logsigmoid(torch.randn(B, T, H, device=dev, generator=gen) + 4)
-    if model in ("gla", "kda"):
+    if model in ("gla", "kda", "bayesian_layer_diag"):
         x["g"] = F.logsigmoid(torch.randn(B, T, H, D, device=dev, generator=gen) + 4)
     if model in ("deltanet", "gated_deltanet", "kda"):
         x["beta"] = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=gen))
-    if model == "bayesian_layer":   # noise and process noise as bench_kalman draws them
+    if model.startswith("bayesian_layer"):   # noise and process noise as bench_kalman draws them
         x["r"] = 0.05 + torch.rand(B, T, H, device=dev, generator=gen)
         x["sigma"] = 0.1 * torch.rand(B, T, H, device=dev, generator=gen)
     leaves = [q, k, v, *x.values()]
@@ -148,7 +150,7 @@ def grad_check(model, shape=(1, 256, 4, 64), device="cuda"):
     inp = dict(zip(names, rx))
     if model == "retnet":   # the op computes its per-head decays from H; the filter takes them
         inp["gamma"] = ops.retnet_gamma(shape[2]).double()
-    if model == "bayesian_layer":   # the op's default prior variance p0 = 1
+    if model.startswith("bayesian_layer"):   # the op's default prior variance p0 = 1
         inp["p0"] = torch.ones(shape[2], dtype=torch.float64)
     scale = shape[-1] ** -0.5
     ref = recurrent(derive(model), rq * scale, rk, rv, inp, unit_key_tol=1e-2).o
@@ -192,8 +194,8 @@ def main(argv=None) -> int:
                 if args.profile:
                     row["ours_profile"] = profile(model, ours)
                 try:
-                    # the Bayesian Layer's inputs have no beta: fla's delta rule gets one of its own
-                    xf = x if "beta" in x or FLA[model] != "deltanet" else {
+                    # the Bayesian Layer's inputs have no beta: fla's delta rules get one of their own
+                    xf = x if "beta" in x or FLA[model] not in ("deltanet", "kda") else {
                         **x, "beta": torch.sigmoid(torch.randn_like(q[..., 0], dtype=torch.float32))}
                     fla = fwd_bwd(lambda: fla_call(FLA[model], q, k, v, xf), do)
                     row.update(fla_op=FLA[model], fla_ms=bench(fla), fla_peak_mb=peak_mb(fla))

@@ -46,7 +46,7 @@ def test_zoo_op_on_gpu_matches_fla(model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", MODELS + ["bayesian_layer"])
+@pytest.mark.parametrize("model", MODELS + ["bayesian_layer", "bayesian_layer_diag"])
 def test_zoo_gradients_on_gpu_match_float64_filter(model):
     """Issue 5's GPU check: bf16 gradients, through the op's autograd as users train it, within
     2e-2 of autograd through the float64 filter (bench_bwd's gradient check)."""
