@@ -575,7 +575,8 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         DESIGNMODEL_COMPILE_ADJOINT=0. Where compiling fails, the steps run eagerly (one warning).
     """
     B, T, H, K = q.shape if isinstance(q, torch.Tensor) and q.dim() == 4 else (None,) * 4
-    bounds = [0, T] if cu_seqlens is None else [int(b) for b in cu_seqlens]
+    # one device-to-host copy of the boundaries (the sweep loops over the sequences)
+    bounds = [0, T] if cu_seqlens is None else [int(b) for b in torch.as_tensor(cu_seqlens).tolist()]
     _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht),
            None if cu_seqlens is None else len(bounds) - 1)
     V = v.shape[-1]
