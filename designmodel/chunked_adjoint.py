@@ -81,8 +81,7 @@ def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
            - (c["W"] * c["W"]).sum(-1))
     Yt = c["Yt"]
     S_next = _scale_state(c["aC"], S) + Yt.mT @ c["Et"]
-    P_next = _sym(_scale_state(c["aC"], _scale_state(c["aC"], P).mT) + _diagonal(c["eC"], P)
-                  - Yt.mT @ Yt)
+    P_next = _sym(_congruence(c["aC"], P) + _diagonal(c["eC"], P) - Yt.mT @ Yt)
     return o, var, S_next, P_next, c
 
 
@@ -105,6 +104,11 @@ def _fold(X, like):
 def _scale_state(aC, X):
     """diag(a_C) X for X [.., K, *]: a_C a number per chunk [..] or per key [.., K]."""
     return aC[..., None, None] * X if aC.dim() == X.dim() - 2 else aC[..., :, None] * X
+
+
+def _congruence(aC, X):
+    """diag(a_C) X diag(a_C) for X [.., K, K]: how P' and its adjoint take the decay."""
+    return _scale_state(aC, _scale_state(aC, X).mT).mT
 
 
 def _diagonal(eC, like):
@@ -203,7 +207,7 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
         dEt = Yt @ dS1
         daC = (dS1 * S).sum(-1) if pk else (dS1 * S).sum((-2, -1))
     if dP1 is not None:
-        dP = _scale_state(aC, _scale_state(aC, dP1).mT) if carry_covariance else 0
+        dP = _congruence(aC, dP1) if carry_covariance else 0
         dYt = dYt - 2 * Yt @ dP1
         dPP = dP1 * P
         daC = daC + (2 * (dPP * aC[..., None, :]).sum(-1) if pk else 2 * aC * dPP.sum((-2, -1)))
@@ -461,11 +465,11 @@ def kalman_adjoint(q, k, v, log_decay, noise, process_noise, prior, do, dht=None
 
 
 def _transition(c):
-    """The chunk's mean transition F = a_C I - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys) and
-    its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
+    """The chunk's mean transition F = diag(a_C) - Yt^T Wk [K, K] (Wk = Lc^-1 K^, whitened keys)
+    and its readout map Q^ - W Wk [C, K]: S' = F S + Yt^T Lc^-1 V, O = (Q^ - W Wk) S + W Lc^-1 V."""
     Wk = c["Li"] @ c["Kh"]
-    F = _diagonal(c["aC"], c["Yt"].mT @ Wk) - c["Yt"].mT @ Wk
-    return F, c["Qh"] - c["W"] @ Wk
+    YW = c["Yt"].mT @ Wk
+    return _diagonal(c["aC"], YW) - YW, c["Qh"] - c["W"] @ Wk
 
 
 def kalman_adjoint_two_sweeps(q, k, v, log_decay, noise, process_noise, prior, do, dht=None,
@@ -670,8 +674,7 @@ def _covariance_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
         a, Y, Wk_ = aC[:, :, i], Yt[:, :, i], Wk[:, :, i]
         X = Y @ dP
         aM = _scale_state(a, X.mT @ Wk_)                                 # diag(a_C) dP Yt^T Wk
-        dP = (_scale_state(a, _scale_state(a, dP).mT) - (aM + aM.mT) + Wk_.mT @ (X @ Y.mT) @ Wk_
-              + sources[:, :, i])
+        dP = _congruence(a, dP) - (aM + aM.mT) + Wk_.mT @ (X @ Y.mT) @ Wk_ + sources[:, :, i]
     return dP_ends, dP
 
 
