@@ -50,7 +50,9 @@ def config(smoke: bool) -> dict:
     if smoke:
         return dict(vocab=64, d_model=32, heads=1, head_dim=16, batch=4, steps=2, lrs=[3e-3],
                     train_T=[18], train_pairs=[2, 4], eval_T=[18, 30], eval_pairs=[2, 4, 8], eval_batch=4)
-    return dict(vocab=8192, d_model=128, heads=2, head_dim=64, batch=64, steps=3000,
+    # batch 256: sessions 4 and 5 trained batches of 64 at 2 to 6 launch-bound steps per
+    # second and no model left the log-4096 plateau; a larger batch costs little time per step
+    return dict(vocab=8192, d_model=128, heads=2, head_dim=64, batch=256, steps=3000,
                 lrs=[1e-3, 3e-3, 1e-2], train_T=[64, 128, 256], train_pairs=[4, 8, 16, 32],
                 eval_T=[256, 512], eval_pairs=[4, 8, 16, 32, 48, 64], eval_batch=256)
 
@@ -83,19 +85,25 @@ class Model(nn.Module):
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, cfg["vocab"])
 
-    def forward(self, tokens):
+    def forward(self, tokens, at=None):
+        """Logits [B, T, vocab], or only at the positions where the mask `at` [B, T] is true
+        ([N, vocab]): MQAR is scored at its queries alone, and the logits of every position
+        (B x T x 8192 floats) would dominate a step's memory and time."""
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
+        if at is not None:
+            x = x[at]
         return self.head(self.norm(x))
 
 
 def loss_and_accuracy(model, tokens, targets):
     """Cross-entropy and accuracy at the query positions."""
-    logits = model(tokens)
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    mask = targets != IGNORE
-    acc = (logits.argmax(-1)[mask] == targets[mask]).float().mean()
+    at = targets != IGNORE
+    logits = model(tokens, at)
+    answers = targets[at]
+    loss = nn.functional.cross_entropy(logits, answers)
+    acc = (logits.argmax(-1) == answers).float().mean()
     return loss, acc
 
 
@@ -114,17 +122,29 @@ class WarmupCosine:
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.total - warm))))
 
 
+def _steps_in_time(step: int, total: int, rate: float, left: float) -> int:
+    """The step count a timed run ends at: what `rate` (steps per second) fits into the `left`
+    seconds, no step past the deadline, and `total` while no rate is known yet."""
+    if left <= 0:
+        return step
+    return max(step + 1, int(step + rate * left)) if rate > 0 else total
+
+
 def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress | None = None,
           seconds: float | None = None):
     """A model trained on the training regime; returns (model, the losses).
 
-    cfg["steps"] steps, or, with `seconds`, as many as fit in that time: the rate is measured
-    over steps 10 to 40 (the first steps compile kernels) and the schedule is stretched to it.
+    cfg["steps"] steps, or, with `seconds`, as many as fit in that time: every 25 steps from
+    step 10 on (the first steps compile kernels) the step count is re-estimated from the rate
+    since step 10 (for the learning-rate schedule), and training stops at the deadline whatever
+    the estimate (processes that
+    share a GPU slow each other down as they leave compiling behind, so an early rate runs long).
     """
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     model = Model(mixer, cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    # fused: one kernel for the whole update (these small models are launch-bound on a GPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=device.type == "cuda")
     shape = WarmupCosine(cfg["steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     losses = []   # on the device: reading each loss would wait for the GPU every step
@@ -142,17 +162,17 @@ def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress
         sched.step()
         losses.append(loss.detach())
         step += 1
-        if seconds is not None and step in (10, 40):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
+        if seconds is not None and step >= 10:
+            now, old_total = time.perf_counter(), shape.total
             if step == 10:
                 t10 = now
-            else:
-                rate = 30 / max(now - t10, 1e-9)
-                shape.total = max(step + 1, int(step + rate * (seconds - (now - start))))
-                if bar is not None:
-                    bar.total += shape.total - cfg["steps"]
+            if now - start >= seconds or step % 25 == 10:
+                shape.total = _steps_in_time(step, shape.total, (step - 10) / max(now - t10, 1e-9),
+                                             seconds - (now - start))
+            if bar is not None:
+                bar.total += shape.total - old_total
+        if step % 200 == 0:
+            print(f"{mixer} lr {lr:g} step {step}/{shape.total}: loss {float(loss):.3f}", flush=True)
         if bar is not None:
             bar.update(1)
     return model, [float(x) for x in torch.stack(losses).cpu()]
@@ -172,15 +192,15 @@ def evaluate(model, cfg: dict, device, seed: int = 1234) -> dict:
     return out
 
 
-def _accuracy(model, tokens, targets, rows: int = 32) -> float:
-    """Accuracy at the query positions, `rows` sequences at a time: the logits of a whole
-    evaluation batch (256 x 512 x 8192 floats) would take 4 GiB."""
+def _accuracy(model, tokens, targets, rows: int = 64) -> float:
+    """Accuracy at the query positions, `rows` sequences at a time (several processes share
+    one GPU in a study)."""
     right = asked = 0
     for i in range(0, tokens.shape[0], rows):
-        logits = model(tokens[i:i + rows])
-        mask = targets[i:i + rows] != IGNORE
-        right += int((logits.argmax(-1)[mask] == targets[i:i + rows][mask]).sum())
-        asked += int(mask.sum())
+        at = targets[i:i + rows] != IGNORE
+        logits = model(tokens[i:i + rows], at)
+        right += int((logits.argmax(-1) == targets[i:i + rows][at]).sum())
+        asked += int(at.sum())
     return right / max(asked, 1)
 
 
@@ -292,8 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", default=None, help="comma-separated learning rates")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None,
-                    help="training sequences per step (default 64; session 4's runs were launch-bound "
-                         "at 2 to 6 steps/s per process, so a larger batch costs little time per step)")
+                    help="training sequences per step (default 256)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="train each (model, learning rate) for this long instead of a step count")
     ap.add_argument("--merge", default=None, help="comma-separated mqar.json files of partial studies")

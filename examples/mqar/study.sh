@@ -4,13 +4,15 @@
 #
 #   bash examples/mqar/study.sh MINUTES OUT [LRS] [MODELS] [BATCH]
 #
-# Writes OUT/mqar.{md,json,png} (the merged study) and OUT/runs.tgz (each run's log and JSON).
+# Writes OUT/mqar.{md,json,png} (the merged study) and OUT/runs/ (each run's log and JSON, written
+# as the runs go, so a study cut off still leaves its logs).
 set -u
 minutes=$1 out=$2
-lrs=${3:-3e-3,1e-2}
+lrs=${3:-1e-3,3e-3}
 models=${4:-linear_attention,mamba2,gated_deltanet,bayesian_layer}
 batch=${5:-}
-work=$(mktemp -d)
+work=$out/runs
+mkdir -p "$work"
 # one CPU thread per run: the data is drawn on the GPU, and many runs share the host's cores
 export OMP_NUM_THREADS=1
 for m in ${models//,/ }; do
@@ -21,10 +23,8 @@ for m in ${models//,/ }; do
 done
 wait
 parts=$(ls "$work"/*/mqar.json 2>/dev/null | paste -sd, -)
-mkdir -p "$out"
-tar czf "$out/runs.tgz" -C "$work" .
 if [ -z "$parts" ]; then
-    echo "no run finished; logs in $out/runs.tgz" >&2
+    echo "no run finished; logs in $work" >&2
     tail -5 "$work"/*.log >&2
     exit 1
 fi

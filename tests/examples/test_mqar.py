@@ -37,7 +37,7 @@ class Oracle(nn.Module):
         super().__init__()
         self.vocab, self.wrong = vocab, wrong
 
-    def forward(self, tokens):
+    def forward(self, tokens, at=None):
         B, T = tokens.shape
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
@@ -51,7 +51,7 @@ class Oracle(nn.Module):
                 if seq[t] in bound:
                     answer = bound[seq[t]]
                     logits[b, t, (answer + 1) % self.vocab if self.wrong else answer] = 1.0
-        return logits
+        return logits if at is None else logits[at]
 
 
 def test_evaluate_scores_an_oracle_one_and_a_wrong_oracle_zero():
@@ -106,8 +106,9 @@ def test_accuracy_in_sub_batches_counts_every_query_once():
     right, wrong = Oracle(vocab), Oracle(vocab, wrong=True)
 
     class Alternating(nn.Module):
-        def forward(self, tokens):
-            return torch.stack([(right if i % 2 == 0 else wrong)(t[None])[0] for i, t in enumerate(tokens)])
+        def forward(self, tokens, at):
+            logits = torch.stack([(right if i % 2 == 0 else wrong)(t[None])[0] for i, t in enumerate(tokens)])
+            return logits[at]
 
     tokens, targets = mqar_batch(torch.Generator().manual_seed(3), 6, 24, 4, vocab=vocab)
     for rows in (2, 4, 32):   # even sizes: every sub-batch starts on an even row, so the alternation holds
@@ -126,3 +127,34 @@ def test_warmup_cosine_schedule_shape():
     assert f(100) == pytest.approx(0.0) and f(99) > 0
     f.total = 1000
     assert f(99) == pytest.approx(1.0) and f(550) == pytest.approx(0.5)
+
+
+def test_logits_at_the_queries_are_the_full_logits_there():
+    """The model's `at` mask picks rows of the full logits: training and evaluation score the
+    same numbers as the full [B, T, vocab] output would."""
+    cfg = run.config(smoke=True)
+    torch.manual_seed(0)
+    model = run.Model("linear_attention", cfg)
+    tokens, targets = mqar_batch(torch.Generator().manual_seed(5), 2, 18, 4, vocab=cfg["vocab"])
+    at = targets != IGNORE
+    with torch.no_grad():
+        full, picked = model(tokens), model(tokens, at)
+    torch.testing.assert_close(picked, full[at], rtol=1e-6, atol=1e-6)
+
+
+def test_a_timed_run_fits_its_steps_to_the_time_left_and_stops_at_the_deadline():
+    assert run._steps_in_time(35, 3000, rate=4.0, left=100.0) == 435
+    assert run._steps_in_time(10, 3000, rate=0.0, left=100.0) == 3000      # no rate yet
+    assert run._steps_in_time(500, 3000, rate=4.0, left=-1.0) == 500       # past the deadline
+    assert run._steps_in_time(60, 3000, rate=1e-6, left=1.0) == 61         # at least one more
+
+
+def test_a_timed_smoke_run_ends_near_its_deadline(tmp_path):
+    """A run given a few seconds stops within a step or so of them, however its first steps'
+    rate would have stretched the schedule (the timed runs of session 7's first study did not)."""
+    import time
+    cfg = dict(run.config(smoke=True), steps=10 ** 6)   # the time decides, not the step count
+    t0 = time.perf_counter()
+    _, losses = run.train("linear_attention", 3e-3, cfg, torch.device("cpu"), seconds=4.0)
+    took = time.perf_counter() - t0
+    assert len(losses) >= 10 and took < 4.0 + 10 * (took / len(losses)) + 2.0
