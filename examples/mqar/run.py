@@ -172,7 +172,7 @@ def train(mixer: str, lr: float, cfg: dict, device, seed: int = 0, bar: Progress
             if bar is not None:
                 bar.total += shape.total - old_total
         if step % 200 == 0:
-            print(f"{mixer} lr {lr:g} step {step}/{shape.total}: loss {float(loss):.3f}", flush=True)
+            print(f"{mixer} lr {lr:g} step {step}/{shape.total}: loss {float(loss.detach()):.3f}", flush=True)
         if bar is not None:
             bar.update(1)
     return model, [float(x) for x in torch.stack(losses).cpu()]
