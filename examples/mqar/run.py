@@ -235,17 +235,20 @@ def study(cfg: dict, models: list[str], device, seconds: float | None = None) ->
 
 def table(res: dict, cfg: dict) -> str:
     keys = [f"{T},{p}" for T in cfg["eval_T"] for p in cfg["eval_pairs"] if 3 * p <= T]
-    head = "| model | lr | steps | final loss | " + " | ".join(
+    timed = "minutes" not in cfg and any(r.get("minutes") for r in res["models"].values())
+    head = "| model | lr | steps |" + (" minutes |" if timed else "") + " final loss | " + " | ".join(
         f"T={k.split(',')[0]}, {k.split(',')[1]} pairs{'' if in_training_regime(k, cfg) else ' *'}" for k in keys) + " |"
     lines = [f"MQAR accuracy at the query positions (best learning rate by accuracy inside the training "
              f"regime; * beyond it: more pairs or longer sequences than in training). Training: T in "
              f"{cfg['train_T']}, pairs in {cfg['train_pairs']}, "
-             + (f"{cfg['minutes']:g} minutes" if cfg.get("minutes") else f"{cfg['steps']} steps")
-             + f" per run, batches of {cfg['batch']}, "
+             + (f"{cfg['minutes']:g} minutes per run" if cfg.get("minutes") else
+                "each run for its minutes" if timed else f"{cfg['steps']} steps per run")
+             + f", batches of {cfg['batch']}, "
              f"vocabulary {cfg['vocab']}, d_model {cfg['d_model']}, {cfg['heads']} heads of K = V = {cfg['head_dim']}.",
-             "", head, "|" + "---|" * (4 + len(keys))]
+             "", head, "|" + "---|" * (4 + timed + len(keys))]
     for name, r in res["models"].items():
-        lines.append(f"| {name} | {r['lr']:g} | {r.get('steps', cfg['steps'])} | {r['final_loss']:.3f} | "
+        lines.append(f"| {name} | {r['lr']:g} | {r.get('steps', cfg['steps'])} | "
+                     + (f"{r['minutes']:g} | " if timed else "") + f"{r['final_loss']:.3f} | "
                      + " | ".join(f"{r['accuracy'].get(k, float('nan')):.3f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
@@ -277,15 +280,20 @@ def merge(parts: list[dict]) -> dict:
     """One study from partial ones of the same configuration: per model, the best run by
     accuracy inside the training regime; the learning rates are the union of theirs."""
     def same(cfg):
-        return {k: v for k, v in cfg.items() if k != "lrs"}
+        return {k: v for k, v in cfg.items() if k not in ("lrs", "minutes")}
     cfg = dict(parts[0]["config"])
     for p in parts[1:]:
         if same(p["config"]) != same(cfg):
             raise ValueError("merge: the partial studies were run with different configurations")
     cfg["lrs"] = sorted({lr for p in parts for lr in p["config"]["lrs"]})
+    # timed parts may differ in their minutes: each run keeps its own (the table shows them)
+    minutes = {p["config"].get("minutes") for p in parts}
+    if len(minutes) > 1:
+        cfg.pop("minutes", None)
     models = {}
     for p in parts:
         for name, r in p["models"].items():
+            r = dict(r, minutes=r.get("minutes", p["config"].get("minutes")))
             if name not in models or r["score_in_regime"] > models[name]["score_in_regime"]:
                 models[name] = r
     return dict(config=cfg, device=parts[0]["device"], models=models)

@@ -158,3 +158,19 @@ def test_a_timed_smoke_run_ends_near_its_deadline(tmp_path):
     _, losses = run.train("linear_attention", 3e-3, cfg, torch.device("cpu"), seconds=4.0)
     took = time.perf_counter() - t0
     assert len(losses) >= 10 and took < 4.0 + 10 * (took / len(losses)) + 2.0
+
+
+def test_merge_of_timed_parts_keeps_each_runs_minutes(tmp_path):
+    """Parts trained for different minutes merge, and the table says each run's minutes."""
+    cfg = run.config(smoke=True)
+    def part(minutes, name, score):
+        r = dict(lr=1e-3, final_loss=1.0, accuracy={"18,2": score}, score_in_regime=score, seconds=0., steps=7)
+        return dict(config={**cfg, "minutes": minutes}, device="cpu", models={name: r})
+    res = run.merge([part(5.3, "mamba2", 0.1), part(3.6, "bayesian_layer", 0.9)])
+    assert "minutes" not in res["config"]
+    assert {m: r["minutes"] for m, r in res["models"].items()} == {"mamba2": 5.3, "bayesian_layer": 3.6}
+    rows = run.table(res, res["config"]).splitlines()
+    assert "| minutes |" in rows[2]
+    assert any(r.startswith("| mamba2 | 0.001 | 7 | 5.3 | 1.000 |") for r in rows)
+    same = run.merge([part(5.3, "mamba2", 0.1), part(5.3, "bayesian_layer", 0.9)])
+    assert same["config"]["minutes"] == 5.3 and "| minutes |" not in run.table(same, same["config"])
