@@ -24,7 +24,8 @@ once, from the checkpoints the forward kernels keep, with the two sequential swe
 modules' Triton kernels (docs/KALMAN_BACKWARD.md, section 6); it also takes packed sequences.
 
 Scope: a scalar decay (rls, bayesian_layer; log_decay [B, T, H] or None) or a per-key one
-(bayesian_layer_diag; log_decay [B, T, H, K]: a, Gamma and e carry the key dimension last),
+(bayesian_layer_diag; log_decay [B, T, H, K]: a and e carry the key dimension last, and the
+products over Gamma run by blocks, designmodel.keywise),
 process noise sigma_t I or none, prior a number, p0 [H] or the prior covariance [H, K, K].
 Not done: per-key (diagonal) process noise. Packed sequences (cu_seqlens): only
 kalman_adjoint_chunks.
@@ -36,6 +37,8 @@ import os
 import warnings
 
 import torch
+
+from designmodel import keywise
 
 __all__ = ["kalman_checkpoints", "kalman_adjoint", "kalman_adjoint_two_sweeps", "kalman_adjoint_chunks"]
 
@@ -87,8 +90,8 @@ def _chunk_forward(Q, Kc, Vc, g, r, sigma, S, P, strict):
 
 # --- a scalar or a per-key decay -------------------------------------------------------------------
 # With a scalar decay a_t, Gamma_tj and e_t are numbers per token ([.., C], [.., C, C]); with a
-# per-key decay they carry the key dimension last ([.., C, K], [.., C, C, K]). These helpers
-# apply either to the [.., C, K] and [.., K, *] matrices of the filter.
+# per-key decay a and e carry the key dimension last ([.., C, K]; Gamma is not formed, see
+# designmodel.keywise). These helpers apply either to the [.., C, K] and [.., K, *] matrices.
 
 def _scale(x, X):
     """x o X for X [.., C, K]: a per-token x [.., C] scales X's rows, a per-key x is X's shape."""
@@ -120,19 +123,19 @@ def _diagonal(eC, like):
 
 
 def _decays(g, sigma, per_key):
-    """a (decay since the chunk start), Gamma_tj = a_t / a_j (t >= j, else 0) and e (process
-    noise since the chunk start), per token or per token and key."""
+    """a (decay since the chunk start) and its log b, Gamma_tj = a_t / a_j (t >= j, else 0)
+    and e (process noise since the chunk start), per token or per token and key. With a
+    per-key decay Gamma is None: the [C, C, K] ratios are never formed (designmodel.keywise
+    works from b by blocks)."""
     C = g.shape[-2] if per_key else g.shape[-1]
     low = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
     b = g.cumsum(-2 if per_key else -1)                                  # log decay since chunk start
-    # Gamma masked to -inf before exp (no overflow above the diagonal)
     if per_key:
-        Gam = (b[..., :, None, :] - b[..., None, :, :]).masked_fill(~low[..., None], float("-inf")).exp()
-        e = (Gam * Gam * sigma[..., None, :, None]).sum(-2)              # [.., C, K]
-    else:
-        Gam = (b[..., :, None] - b[..., None, :]).masked_fill(~low, float("-inf")).exp()
-        e = (Gam * Gam * sigma[..., None, :]).sum(-1)                    # [.., C]
-    return b.exp(), Gam, e, low
+        return b.exp(), b, None, keywise.decayed_sums(2 * b, sigma[..., None].expand_as(b)), low
+    # Gamma masked to -inf before exp (no overflow above the diagonal)
+    Gam = (b[..., :, None] - b[..., None, :]).masked_fill(~low, float("-inf")).exp()
+    e = (Gam * Gam * sigma[..., None, :]).sum(-1)                        # [.., C]
+    return b.exp(), b, Gam, e, low
 
 
 def _last(x, per_key):
@@ -140,23 +143,22 @@ def _last(x, per_key):
     return x[..., -1, :] if per_key else x[..., -1]
 
 
-def _noise_scores(Kc, Gam, e, per_key):
+def _noise_scores(Kc, Gam, b, e, per_key):
     """The process noise's share of the innovation covariance, sum_m k_tm k_jm Gamma_tj,m e_j,m
     for t >= j, made symmetric; and what its adjoint reads."""
     if per_key:
-        Cm = Gam * e[..., None, :, :]                                    # [t, j, m]
-        Ml = torch.einsum("...tm,...jm,...tjm->...tj", Kc, Kc, Cm)
-        return Ml + Ml.mT - torch.diag_embed(Ml.diagonal(dim1=-2, dim2=-1)), dict(Cm=Cm)
+        Ml = keywise.decayed_scores(Kc, Kc * e, b)
+        return Ml + Ml.mT - torch.diag_embed(Ml.diagonal(dim1=-2, dim2=-1)), {}
     M = Kc @ Kc.mT                                                       # [C, C]
     Cm = Gam * e[..., None, :]                                           # C_tj = Gamma_tj e_j, t >= j
     Cs = Cm + Cm.mT - torch.diag_embed(Cm.diagonal(dim1=-2, dim2=-1))    # symmetric
     return M * Cs, dict(M=M, Cs=Cs)
 
 
-def _scores(Q, U, Gam, per_key):
+def _scores(Q, U, Gam, b, per_key):
     """A_tj = q_t^T diag(Gamma_tj) u_j (lower); and what its adjoint reads."""
     if per_key:
-        return torch.einsum("...tm,...tjm,...jm->...tj", Q, Gam, U), {}
+        return keywise.decayed_scores(Q, U, b), {}
     QU = Q @ U.mT
     return Gam * QU, dict(QU=QU)
 
@@ -164,21 +166,21 @@ def _scores(Q, U, Gam, per_key):
 def _chunk_quantities(Q, Kc, Vc, g, r, sigma, S, P, strict):
     """What `_chunk_forward` computes before its outputs and the adjoint reads (the cache)."""
     per_key = g.dim() == Q.dim()
-    a, Gam, e, low = _decays(g, sigma, per_key)
+    a, b, Gam, e, low = _decays(g, sigma, per_key)
     Kh, Qh = _scale(a, Kc), _scale(a, Q)
-    noise, noise_cache = _noise_scores(Kc, Gam, e, per_key)
+    noise, noise_cache = _noise_scores(Kc, Gam, b, e, per_key)
     KhP = Kh @ P                                                         # [C, K]
     S_in = KhP @ Kh.mT + noise + torch.diag_embed(r)                     # innovation covariance
     Lc = torch.linalg.cholesky_ex(S_in).L
     Li = _inverse_lower(Lc)
     U = _scale(a, KhP) + _scale(e, Kc)                                   # gain directions [C, K]
-    A, score_cache = _scores(Q, U, Gam, per_key)                         # [C, C], lower
+    A, score_cache = _scores(Q, U, Gam, b, per_key)                      # [C, C], lower
     R = A @ Li.mT                                                        # A Lc^-T
     W = R.tril(-1) if strict else R.tril()
     Et = Li @ (Vc - Kh @ S)                                              # whitened innovations [C, V]
-    gC = Gam[..., -1, :, :] if per_key else Gam[..., -1, :]              # a_C / a_i
+    gC = (b[..., -1:, :] - b).exp() if per_key else Gam[..., -1, :]     # a_C / a_i
     Yt = Li @ _scale(gC, U)                                              # whitened gains [C, K]
-    return dict(a=a, Gam=Gam, e=e, Kh=Kh, Qh=Qh, KhP=KhP, Lc=Lc, Li=Li, U=U, R=R, W=W, Et=Et,
+    return dict(a=a, b=b, Gam=Gam, e=e, Kh=Kh, Qh=Qh, KhP=KhP, Lc=Lc, Li=Li, U=U, R=R, W=W, Et=Et,
                 gC=gC, Yt=Yt, aC=_last(a, per_key), eC=_last(e, per_key), low=low,
                 per_key=per_key, **noise_cache, **score_cache)
 
@@ -250,13 +252,14 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
     # gC o U
     dU = _scale(c["gC"], dUh)
     dgC = _fold(dUh * U, c["gC"])
-    # A_tj = q_t^T diag(Gamma_tj) u_j
-    dGam = torch.zeros_like(Gam)
+    # A_tj = q_t^T diag(Gamma_tj) u_j; with a per-key decay, what reaches Gamma goes straight
+    # to the log decay b (db), as designmodel.keywise gives it
+    dGam = None if pk else torch.zeros_like(Gam)
+    db = torch.zeros_like(c["b"]) if pk else None
     if dA is not None:
         if pk:
-            dQ = dQ + torch.einsum("...tj,...tjm,...jm->...tm", dA, Gam, U)
-            dU = dU + torch.einsum("...tj,...tjm,...tm->...jm", dA, Gam, Q)
-            dGam = dA[..., None] * Q[..., :, None, :] * U[..., None, :, :]
+            dQA, dUA, dbA = keywise.decayed_scores_adjoint(Q, U, c["b"], dA)
+            dQ, dU, db = dQ + dQA, dU + dUA, db + dbA
         else:
             dQU = dA * Gam
             dGam = dA * c["QU"]
@@ -275,12 +278,10 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
     # the noise scores' lower part, each off-diagonal entry counted twice (symmetric)
     w = 2 * dSin.tril() - torch.diag_embed(dSin.diagonal(dim1=-2, dim2=-1))
     if pk:
-        Cm = c["Cm"]
-        dK = dK + torch.einsum("...tj,...jm,...tjm->...tm", w, Kc, Cm)
-        dK = dK + torch.einsum("...tj,...tm,...tjm->...jm", w, Kc, Cm)
-        dCm = w[..., None] * Kc[..., :, None, :] * Kc[..., None, :, :]
-        dGam = dGam + dCm * e[..., None, :, :]
-        de = de + (dCm * Gam).sum(-3)
+        dKt, dKe, dbN = keywise.decayed_scores_adjoint(Kc, Kc * e, c["b"], w)
+        dK = dK + dKt + e * dKe
+        de = de + Kc * dKe
+        db = db + dbN
     else:
         dK = dK + 2 * (dSin * c["Cs"]) @ Kc
         dCm = w * c["M"]
@@ -299,13 +300,16 @@ def _chunk_adjoint(Q, Kc, sigma, S, P, c, dO, dvar, dS1, dP1, strict, carry_mean
     if pk:
         da[..., -1, :] += daC
         de[..., -1, :] += deC
-        dGam[..., -1, :, :] += dgC
-        # e_t = sum_j Gamma_tj^2 sigma_j (per key)
-        dGam = dGam + 2 * de[..., :, None, :] * Gam * sigma[..., None, :, None]
-        dsigma = (de[..., :, None, :] * Gam * Gam).sum((-3, -1))
-        # a = exp(b), Gamma_tj = exp(b_t - b_j): back to b, then to g (b = cumsum g)
-        dG = dGam * Gam * c["low"][..., None]
-        db = da * a + dG.sum(-2) - dG.sum(-3)
+        # gC_i = exp(b_C - b_i)
+        dG = dgC * c["gC"]
+        db[..., -1, :] += dG.sum(-2)
+        db = db - dG
+        # e_t = sum_j Gamma_tj^2 sigma_j (per key): decayed sums of sigma over 2 b
+        sig = sigma[..., None].expand_as(e)
+        dsig, dbE = keywise.decayed_sums_adjoint(2 * c["b"], sig, e, de)
+        dsigma = dsig.sum(-1)
+        # a = exp(b), then back to g (b = cumsum g)
+        db = db + 2 * dbE + da * a
         dg = db.flip(-2).cumsum(-2).flip(-2)
     else:
         da[..., -1] += daC

@@ -61,9 +61,10 @@ def _sym(X):
 
 @pytest.mark.parametrize("sweep,chunk,T", [(kalman_adjoint, 16, 37), (kalman_adjoint, 32, 45),
                                            (kalman_adjoint_two_sweeps, 16, 37),
-                                           (kalman_adjoint_chunks, 16, 37), (kalman_adjoint_chunks, 8, 40)],
+                                           (kalman_adjoint_chunks, 16, 37), (kalman_adjoint_chunks, 8, 40),
+                                           (kalman_adjoint_chunks, 12, 40)],
                          ids=["one_sweep-16-37", "one_sweep-32-45", "two_sweeps-16-37", "chunks-16-37",
-                              "chunks-8-40"])
+                              "chunks-8-40", "chunks-12-40"])   # per-key blocks of 8 (1 to 4) and of 4
 @pytest.mark.parametrize("initial", [False, True], ids=["prior", "initial_state"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c if isinstance(c, str) else c.name)
 def test_adjoint_matches_autograd_through_step_by_step(case, initial, sweep, chunk, T):
