@@ -559,7 +559,8 @@ def _from_chunks(x, T):
 
 def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
                           scale=None, initial_state=None, chunk=64, prior_timing=False,
-                          checkpoints=None, cu_seqlens=None, tf32=False, sweeps=None, compiled=None):
+                          checkpoints=None, cu_seqlens=None, tf32=False, sweeps=None, steps=None,
+                          compiled=None):
     """`kalman_adjoint_two_sweeps` with every chunk at once: the backward a GPU runs.
 
     The parallel steps (2, 4, 6 of docs/KALMAN_BACKWARD.md section 5) take all chunks as one
@@ -577,6 +578,9 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         the forward kernels' covariance precision for 16-bit inputs), else in full float32;
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
+    steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "covariance", step 6
+        with `covariance_chunk_adjoint`'s signature), used for a scalar decay in float32, or
+        None for PyTorch;
     compiled: run the parallel steps through torch.compile (inductor fuses their elementwise
         passes: 33 -> 23 ms fwd+bwd at (4, 4096, 16, 128) on an H100, about 14 s to compile
         once per shape); None: when q is on a CUDA device, unless the environment sets
@@ -626,7 +630,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                 _in_chunks(tok(do).to(f).transpose(1, 2), chunk, 0.0),
                 None if dvar is None else _in_chunks(tok(dvar).to(f).transpose(1, 2), chunk, 0.0),
                 one(dS_end), one(dP_end), prior_timing, sweeps, tf32,
-                _use_compiled(q) if compiled is None else compiled)
+                _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
     dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
@@ -718,13 +722,13 @@ def _or_eager(compiled, eager):
 
 
 def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, tf32=False,
-                  compiled=False):
+                  compiled=False, steps=None):
     """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
     chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
     or None, dS_end and dP_end the final state's gradients or None; sweeps: (mean sweep,
     covariance sweep) with the signatures of `_mean_sweep` and `_covariance_sweep` (the
     generated modules' Triton kernels), or None for those; compiled: the parallel steps through
-    torch.compile. Returns (the gradients [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma;
+    torch.compile; steps: parallel steps as kernels (see kalman_adjoint_chunks). Returns (the gradients [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma;
     dS0; dP0)."""
     quantities, adjoint = _compiled_steps() if compiled else (_chunk_quantities, _chunk_adjoint)
     # (2) the chunks' quantities
@@ -741,8 +745,11 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
                                    None if dP_end is None else _sym(dP_end.to(covs.dtype)), tf32=tf32)
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
-    more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
-                         dP_ends, strict, carry_mean=False, carry_covariance=False)
+    if steps and "covariance" in steps and not c["per_key"] and covs.dtype == torch.float32:
+        more = steps["covariance"](x, c, covs, dP_ends, tf32=tf32)
+    else:
+        more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
+                             dP_ends, strict, carry_mean=False, carry_covariance=False)
     for m in ("k", "g", "r", "sigma"):
         grads[m] = grads[m] + more[m]
     return grads, dS, dP

@@ -1660,6 +1660,155 @@ def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
 ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 
 
+# --- the backward's step 6 as one kernel (docs/KALMAN_BACKWARD.md, sections 3 and 6) --------------
+# The adjoint of one chunk at the gradient dP' of its end covariance alone, for a scalar decay:
+# one program per chunk and head, reading what step 2 computed (float32, [B H NC, C, *]) and
+# writing dk, dg, dr, dsigma. The same lines as designmodel.chunked_adjoint._chunk_adjoint
+# with only dP1 given, where PyTorch makes some forty passes over [C, K] tensors. The key
+# dimension is taken in blocks of BK columns: (A) the whitened gains' adjoint and dLc, (B) the
+# Cholesky adjoint dS_in on [C, C], (C) d(K^P), (D) dK^ = dS_in (K^P) + d(K^P) P and dk, (E)
+# the per-token sums back to the log decay. dUh and d(K^P) pass between the phases through
+# the program's own scratch rows (L2-resident), so each phase needs only one key block.
+
+@triton.jit
+def covariance_chunk_adjoint_kernel(
+    Yt, U, KhP, Kh, Kc, Li, Lc, Gam, Mk, Cs, a, e, gC, sigma, aC, P, dP1,
+    dUh_s, dKhP_s, dK, dg, dr, dsigma,
+    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, C)
+    o_b = tl.arange(0, BK)
+    m_low = o_c[:, None] >= o_c[None, :]
+    m_eye = o_c[:, None] == o_c[None, :]
+    p_cc = n * C * C + o_c[:, None] * C + o_c[None, :]
+    b_Li = tl.load(Li + p_cc)                                            # [C, C]
+    b_a = tl.load(a + n * C + o_c)                                       # [C]
+    b_e = tl.load(e + n * C + o_c)
+    b_gC = tl.load(gC + n * C + o_c)
+    # (A) dYt = -2 Yt dP', dUh = Li^T dYt, dLc = -(dUh Yt^T) (lower), by key blocks j
+    b_dLc = tl.zeros([C, C], dtype=tl.float32)
+    b_dgC = tl.zeros([C], dtype=tl.float32)
+    b_da = tl.zeros([C], dtype=tl.float32)
+    b_de = tl.zeros([C], dtype=tl.float32)
+    b_dPP = tl.zeros([BK, BK], dtype=tl.float32)     # dP' o P, summed into da_C
+    b_tr = tl.zeros([BK], dtype=tl.float32)          # diag(dP'), summed into de_C
+    for j in tl.static_range(NKB):
+        o_kj = j * BK + o_b
+        m_kj = o_kj < K
+        p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
+        m_ckj = m_kj[None, :] & (o_c[:, None] < C)
+        b_dYt = tl.zeros([C, BK], dtype=tl.float32)
+        for i in tl.static_range(NKB):
+            o_ki = i * BK + o_b
+            m_ki = o_ki < K
+            p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
+            m_kk = m_ki[:, None] & m_kj[None, :]
+            b_dP1 = tl.load(dP1 + p_kk, mask=m_kk, other=0.)                 # [BK, BK]
+            b_P = tl.load(P + p_kk, mask=m_kk, other=0.)
+            b_dPP += b_dP1 * b_P
+            if i == j:
+                b_tr += tl.sum(tl.where(o_b[:, None] == o_b[None, :], b_dP1, 0.), axis=1)
+            b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                            mask=m_ki[None, :] & (o_c[:, None] < C), other=0.)   # [C, BK]
+            b_dYt += tl.dot(b_Yti, b_dP1, input_precision=PRECISION)
+        b_dYt = -2. * b_dYt
+        b_dUh = tl.dot(tl.trans(b_Li), b_dYt, input_precision=PRECISION)    # [C, BK]
+        b_Ytj = tl.load(Yt + p_ckj, mask=m_ckj, other=0.)
+        b_dLc -= tl.dot(b_dUh, tl.trans(b_Ytj), input_precision=PRECISION)
+        b_dgC += tl.sum(b_dUh * tl.load(U + p_ckj, mask=m_ckj, other=0.), axis=1)
+        b_dU = b_gC[:, None] * b_dUh
+        b_da += tl.sum(b_dU * tl.load(KhP + p_ckj, mask=m_ckj, other=0.), axis=1)
+        b_de += tl.sum(b_dU * tl.load(Kc + p_ckj, mask=m_ckj, other=0.), axis=1)
+        tl.store(dUh_s + p_ckj, b_dUh, mask=m_ckj)
+    # (B) the Cholesky adjoint dS_in = sym(Li^T Phi(Lc^T dLc) Li), and what S_in's entries feed
+    b_dLc = tl.where(m_low, b_dLc, 0.)
+    b_Lc = tl.load(Lc + p_cc)
+    b_Phi = tl.dot(tl.trans(b_Lc), b_dLc, input_precision=PRECISION)
+    b_Phi = tl.where(m_low, b_Phi, 0.)
+    b_Phi = tl.where(m_eye, 0.5 * b_Phi, b_Phi)
+    b_X = tl.dot(tl.dot(tl.trans(b_Li), b_Phi, input_precision=PRECISION), b_Li, input_precision=PRECISION)
+    b_dS = 0.5 * (b_X + tl.trans(b_X))                                  # [C, C] dS_in
+    b_dr = tl.sum(tl.where(m_eye, b_dS, 0.), axis=1)
+    b_w = tl.where(m_low, 2. * b_dS, 0.)
+    b_w = tl.where(m_eye, b_dS, b_w)                                     # lower, diagonal once
+    b_Gam = tl.load(Gam + p_cc)
+    b_dCm = b_w * tl.load(Mk + p_cc)
+    b_dGam = b_dCm * b_e[None, :]
+    b_de += tl.sum(b_dCm * b_Gam, axis=0)
+    b_dSCs = 2. * b_dS * tl.load(Cs + p_cc)
+    tl.debug_barrier()
+    # (C) d(K^P) = a o gC o dUh + dS_in K^, kept for the product with P
+    for j in tl.static_range(NKB):
+        o_kj = j * BK + o_b
+        p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
+        m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
+        b_dUh = tl.load(dUh_s + p_ckj, mask=m_ckj, other=0.)
+        b_dKhP = (b_a * b_gC)[:, None] * b_dUh
+        b_dKhP += tl.dot(b_dS, tl.load(Kh + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        tl.store(dKhP_s + p_ckj, b_dKhP, mask=m_ckj)
+    tl.debug_barrier()
+    # (D) dK^ = dS_in (K^P) + d(K^P) P, then dK = e o dU + 2 (dS_in o Cs) K + a o dK^
+    for j in tl.static_range(NKB):
+        o_kj = j * BK + o_b
+        m_kj = o_kj < K
+        p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
+        m_ckj = m_kj[None, :] & (o_c[:, None] < C)
+        b_dKh = tl.dot(b_dS, tl.load(KhP + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        for i in tl.static_range(NKB):
+            o_ki = i * BK + o_b
+            m_ki = o_ki < K
+            b_dKhPi = tl.load(dKhP_s + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                              mask=m_ki[None, :] & (o_c[:, None] < C), other=0.)
+            b_P = tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
+                          mask=m_ki[:, None] & m_kj[None, :], other=0.)
+            b_dKh += tl.dot(b_dKhPi, b_P, input_precision=PRECISION)
+        b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
+        b_da += tl.sum(b_dKh * b_Kcj, axis=1)
+        b_dK = (b_e * b_gC)[:, None] * tl.load(dUh_s + p_ckj, mask=m_ckj, other=0.)
+        b_dK += tl.dot(b_dSCs, b_Kcj, input_precision=PRECISION)
+        b_dK += b_a[:, None] * b_dKh
+        tl.store(dK + p_ckj, b_dK, mask=m_ckj)
+    # (E) per token: the chunk end's a_C, e_C and ratios gC, then e, Gamma -> the log decay
+    b_aC = tl.load(aC + n)
+    last = o_c == C - 1
+    b_da += tl.where(last, 2. * b_aC * tl.sum(tl.sum(b_dPP, axis=1), axis=0), 0.)
+    b_de += tl.where(last, tl.sum(b_tr, axis=0), 0.)
+    b_dGam += tl.where(last[:, None], b_dgC[None, :], 0.)
+    b_sig = tl.load(sigma + n * C + o_c)
+    b_dGam += 2. * b_de[:, None] * b_Gam * b_sig[None, :]
+    b_dsig = tl.sum(b_de[:, None] * b_Gam * b_Gam, axis=0)
+    b_dG = tl.where(m_low, b_dGam * b_Gam, 0.)
+    b_db = b_da * b_a + tl.sum(b_dG, axis=1) - tl.sum(b_dG, axis=0)
+    b_dg = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_db[None, :], 0.), axis=1)   # reverse cumsum
+    tl.store(dg + n * C + o_c, b_dg)
+    tl.store(dr + n * C + o_c, b_dr)
+    tl.store(dsigma + n * C + o_c, b_dsig)
+
+
+def covariance_chunk_adjoint(x, c, covs, dP_ends, tf32=False):
+    """Step 6 on every chunk at once: the gradients that reach the chunk's inputs from the
+    gradient dP_ends [B, H, NC, K, K] of its end covariance, as
+    designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them for a scalar
+    decay. x: the inputs in chunks (x["k"], x["sigma"]), c: step 2's quantities, covs: P at
+    every chunk start. Returns {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
+    B, H, NC, C, K = c["Yt"].shape
+    BK = max(16, min(64, triton.next_power_of_2(K)))
+    f = [t.float().contiguous() for t in (c["Yt"], c["U"], c["KhP"], c["Kh"], x["k"], c["Li"], c["Lc"],
+                                         c["Gam"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], x["sigma"],
+                                         c["aC"], covs, dP_ends)]
+    dUh, dKhP, dk = (f[0].new_empty(B, H, NC, C, K) for _ in range(3))
+    dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
+    covariance_chunk_adjoint_kernel[(B * H * NC,)](
+        *f, dUh, dKhP, dk, dg, dr, dsigma, K=K, C=C, BK=BK, NKB=triton.cdiv(K, BK),
+        PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+    return dict(k=dk, g=dg, r=dr, sigma=dsigma)
+
+
+# the parallel steps that run as kernels (the others run in PyTorch)
+ADJOINT_STEPS = dict(covariance=covariance_chunk_adjoint)
+
+
 def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):
     """Gradients of bayesian_layer's forward w.r.t. every tensor input.
 
@@ -1720,7 +1869,7 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
         prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
         initial_state=initial_state if initial_state is None else _split_state(initial_state),
         chunk=CHUNK, prior_timing=False, checkpoints=saved, cu_seqlens=cu_seqlens,
-        tf32=q.dtype != torch.float32, sweeps=ADJOINT_SWEEPS)
+        tf32=q.dtype != torch.float32, sweeps=ADJOINT_SWEEPS, steps=ADJOINT_STEPS)
     dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
     dlog_decay = _grads["log_decay"]
     dnoise = _grads["noise"]

@@ -168,6 +168,22 @@ def test_backward_reads_the_chunk_states_the_forward_kept(monkeypatch):
     assert calls == [("forward", True), ("backward", [(NS, H, K, V), (NS, H, K, K)])]
 
 
+def test_backward_runs_step_6_as_the_generated_kernel(monkeypatch):
+    """For a scalar decay and fp32 inputs the backward takes the adjoint at dP' from the
+    generated kernel (ADJOINT_STEPS), once per backward; the gradients it checks are the
+    step-by-step filter's (_check)."""
+    module = designmodel.compile("bayesian_layer").kernels
+    step = module.ADJOINT_STEPS["covariance"]
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(tuple(args[1]["Yt"].shape))
+        return step(*args, **kw)
+    monkeypatch.setitem(module.ADJOINT_STEPS, "covariance", spy)
+    _check("bayesian_layer", B=2, T=70, initial=True, variance=False)
+    assert calls == [(2, 2, 2, 64, 16)]
+
+
 def test_backward_bad_gradient_shape_raises():
     m = designmodel.compile("rls").kernels
     q = torch.randn(1, 8, 1, 16)

@@ -2,12 +2,13 @@
 against the chunk-by-chunk PyTorch sweeps of designmodel.chunked_adjoint, which the float64
 tests (tests/numeric/test_kalman_adjoint.py) check against autograd through the step-by-step
 filter. Head dims that are not powers of two (masked blocks), with and without the final
-state's gradients, a chunk-end decay per chunk or per key."""
+state's gradients, a chunk-end decay per chunk or per key. And the parallel step 6 as a
+kernel (ADJOINT_STEPS["covariance"]) against the float64 PyTorch chunk adjoint."""
 import pytest
 import torch
 
 import designmodel
-from designmodel.chunked_adjoint import _covariance_sweep, _mean_sweep
+from designmodel.chunked_adjoint import _chunk_adjoint, _chunk_quantities, _covariance_sweep, _mean_sweep
 
 from .conftest import DEVICE
 from .helpers import relative_error
@@ -43,3 +44,33 @@ def test_generated_sweeps_match_the_chunk_by_chunk_sweeps(K, V, end, per_key):
     got = covariance_sweep(*map(dev, (Yt, Wk, src, aC, dP_end)))
     for g, w in zip(got, want):
         assert g.shape == w.shape and relative_error(g.cpu(), w) <= 1e-5
+
+
+def _chunk_inputs(B, H, NC, C, K, V, seed):
+    """Chunks of a filter in float64: inputs, the chunk-start states, and dP' at every chunk end."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.float64
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=d)
+    u = lambda *s: torch.rand(*s, generator=gen, dtype=d)
+    x = dict(q=0.3 * r(B, H, NC, C, K), k=torch.nn.functional.normalize(r(B, H, NC, C, K), dim=-1),
+             v=r(B, H, NC, C, V), g=-0.1 * u(B, H, NC, C), r=0.5 + u(B, H, NC, C), sigma=0.1 * u(B, H, NC, C))
+    A = r(B, H, NC, K, K)
+    P = A @ A.mT / K + 0.5 * torch.eye(K, dtype=d)
+    dP = r(B, H, NC, K, K)
+    return x, r(B, H, NC, K, V), P, dP + dP.mT
+
+
+@pytest.mark.parametrize("K", [16, 24, 80])   # one key block, one masked block, two blocks (64 + 16)
+@pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
+def test_generated_covariance_step_matches_the_float64_chunk_adjoint(K, strict):
+    """Step 6 (the adjoint at the end covariance's gradient alone) as one kernel per chunk:
+    dk, dg, dr, dsigma against _chunk_adjoint in float64, from step 2's quantities."""
+    step = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS["covariance"]
+    x, S, P, dP = _chunk_inputs(1, 2, 2, 64, K, 8, seed=K)
+    c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
+    want, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, None, None, None, dP, strict,
+                                carry_mean=False, carry_covariance=False)
+    dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
+    got = step({m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}, dev(P), dev(dP))
+    for m in ("k", "g", "r", "sigma"):
+        assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
