@@ -578,9 +578,10 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         the forward kernels' covariance precision for 16-bit inputs), else in full float32;
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
-    steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "covariance", step 6
-        with `covariance_chunk_adjoint`'s signature), used for a scalar decay in float32, or
-        None for PyTorch;
+    steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "mean", step 4, and
+        "covariance", step 6, with the signatures of its `mean_chunk_adjoint` and
+        `covariance_chunk_adjoint`), used for a scalar decay in float32 (step 4 without a
+        variance readout's gradient), or None for PyTorch;
     compiled: run the parallel steps through torch.compile (inductor fuses their elementwise
         passes: 33 -> 23 ms fwd+bwd at (4, 4096, 16, 128) on an H100, about 14 s to compile
         once per shape); None: when q is on a CUDA device, unless the environment sets
@@ -739,14 +740,18 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
                              None if dS_end is None else dS_end.to(states.dtype), tf32=tf32)
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
-    grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
-                                dS_ends, None, strict, carry_mean=False)
+    kernels = steps if steps and not c["per_key"] and covs.dtype == torch.float32 else {}
+    if "mean" in kernels and dvar is None:
+        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32)
+    else:
+        grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
+                                    dS_ends, None, strict, carry_mean=False)
     # (5) dP at every chunk end, sequential
     dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
                                    None if dP_end is None else _sym(dP_end.to(covs.dtype)), tf32=tf32)
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
-    if steps and "covariance" in steps and not c["per_key"] and covs.dtype == torch.float32:
-        more = steps["covariance"](x, c, covs, dP_ends, tf32=tf32)
+    if "covariance" in kernels:
+        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, tf32=tf32)
     else:
         more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
                              dP_ends, strict, carry_mean=False, carry_covariance=False)

@@ -23,10 +23,12 @@ Kernels, in launch order:
     chunk_mean_kernel        grid (NV, N * H) E = U_v - W S; S' = a_C S + Z^T E (stores S per chunk and E)
     chunk_readout_kernel     grid (NV, NT, N * H) O = (Q o a) S + B E
 Backward (`backward`): the chunked filter's adjoint (docs/KALMAN_BACKWARD.md) from the chunk-start
-states the forward keeps: its parallel steps in PyTorch over every chunk at once
-(designmodel.chunked_adjoint), its two sequential sweeps as kernels:
+states the forward keeps (designmodel.chunked_adjoint): the chunks' quantities in PyTorch
+over every chunk at once, its two sequential sweeps as kernels, and, for a scalar decay in
+float32, the chunk adjoints too (else PyTorch):
     mean_adjoint_sweep_kernel        grid (NV, N * H) dS = D dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO)
     covariance_adjoint_sweep_kernel  grid (N * H)     dP = F^T dP' F + Src, F = D - Yt^T Wk (rank C), D = diag(a_C)
+    chunk_adjoint_kernel             grid (N * H * NC) one chunk's adjoint at (dO, dS') or at dP'
 """
 import torch
 import triton
@@ -1660,120 +1662,199 @@ def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
 ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 
 
-# --- the backward's step 6 as one kernel (docs/KALMAN_BACKWARD.md, sections 3 and 6) --------------
-# The adjoint of one chunk at the gradient dP' of its end covariance alone, for a scalar decay:
-# one program per chunk and head, reading what step 2 computed (float32, [B H NC, C, *]) and
-# writing dk, dg, dr, dsigma. The same lines as designmodel.chunked_adjoint._chunk_adjoint
-# with only dP1 given, where PyTorch makes some forty passes over [C, K] tensors. The key
-# dimension is taken in blocks of BK columns: (A) the whitened gains' adjoint and dLc, (B) the
-# Cholesky adjoint dS_in on [C, C], (C) d(K^P), (D) dK^ = dS_in (K^P) + d(K^P) P and dk, (E)
-# the per-token sums back to the log decay. dUh and d(K^P) pass between the phases through
-# the program's own scratch rows (L2-resident), so each phase needs only one key block.
+# --- the backward's parallel steps 4 and 6 as one kernel (docs/KALMAN_BACKWARD.md, 3 and 6) -------
+# The adjoint of one chunk for a scalar decay, one program per chunk and head, reading what
+# step 2 computed (float32, [B H NC, C, *]): the same lines as
+# designmodel.chunked_adjoint._chunk_adjoint, where PyTorch makes some hundred passes over
+# [C, K] tensors. FROM_MEAN (step 4) takes the cotangents dO and dS' and also writes dq, dv
+# and the chunk's covariance source Src = sym(K^^T d(K^P)); FROM_COVARIANCE (step 6) takes
+# dP'. Both write dk, dg, dr, dsigma. The value dimension is taken in blocks of BV columns and
+# the key dimension in blocks of BK:
+#   (V) dEt = Yt dS' + W^T dO, dX = Lc^-T dEt (= dv), the readout's dW = dO Et^T
+#   (S) the scores' dA = mask(dW) Lc^-1 and their share of dLc
+#   (K) by key blocks: dYt, dU^ = Lc^-T dYt, dU, dq, and dLc -= dU^ Yt^T
+#   (B) the Cholesky adjoint dS_in = sym(Lc^-T Phi(Lc^T dLc) Lc^-1) on [C, C]
+#   (C) d(K^P) = a o dU + dS_in K^;  (D) dK^ = dS_in (K^P) + d(K^P) P, dk, Src
+#   (E) per token: the chunk end's a_C, e_C and ratios, then e and Gamma back to the log decay
+# dU, the readout's share of dK^ and d(K^P) pass between phases through the program's own
+# scratch rows (L2-resident), so that a phase holds one key block at a time.
 
 @triton.jit
-def covariance_chunk_adjoint_kernel(
-    Yt, U, KhP, Kh, Kc, Li, Lc, Gam, Mk, Cs, a, e, gC, sigma, aC, P, dP1,
-    dUh_s, dKhP_s, dK, dg, dr, dsigma,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, PRECISION: tl.constexpr,
+def chunk_adjoint_kernel(
+    Q, Kc, sigma, S, P, Yt, U, KhP, Kh, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
+    dO, dS1, dP1,
+    dU_s, dKhr_s, dKhP_s, dq, dk, dv, dg, dr, dsigma, Src,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
+    FROM_COVARIANCE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
     o_b = tl.arange(0, BK)
+    o_w = tl.arange(0, BV)
     m_low = o_c[:, None] >= o_c[None, :]
     m_eye = o_c[:, None] == o_c[None, :]
     p_cc = n * C * C + o_c[:, None] * C + o_c[None, :]
-    b_Li = tl.load(Li + p_cc)                                            # [C, C]
+    b_Li = tl.load(Li + p_cc)                                            # [C, C] Lc^-1
     b_a = tl.load(a + n * C + o_c)                                       # [C]
     b_e = tl.load(e + n * C + o_c)
     b_gC = tl.load(gC + n * C + o_c)
-    # (A) dYt = -2 Yt dP', dUh = Li^T dYt, dLc = -(dUh Yt^T) (lower), by key blocks j
     b_dLc = tl.zeros([C, C], dtype=tl.float32)
-    b_dgC = tl.zeros([C], dtype=tl.float32)
+    b_dGam = tl.zeros([C, C], dtype=tl.float32)
+    b_dQU = tl.zeros([C, C], dtype=tl.float32)
     b_da = tl.zeros([C], dtype=tl.float32)
     b_de = tl.zeros([C], dtype=tl.float32)
-    b_dPP = tl.zeros([BK, BK], dtype=tl.float32)     # dP' o P, summed into da_C
-    b_tr = tl.zeros([BK], dtype=tl.float32)          # diag(dP'), summed into de_C
+    b_dgC = tl.zeros([C], dtype=tl.float32)
+    b_daC = 0.
+    b_deC = 0.
+    if FROM_MEAN:
+        # (V) by value blocks: dX = Lc^-T (Yt dS' + W^T dO) is dv; dLc -= dX Et^T; dW = dO Et^T
+        b_W = tl.load(Wr + p_cc)                                         # [C, C] the readout's scores
+        b_dW = tl.zeros([C, C], dtype=tl.float32)
+        for v in tl.static_range(NVB):
+            o_v = v * BV + o_w
+            m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
+            p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
+            b_Et = tl.load(Et + p_cv, mask=m_cv, other=0.)               # [C, BV]
+            b_dO = tl.load(dO + p_cv, mask=m_cv, other=0.)
+            b_dEt = tl.dot(tl.trans(b_W), b_dO, input_precision=PRECISION)
+            for i in tl.static_range(NKB):
+                o_ki = i * BK + o_b
+                m_kv = (o_ki[:, None] < K) & (o_v[None, :] < V)
+                p_kv = n * K * V + o_ki[:, None] * V + o_v[None, :]
+                b_dS1 = tl.load(dS1 + p_kv, mask=m_kv, other=0.)         # [BK, BV]
+                b_daC += tl.sum(tl.sum(b_dS1 * tl.load(S + p_kv, mask=m_kv, other=0.), axis=1), axis=0)
+                b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                                mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
+                b_dEt += tl.dot(b_Yti, b_dS1, input_precision=PRECISION)
+            b_dX = tl.dot(tl.trans(b_Li), b_dEt, input_precision=PRECISION)    # [C, BV]
+            tl.store(dv + p_cv, b_dX, mask=m_cv)
+            b_dLc -= tl.dot(b_dX, tl.trans(b_Et), input_precision=PRECISION)
+            b_dW += tl.dot(b_dO, tl.trans(b_Et), input_precision=PRECISION)
+        # (S) the scores R = A Lc^-T, W = mask(R): dA = mask(dW) Lc^-1, dLc -= dA^T R
+        if STRICT:
+            b_dW = tl.where(o_c[:, None] > o_c[None, :], b_dW, 0.)
+        else:
+            b_dW = tl.where(m_low, b_dW, 0.)
+        b_dA = tl.dot(b_dW, b_Li, input_precision=PRECISION)
+        b_dLc -= tl.dot(tl.trans(b_dA), tl.load(Rs + p_cc), input_precision=PRECISION)
+        # A = Gamma o (Q U^T)
+        b_dQU = b_dA * tl.load(Gam + p_cc)
+        b_dGam = b_dA * tl.load(QU + p_cc)
+        tl.debug_barrier()
+    # (K) by key blocks: dYt from dS' (step 4) or dP' (step 6), dU^ = Lc^-T dYt, dU, dq
     for j in tl.static_range(NKB):
         o_kj = j * BK + o_b
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = m_kj[None, :] & (o_c[:, None] < C)
         b_dYt = tl.zeros([C, BK], dtype=tl.float32)
-        for i in tl.static_range(NKB):
-            o_ki = i * BK + o_b
-            m_ki = o_ki < K
-            p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
-            m_kk = m_ki[:, None] & m_kj[None, :]
-            b_dP1 = tl.load(dP1 + p_kk, mask=m_kk, other=0.)                 # [BK, BK]
-            b_P = tl.load(P + p_kk, mask=m_kk, other=0.)
-            b_dPP += b_dP1 * b_P
-            if i == j:
-                b_tr += tl.sum(tl.where(o_b[:, None] == o_b[None, :], b_dP1, 0.), axis=1)
-            b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                            mask=m_ki[None, :] & (o_c[:, None] < C), other=0.)   # [C, BK]
-            b_dYt += tl.dot(b_Yti, b_dP1, input_precision=PRECISION)
-        b_dYt = -2. * b_dYt
+        b_dKhr = tl.zeros([C, BK], dtype=tl.float32)                     # the readout's share of dK^
+        b_dQh = tl.zeros([C, BK], dtype=tl.float32)
+        if FROM_MEAN:
+            for v in tl.static_range(NVB):
+                o_v = v * BV + o_w
+                m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
+                p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
+                p_kv = n * K * V + o_kj[:, None] * V + o_v[None, :]
+                m_kv = m_kj[:, None] & (o_v[None, :] < V)
+                b_S = tl.load(S + p_kv, mask=m_kv, other=0.)             # [BK, BV]
+                b_dYt += tl.dot(tl.load(Et + p_cv, mask=m_cv, other=0.),
+                                tl.trans(tl.load(dS1 + p_kv, mask=m_kv, other=0.)), input_precision=PRECISION)
+                b_dKhr -= tl.dot(tl.load(dv + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
+                b_dQh += tl.dot(tl.load(dO + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
+        if FROM_COVARIANCE:
+            for i in tl.static_range(NKB):
+                o_ki = i * BK + o_b
+                p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
+                m_kk = (o_ki < K)[:, None] & m_kj[None, :]
+                b_dP1 = tl.load(dP1 + p_kk, mask=m_kk, other=0.)         # [BK, BK]
+                b_daC += tl.sum(tl.sum(b_dP1 * tl.load(P + p_kk, mask=m_kk, other=0.), axis=1), axis=0)
+                if i == j:
+                    b_deC += tl.sum(tl.sum(tl.where(o_b[:, None] == o_b[None, :], b_dP1, 0.), axis=1), axis=0)
+                b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                                mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
+                b_dYt -= 2. * tl.dot(b_Yti, b_dP1, input_precision=PRECISION)
         b_dUh = tl.dot(tl.trans(b_Li), b_dYt, input_precision=PRECISION)    # [C, BK]
-        b_Ytj = tl.load(Yt + p_ckj, mask=m_ckj, other=0.)
-        b_dLc -= tl.dot(b_dUh, tl.trans(b_Ytj), input_precision=PRECISION)
-        b_dgC += tl.sum(b_dUh * tl.load(U + p_ckj, mask=m_ckj, other=0.), axis=1)
+        b_dLc -= tl.dot(b_dUh, tl.trans(tl.load(Yt + p_ckj, mask=m_ckj, other=0.)), input_precision=PRECISION)
+        b_Uj = tl.load(U + p_ckj, mask=m_ckj, other=0.)
+        b_dgC += tl.sum(b_dUh * b_Uj, axis=1)
         b_dU = b_gC[:, None] * b_dUh
+        if FROM_MEAN:
+            b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+            b_dU += tl.dot(tl.trans(b_dQU), b_Qj, input_precision=PRECISION)
+            # dq = dQU U + a o dQ^ (the queries' decay)
+            b_dq = tl.dot(b_dQU, b_Uj, input_precision=PRECISION) + b_a[:, None] * b_dQh
+            b_da += tl.sum(b_dQh * b_Qj, axis=1)
+            tl.store(dq + p_ckj, b_dq, mask=m_ckj)
+            tl.store(dKhr_s + p_ckj, b_dKhr, mask=m_ckj)
         b_da += tl.sum(b_dU * tl.load(KhP + p_ckj, mask=m_ckj, other=0.), axis=1)
         b_de += tl.sum(b_dU * tl.load(Kc + p_ckj, mask=m_ckj, other=0.), axis=1)
-        tl.store(dUh_s + p_ckj, b_dUh, mask=m_ckj)
-    # (B) the Cholesky adjoint dS_in = sym(Li^T Phi(Lc^T dLc) Li), and what S_in's entries feed
+        tl.store(dU_s + p_ckj, b_dU, mask=m_ckj)
+    # (B) the Cholesky adjoint dS_in = sym(Lc^-T Phi(Lc^T dLc) Lc^-1), and what S_in's entries feed
     b_dLc = tl.where(m_low, b_dLc, 0.)
-    b_Lc = tl.load(Lc + p_cc)
-    b_Phi = tl.dot(tl.trans(b_Lc), b_dLc, input_precision=PRECISION)
+    b_Phi = tl.dot(tl.trans(tl.load(Lc + p_cc)), b_dLc, input_precision=PRECISION)
     b_Phi = tl.where(m_low, b_Phi, 0.)
     b_Phi = tl.where(m_eye, 0.5 * b_Phi, b_Phi)
     b_X = tl.dot(tl.dot(tl.trans(b_Li), b_Phi, input_precision=PRECISION), b_Li, input_precision=PRECISION)
     b_dS = 0.5 * (b_X + tl.trans(b_X))                                  # [C, C] dS_in
     b_dr = tl.sum(tl.where(m_eye, b_dS, 0.), axis=1)
-    b_w = tl.where(m_low, 2. * b_dS, 0.)
-    b_w = tl.where(m_eye, b_dS, b_w)                                     # lower, diagonal once
+    # the process noise's scores (K K^T) o Cs: their lower part, the diagonal counted once
+    b_w = tl.where(m_eye, b_dS, tl.where(m_low, 2. * b_dS, 0.))
     b_Gam = tl.load(Gam + p_cc)
     b_dCm = b_w * tl.load(Mk + p_cc)
-    b_dGam = b_dCm * b_e[None, :]
+    b_dGam += b_dCm * b_e[None, :]
     b_de += tl.sum(b_dCm * b_Gam, axis=0)
     b_dSCs = 2. * b_dS * tl.load(Cs + p_cc)
     tl.debug_barrier()
-    # (C) d(K^P) = a o gC o dUh + dS_in K^, kept for the product with P
+    # (C) d(K^P) = a o dU + dS_in K^, kept for the product with P
     for j in tl.static_range(NKB):
         o_kj = j * BK + o_b
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
-        b_dUh = tl.load(dUh_s + p_ckj, mask=m_ckj, other=0.)
-        b_dKhP = (b_a * b_gC)[:, None] * b_dUh
+        b_dKhP = b_a[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
         b_dKhP += tl.dot(b_dS, tl.load(Kh + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
         tl.store(dKhP_s + p_ckj, b_dKhP, mask=m_ckj)
     tl.debug_barrier()
-    # (D) dK^ = dS_in (K^P) + d(K^P) P, then dK = e o dU + 2 (dS_in o Cs) K + a o dK^
+    # (D) dK^ = (readout) + dS_in (K^P) + d(K^P) P; dk = e o dU + 2 (dS_in o Cs) K + a o dK^;
+    # step 4 also writes Src = sym(K^^T d(K^P)), block (i, j)
     for j in tl.static_range(NKB):
         o_kj = j * BK + o_b
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = m_kj[None, :] & (o_c[:, None] < C)
         b_dKh = tl.dot(b_dS, tl.load(KhP + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        if FROM_MEAN:
+            b_dKh += tl.load(dKhr_s + p_ckj, mask=m_ckj, other=0.)
+            b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
+            b_dKhPj = tl.load(dKhP_s + p_ckj, mask=m_ckj, other=0.)
         for i in tl.static_range(NKB):
             o_ki = i * BK + o_b
             m_ki = o_ki < K
-            b_dKhPi = tl.load(dKhP_s + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                              mask=m_ki[None, :] & (o_c[:, None] < C), other=0.)
-            b_P = tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
-                          mask=m_ki[:, None] & m_kj[None, :], other=0.)
-            b_dKh += tl.dot(b_dKhPi, b_P, input_precision=PRECISION)
+            p_cki = n * C * K + o_c[:, None] * K + o_ki[None, :]
+            m_cki = m_ki[None, :] & (o_c[:, None] < C)
+            p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
+            m_kk = m_ki[:, None] & m_kj[None, :]
+            b_dKhPi = tl.load(dKhP_s + p_cki, mask=m_cki, other=0.)
+            b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
+            if FROM_MEAN:
+                b_Khi = tl.load(Kh + p_cki, mask=m_cki, other=0.)
+                b_src = tl.dot(tl.trans(b_Khi), b_dKhPj, input_precision=PRECISION)
+                b_src += tl.dot(tl.trans(b_dKhPi), b_Khj, input_precision=PRECISION)
+                tl.store(Src + p_kk, 0.5 * b_src, mask=m_kk)
         b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         b_da += tl.sum(b_dKh * b_Kcj, axis=1)
-        b_dK = (b_e * b_gC)[:, None] * tl.load(dUh_s + p_ckj, mask=m_ckj, other=0.)
-        b_dK += tl.dot(b_dSCs, b_Kcj, input_precision=PRECISION)
-        b_dK += b_a[:, None] * b_dKh
-        tl.store(dK + p_ckj, b_dK, mask=m_ckj)
-    # (E) per token: the chunk end's a_C, e_C and ratios gC, then e, Gamma -> the log decay
-    b_aC = tl.load(aC + n)
+        b_dk = b_e[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
+        b_dk += tl.dot(b_dSCs, b_Kcj, input_precision=PRECISION)
+        b_dk += b_a[:, None] * b_dKh
+        tl.store(dk + p_ckj, b_dk, mask=m_ckj)
+    # (E) per token: the chunk end's a_C and e_C, the ratios gC (Gamma's last row), then
+    # e_t = sum_j Gamma_tj^2 sigma_j and Gamma_tj = exp(b_t - b_j) back to b, and g (b = cumsum g)
     last = o_c == C - 1
-    b_da += tl.where(last, 2. * b_aC * tl.sum(tl.sum(b_dPP, axis=1), axis=0), 0.)
-    b_de += tl.where(last, tl.sum(b_tr, axis=0), 0.)
+    if FROM_COVARIANCE:
+        b_daC = 2. * tl.load(aC + n) * b_daC
+    b_da += tl.where(last, b_daC, 0.)
+    b_de += tl.where(last, b_deC, 0.)
     b_dGam += tl.where(last[:, None], b_dgC[None, :], 0.)
     b_sig = tl.load(sigma + n * C + o_c)
     b_dGam += 2. * b_de[:, None] * b_Gam * b_sig[None, :]
@@ -1786,27 +1867,53 @@ def covariance_chunk_adjoint_kernel(
     tl.store(dsigma + n * C + o_c, b_dsig)
 
 
-def covariance_chunk_adjoint(x, c, covs, dP_ends, tf32=False):
-    """Step 6 on every chunk at once: the gradients that reach the chunk's inputs from the
-    gradient dP_ends [B, H, NC, K, K] of its end covariance, as
-    designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them for a scalar
-    decay. x: the inputs in chunks (x["k"], x["sigma"]), c: step 2's quantities, covs: P at
-    every chunk start. Returns {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
+def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False):
+    """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V] and
+    dS_ends [B, H, NC, K, V], or step 6 with dP_ends [B, H, NC, K, K]."""
     B, H, NC, C, K = c["Yt"].shape
+    V = c["Et"].shape[-1]
     BK = max(16, min(64, triton.next_power_of_2(K)))
-    f = [t.float().contiguous() for t in (c["Yt"], c["U"], c["KhP"], c["Kh"], x["k"], c["Li"], c["Lc"],
-                                         c["Gam"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], x["sigma"],
-                                         c["aC"], covs, dP_ends)]
-    dUh, dKhP, dk = (f[0].new_empty(B, H, NC, C, K) for _ in range(3))
+    BV = max(16, min(64, triton.next_power_of_2(V)))
+    mean = dO is not None
+    f = [t.float().contiguous() for t in (
+        x["q"], x["k"], x["sigma"], states, covs, c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"],
+        c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], c["aC"])]
+    cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends)]
+    ck = lambda: f[0].new_empty(B, H, NC, C, K)
+    dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), ck()
+    dq, dv = (ck(), f[0].new_empty(B, H, NC, C, V)) if mean else (f[0], f[0])
     dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
-    covariance_chunk_adjoint_kernel[(B * H * NC,)](
-        *f, dUh, dKhP, dk, dg, dr, dsigma, K=K, C=C, BK=BK, NKB=triton.cdiv(K, BK),
-        PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
-    return dict(k=dk, g=dg, r=dr, sigma=dsigma)
+    src = f[0].new_empty(B, H, NC, K, K) if mean else f[0]
+    chunk_adjoint_kernel[(B * H * NC,)](
+        *f, *cot, dU, dKhr, dKhP, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
+        NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
+        FROM_COVARIANCE=dP_ends is not None, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+    grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
+    if mean:
+        grads.update(q=dq, v=dv)
+    return grads, src
+
+
+def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, tf32=False):
+    """Step 4 on every chunk at once, for a scalar decay and no variance readout: the gradients
+    that reach the chunk's inputs from dO [B, H, NC, C, V] and the gradient dS_ends
+    [B, H, NC, K, V] of its end mean, and its covariance source Src [B, H, NC, K, K], as
+    designmodel.chunked_adjoint._chunk_adjoint(..., dO, None, dS_ends, None, carry_mean=False)
+    gives them. x: the inputs in chunks, c: step 2's quantities, states and covs: S and P at
+    every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src)."""
+    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, tf32=tf32)
+
+
+def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, tf32=False):
+    """Step 6 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
+    inputs from the gradient dP_ends [B, H, NC, K, K] of its end covariance, as
+    designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them. Returns
+    {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
+    return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, tf32=tf32)[0]
 
 
 # the parallel steps that run as kernels (the others run in PyTorch)
-ADJOINT_STEPS = dict(covariance=covariance_chunk_adjoint)
+ADJOINT_STEPS = dict(mean=mean_chunk_adjoint, covariance=covariance_chunk_adjoint)
 
 
 def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, initial_state=None, cu_seqlens=None, config=None, saved=None):

@@ -168,20 +168,27 @@ def test_backward_reads_the_chunk_states_the_forward_kept(monkeypatch):
     assert calls == [("forward", True), ("backward", [(NS, H, K, V), (NS, H, K, K)])]
 
 
-def test_backward_runs_step_6_as_the_generated_kernel(monkeypatch):
-    """For a scalar decay and fp32 inputs the backward takes the adjoint at dP' from the
-    generated kernel (ADJOINT_STEPS), once per backward; the gradients it checks are the
-    step-by-step filter's (_check)."""
+@pytest.mark.parametrize("variance", [False, True])
+def test_backward_runs_the_parallel_steps_as_generated_kernels(monkeypatch, variance):
+    """For a scalar decay and fp32 inputs the backward takes steps 4 and 6 from the generated
+    kernel (ADJOINT_STEPS), once each per backward; with the variance's gradient step 4 runs in
+    PyTorch (the kernel has no variance path). The gradients _check compares are the
+    step-by-step filter's."""
     module = designmodel.compile("bayesian_layer").kernels
-    step = module.ADJOINT_STEPS["covariance"]
     calls = []
 
-    def spy(*args, **kw):
-        calls.append(tuple(args[1]["Yt"].shape))
-        return step(*args, **kw)
-    monkeypatch.setitem(module.ADJOINT_STEPS, "covariance", spy)
-    _check("bayesian_layer", B=2, T=70, initial=True, variance=False)
-    assert calls == [(2, 2, 2, 64, 16)]
+    def spy(name):
+        step = module.ADJOINT_STEPS[name]
+
+        def run(*args, **kw):
+            calls.append((name, tuple(args[1]["Yt"].shape)))
+            return step(*args, **kw)
+        return run
+    for name in ("mean", "covariance"):
+        monkeypatch.setitem(module.ADJOINT_STEPS, name, spy(name))
+    _check("bayesian_layer", B=2, T=70, initial=True, variance=variance)
+    shape = (2, 2, 2, 64, 16)
+    assert calls == ([] if variance else [("mean", shape)]) + [("covariance", shape)]
 
 
 def test_backward_bad_gradient_shape_raises():

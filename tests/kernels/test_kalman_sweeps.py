@@ -2,8 +2,8 @@
 against the chunk-by-chunk PyTorch sweeps of designmodel.chunked_adjoint, which the float64
 tests (tests/numeric/test_kalman_adjoint.py) check against autograd through the step-by-step
 filter. Head dims that are not powers of two (masked blocks), with and without the final
-state's gradients, a chunk-end decay per chunk or per key. And the parallel step 6 as a
-kernel (ADJOINT_STEPS["covariance"]) against the float64 PyTorch chunk adjoint."""
+state's gradients, a chunk-end decay per chunk or per key. And the parallel steps 4 and 6 as
+a kernel (ADJOINT_STEPS) against the float64 PyTorch chunk adjoint."""
 import pytest
 import torch
 
@@ -60,17 +60,29 @@ def _chunk_inputs(B, H, NC, C, K, V, seed):
     return x, r(B, H, NC, K, V), P, dP + dP.mT
 
 
-@pytest.mark.parametrize("K", [16, 24, 80])   # one key block, one masked block, two blocks (64 + 16)
+@pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, two (64 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
-def test_generated_covariance_step_matches_the_float64_chunk_adjoint(K, strict):
-    """Step 6 (the adjoint at the end covariance's gradient alone) as one kernel per chunk:
-    dk, dg, dr, dsigma against _chunk_adjoint in float64, from step 2's quantities."""
-    step = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS["covariance"]
-    x, S, P, dP = _chunk_inputs(1, 2, 2, 64, K, 8, seed=K)
+def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, strict):
+    """Steps 4 (the adjoint at dO and dS') and 6 (at dP') as one kernel per chunk: every
+    gradient and step 4's covariance source against _chunk_adjoint in float64, from step 2's
+    quantities."""
+    steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
+    x, S, P, dP = _chunk_inputs(1, 2, 2, 64, K, V, seed=K)
+    gen = torch.Generator().manual_seed(K + 1)
+    dO = torch.randn(1, 2, 2, 64, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(1, 2, 2, K, V, generator=gen, dtype=torch.float64)
     c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
+    dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
+    xd, cd = {m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}
+    want, _, want_src = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, dO, None, dS, None, strict,
+                                       carry_mean=False)
+    got, src = steps["mean"](xd, cd, dev(S), dev(P), dev(dO), dev(dS), strict)
+    assert set(got) == set(want)
+    for m in want:
+        assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
+    assert relative_error(src.cpu().double(), want_src) <= 1e-5
     want, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, None, None, None, dP, strict,
                                 carry_mean=False, carry_covariance=False)
-    dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
-    got = step({m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}, dev(P), dev(dP))
+    got = steps["covariance"](xd, cd, dev(S), dev(P), dev(dP), strict)
     for m in ("k", "g", "r", "sigma"):
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
