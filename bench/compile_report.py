@@ -106,11 +106,32 @@ def record(model, shape, dtype, backward=False, **kw):
         size = [dims[s.strip()] for s in shp.strip("[]").split(",")]
         inputs[name] = torch.full(size, 0.5 if domain in ("unit", "positive", "nonnegative") else -0.1)
     module.forward(q, k, v, **inputs, **kw)
-    if backward and module.FAMILY != "kalman":   # the kalman backward has no kernels of its own yet
+    if backward and module.FAMILY == "kalman":
+        _record_kalman_backward(module, B, T, H, K, V, tf32=dtype != torch.float32)
+    elif backward:
         kw.pop("output_variance", None)
         kw.pop("save_for_backward", None)
         module.backward(q, k, v, **inputs, do=torch.randn_like(v), **kw)
     return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
+
+
+def _record_kalman_backward(module, B, T, H, K, V, tf32):
+    """The kalman backward's kernel launches: its sweeps and chunk adjoints called directly on
+    zeros of the shapes they get at (B, T, H, K, V) (the backward itself needs the forward's
+    results, which a recorded forward does not make)."""
+    C = module.CHUNK
+    NC = -(-T // C)
+    z = lambda *s: torch.zeros(B, H, NC, *s)
+    c = {m: z(C, K) for m in ("Yt", "U", "KhP", "Kh")}
+    c.update({m: z(C, C) for m in ("Li", "Lc", "R", "W", "Gam", "QU", "M", "Cs")},
+             Et=z(C, V), a=z(C), e=z(C), gC=z(C), aC=z(), per_key=False)
+    x = dict(q=z(C, K), k=z(C, K), sigma=z(C))
+    states, covs = z(K, V), z(K, K)
+    mean_sweep, covariance_sweep = module.ADJOINT_SWEEPS
+    mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, tf32=tf32)
+    covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, tf32=tf32)
+    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, tf32=tf32)
+    module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, tf32=tf32)
 
 
 def main(argv=None) -> int:

@@ -1169,14 +1169,14 @@ ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 #   (B) the Cholesky adjoint dS_in = sym(Lc^-T Phi(Lc^T dLc) Lc^-1) on [C, C]
 #   (C) d(K^P) = a o dU + dS_in K^;  (D) dK^ = dS_in (K^P) + d(K^P) P, dk, Src
 #   (E) per token: the chunk end's a_C, e_C and ratios, then e and Gamma back to the log decay
-# dU, the readout's share of dK^ and d(K^P) pass between phases through the program's own
-# scratch rows (L2-resident), so that a phase holds one key block at a time.
+# dU, the readout's share of dK^, d(K^P), dGamma and dQU pass between phases through the
+# program's own scratch rows (L2-resident), so that a phase holds one key block at a time.
 
 @triton.jit
 def chunk_adjoint_kernel(
     Q, Kc, sigma, S, P, Yt, U, KhP, Kh, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
     dO, dS1, dP1,
-    dU_s, dKhr_s, dKhP_s, dq, dk, dv, dg, dr, dsigma, Src,
+    dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
     FROM_COVARIANCE: tl.constexpr, PRECISION: tl.constexpr,
@@ -1188,30 +1188,28 @@ def chunk_adjoint_kernel(
     m_low = o_c[:, None] >= o_c[None, :]
     m_eye = o_c[:, None] == o_c[None, :]
     p_cc = n * C * C + o_c[:, None] * C + o_c[None, :]
-    b_Li = tl.load(Li + p_cc)                                            # [C, C] Lc^-1
-    b_a = tl.load(a + n * C + o_c)                                       # [C]
-    b_e = tl.load(e + n * C + o_c)
-    b_gC = tl.load(gC + n * C + o_c)
+    p_ccT = n * C * C + o_c[None, :] * C + o_c[:, None]                  # a [C, C] input read transposed
+    # [C, C] tiles and per-token vectors are loaded where they are used, and dGamma, dQU and
+    # the per-token sums wait in scratch rows (tok_s: da, de, dgC of phase K, de of B, da of D):
+    # held in registers across the phases they spill (ptxas, sm_90)
+    p_tok = tok_s + n * 5 * C + o_c
     b_dLc = tl.zeros([C, C], dtype=tl.float32)
-    b_dGam = tl.zeros([C, C], dtype=tl.float32)
-    b_dQU = tl.zeros([C, C], dtype=tl.float32)
     b_da = tl.zeros([C], dtype=tl.float32)
     b_de = tl.zeros([C], dtype=tl.float32)
     b_dgC = tl.zeros([C], dtype=tl.float32)
-    b_daC = 0.
-    b_deC = 0.
+    b_daC = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)             # scalars carried by loops
+    b_deC = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
     if FROM_MEAN:
         # (V) by value blocks: dX = Lc^-T (Yt dS' + W^T dO) is dv; dLc -= dX Et^T; dW = dO Et^T
-        b_W = tl.load(Wr + p_cc)                                         # [C, C] the readout's scores
         b_dW = tl.zeros([C, C], dtype=tl.float32)
-        for v in tl.static_range(NVB):
+        for v in range(NVB):
             o_v = v * BV + o_w
             m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
             p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
             b_Et = tl.load(Et + p_cv, mask=m_cv, other=0.)               # [C, BV]
             b_dO = tl.load(dO + p_cv, mask=m_cv, other=0.)
-            b_dEt = tl.dot(tl.trans(b_W), b_dO, input_precision=PRECISION)
-            for i in tl.static_range(NKB):
+            b_dEt = tl.dot(tl.load(Wr + p_ccT), b_dO, input_precision=PRECISION)
+            for i in range(NKB):
                 o_ki = i * BK + o_b
                 m_kv = (o_ki[:, None] < K) & (o_v[None, :] < V)
                 p_kv = n * K * V + o_ki[:, None] * V + o_v[None, :]
@@ -1220,7 +1218,7 @@ def chunk_adjoint_kernel(
                 b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                 mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
                 b_dEt += tl.dot(b_Yti, b_dS1, input_precision=PRECISION)
-            b_dX = tl.dot(tl.trans(b_Li), b_dEt, input_precision=PRECISION)    # [C, BV]
+            b_dX = tl.dot(tl.load(Li + p_ccT), b_dEt, input_precision=PRECISION)   # [C, BV]
             tl.store(dv + p_cv, b_dX, mask=m_cv)
             b_dLc -= tl.dot(b_dX, tl.trans(b_Et), input_precision=PRECISION)
             b_dW += tl.dot(b_dO, tl.trans(b_Et), input_precision=PRECISION)
@@ -1229,14 +1227,16 @@ def chunk_adjoint_kernel(
             b_dW = tl.where(o_c[:, None] > o_c[None, :], b_dW, 0.)
         else:
             b_dW = tl.where(m_low, b_dW, 0.)
-        b_dA = tl.dot(b_dW, b_Li, input_precision=PRECISION)
+        b_dA = tl.dot(b_dW, tl.load(Li + p_cc), input_precision=PRECISION)
         b_dLc -= tl.dot(tl.trans(b_dA), tl.load(Rs + p_cc), input_precision=PRECISION)
         # A = Gamma o (Q U^T)
-        b_dQU = b_dA * tl.load(Gam + p_cc)
-        b_dGam = b_dA * tl.load(QU + p_cc)
-        tl.debug_barrier()
+        tl.store(dQU_s + p_cc, b_dA * tl.load(Gam + p_cc))
+        tl.store(dGam_s + p_cc, b_dA * tl.load(QU + p_cc))
+    else:
+        tl.store(dGam_s + p_cc, tl.zeros([C, C], dtype=tl.float32))
+    tl.debug_barrier()
     # (K) by key blocks: dYt from dS' (step 4) or dP' (step 6), dU^ = Lc^-T dYt, dU, dq
-    for j in tl.static_range(NKB):
+    for j in range(NKB):
         o_kj = j * BK + o_b
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
@@ -1245,7 +1245,7 @@ def chunk_adjoint_kernel(
         b_dKhr = tl.zeros([C, BK], dtype=tl.float32)                     # the readout's share of dK^
         b_dQh = tl.zeros([C, BK], dtype=tl.float32)
         if FROM_MEAN:
-            for v in tl.static_range(NVB):
+            for v in range(NVB):
                 o_v = v * BV + o_w
                 m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
                 p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
@@ -1257,7 +1257,7 @@ def chunk_adjoint_kernel(
                 b_dKhr -= tl.dot(tl.load(dv + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
                 b_dQh += tl.dot(tl.load(dO + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
         if FROM_COVARIANCE:
-            for i in tl.static_range(NKB):
+            for i in range(NKB):
                 o_ki = i * BK + o_b
                 p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
                 m_kk = (o_ki < K)[:, None] & m_kj[None, :]
@@ -1268,50 +1268,57 @@ def chunk_adjoint_kernel(
                 b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                 mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
                 b_dYt -= 2. * tl.dot(b_Yti, b_dP1, input_precision=PRECISION)
-        b_dUh = tl.dot(tl.trans(b_Li), b_dYt, input_precision=PRECISION)    # [C, BK]
+        b_dUh = tl.dot(tl.load(Li + p_ccT), b_dYt, input_precision=PRECISION)    # [C, BK]
         b_dLc -= tl.dot(b_dUh, tl.trans(tl.load(Yt + p_ckj, mask=m_ckj, other=0.)), input_precision=PRECISION)
         b_Uj = tl.load(U + p_ckj, mask=m_ckj, other=0.)
         b_dgC += tl.sum(b_dUh * b_Uj, axis=1)
-        b_dU = b_gC[:, None] * b_dUh
+        b_dU = tl.load(gC + n * C + o_c)[:, None] * b_dUh
         if FROM_MEAN:
             b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+            b_dQU = tl.load(dQU_s + p_cc)
             b_dU += tl.dot(tl.trans(b_dQU), b_Qj, input_precision=PRECISION)
             # dq = dQU U + a o dQ^ (the queries' decay)
-            b_dq = tl.dot(b_dQU, b_Uj, input_precision=PRECISION) + b_a[:, None] * b_dQh
+            b_dq = tl.dot(b_dQU, b_Uj, input_precision=PRECISION) + tl.load(a + n * C + o_c)[:, None] * b_dQh
             b_da += tl.sum(b_dQh * b_Qj, axis=1)
             tl.store(dq + p_ckj, b_dq, mask=m_ckj)
             tl.store(dKhr_s + p_ckj, b_dKhr, mask=m_ckj)
         b_da += tl.sum(b_dU * tl.load(KhP + p_ckj, mask=m_ckj, other=0.), axis=1)
         b_de += tl.sum(b_dU * tl.load(Kc + p_ckj, mask=m_ckj, other=0.), axis=1)
         tl.store(dU_s + p_ckj, b_dU, mask=m_ckj)
+    tl.store(p_tok, b_da)
+    tl.store(p_tok + C, b_de)
+    tl.store(p_tok + 2 * C, b_dgC)
     # (B) the Cholesky adjoint dS_in = sym(Lc^-T Phi(Lc^T dLc) Lc^-1), and what S_in's entries feed
     b_dLc = tl.where(m_low, b_dLc, 0.)
-    b_Phi = tl.dot(tl.trans(tl.load(Lc + p_cc)), b_dLc, input_precision=PRECISION)
+    b_Phi = tl.dot(tl.load(Lc + p_ccT), b_dLc, input_precision=PRECISION)
     b_Phi = tl.where(m_low, b_Phi, 0.)
     b_Phi = tl.where(m_eye, 0.5 * b_Phi, b_Phi)
-    b_X = tl.dot(tl.dot(tl.trans(b_Li), b_Phi, input_precision=PRECISION), b_Li, input_precision=PRECISION)
-    b_dS = 0.5 * (b_X + tl.trans(b_X))                                  # [C, C] dS_in
-    b_dr = tl.sum(tl.where(m_eye, b_dS, 0.), axis=1)
+    # sym(Lc^-T Phi Lc^-1) = Lc^-T (Phi + Phi^T) Lc^-1 / 2, Phi^T read back from scratch
+    tl.store(Phi_s + p_cc, b_Phi)
+    tl.debug_barrier()
+    b_Phi += tl.load(Phi_s + p_ccT)
+    b_dS = 0.5 * tl.dot(tl.load(Li + p_ccT), tl.dot(b_Phi, tl.load(Li + p_cc), input_precision=PRECISION),
+                        input_precision=PRECISION)                       # [C, C] dS_in
+    tl.store(dr + n * C + o_c, tl.sum(tl.where(m_eye, b_dS, 0.), axis=1))
     # the process noise's scores (K K^T) o Cs: their lower part, the diagonal counted once
     b_w = tl.where(m_eye, b_dS, tl.where(m_low, 2. * b_dS, 0.))
-    b_Gam = tl.load(Gam + p_cc)
     b_dCm = b_w * tl.load(Mk + p_cc)
-    b_dGam += b_dCm * b_e[None, :]
-    b_de += tl.sum(b_dCm * b_Gam, axis=0)
-    b_dSCs = 2. * b_dS * tl.load(Cs + p_cc)
+    tl.store(dGam_s + p_cc, tl.load(dGam_s + p_cc) + b_dCm * tl.load(e + n * C + o_c)[None, :])
+    tl.store(p_tok + 3 * C, tl.sum(b_dCm * tl.load(Gam + p_cc), axis=0))
     tl.debug_barrier()
     # (C) d(K^P) = a o dU + dS_in K^, kept for the product with P
-    for j in tl.static_range(NKB):
+    for j in range(NKB):
         o_kj = j * BK + o_b
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
-        b_dKhP = b_a[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
+        b_dKhP = tl.load(a + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
         b_dKhP += tl.dot(b_dS, tl.load(Kh + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
         tl.store(dKhP_s + p_ckj, b_dKhP, mask=m_ckj)
     tl.debug_barrier()
     # (D) dK^ = (readout) + dS_in (K^P) + d(K^P) P; dk = e o dU + 2 (dS_in o Cs) K + a o dK^;
     # step 4 also writes Src = sym(K^^T d(K^P)), block (i, j)
-    for j in tl.static_range(NKB):
+    b_da = tl.zeros([C], dtype=tl.float32)
+    for j in range(NKB):
         o_kj = j * BK + o_b
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
@@ -1321,7 +1328,7 @@ def chunk_adjoint_kernel(
             b_dKh += tl.load(dKhr_s + p_ckj, mask=m_ckj, other=0.)
             b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
             b_dKhPj = tl.load(dKhP_s + p_ckj, mask=m_ckj, other=0.)
-        for i in tl.static_range(NKB):
+        for i in range(NKB):
             o_ki = i * BK + o_b
             m_ki = o_ki < K
             p_cki = n * C * K + o_c[:, None] * K + o_ki[None, :]
@@ -1337,27 +1344,35 @@ def chunk_adjoint_kernel(
                 tl.store(Src + p_kk, 0.5 * b_src, mask=m_kk)
         b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         b_da += tl.sum(b_dKh * b_Kcj, axis=1)
-        b_dk = b_e[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
-        b_dk += tl.dot(b_dSCs, b_Kcj, input_precision=PRECISION)
-        b_dk += b_a[:, None] * b_dKh
+        b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
+        b_dk += tl.dot(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, input_precision=PRECISION)
+        b_dk += tl.load(a + n * C + o_c)[:, None] * b_dKh
         tl.store(dk + p_ckj, b_dk, mask=m_ckj)
+    tl.store(p_tok + 4 * C, b_da)
+    tl.debug_barrier()
     # (E) per token: the chunk end's a_C and e_C, the ratios gC (Gamma's last row), then
     # e_t = sum_j Gamma_tj^2 sigma_j and Gamma_tj = exp(b_t - b_j) back to b, and g (b = cumsum g)
     last = o_c == C - 1
     if FROM_COVARIANCE:
         b_daC = 2. * tl.load(aC + n) * b_daC
-    b_da += tl.where(last, b_daC, 0.)
-    b_de += tl.where(last, b_deC, 0.)
-    b_dGam += tl.where(last[:, None], b_dgC[None, :], 0.)
+    b_da = tl.load(p_tok) + tl.load(p_tok + 4 * C) + tl.where(last, b_daC, 0.)
+    b_de = tl.load(p_tok + C) + tl.load(p_tok + 3 * C) + tl.where(last, b_deC, 0.)
+    b_Gam = tl.load(Gam + p_cc)
+    b_dGam = tl.load(dGam_s + p_cc) + tl.where(last[:, None], tl.load(p_tok + 2 * C)[None, :], 0.)
     b_sig = tl.load(sigma + n * C + o_c)
     b_dGam += 2. * b_de[:, None] * b_Gam * b_sig[None, :]
     b_dsig = tl.sum(b_de[:, None] * b_Gam * b_Gam, axis=0)
     b_dG = tl.where(m_low, b_dGam * b_Gam, 0.)
-    b_db = b_da * b_a + tl.sum(b_dG, axis=1) - tl.sum(b_dG, axis=0)
+    b_db = b_da * tl.load(a + n * C + o_c) + tl.sum(b_dG, axis=1) - tl.sum(b_dG, axis=0)
     b_dg = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], b_db[None, :], 0.), axis=1)   # reverse cumsum
     tl.store(dg + n * C + o_c, b_dg)
-    tl.store(dr + n * C + o_c, b_dr)
     tl.store(dsigma + n * C + o_c, b_dsig)
+
+
+# (BK, BV) per step: at C = 64, K = V = 128, 8 warps, ptxas for sm_90 reports (session 7, no
+# GPU timing yet) spills of 1.9 / 2.8 KB per thread for step 4 at (64, 64), 1.0 / 1.3 at
+# (32, 32), 0.6 / 0.9 at (16, 32); step 6: 0.8 / 1.0 at 64 and 0.07 / 0.1 at 16
+CHUNK_ADJOINT_BLOCKS = dict(mean=(16, 32), covariance=(16, 64))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False):
@@ -1365,20 +1380,23 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     dS_ends [B, H, NC, K, V], or step 6 with dP_ends [B, H, NC, K, K]."""
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
-    BK = max(16, min(64, triton.next_power_of_2(K)))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
     mean = dO is not None
+    bk, bv = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
+    BK = max(16, min(bk, triton.next_power_of_2(K)))
+    BV = max(16, min(bv, triton.next_power_of_2(V)))
     f = [t.float().contiguous() for t in (
         x["q"], x["k"], x["sigma"], states, covs, c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"],
         c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], c["aC"])]
     cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
     dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), ck()
+    dGam, dQU = f[0].new_empty(B, H, NC, C, C), (f[0].new_empty(B, H, NC, C, C) if mean else f[0])
+    tok, Phi = f[0].new_empty(B, H, NC, 5, C), f[0].new_empty(B, H, NC, C, C)
     dq, dv = (ck(), f[0].new_empty(B, H, NC, C, V)) if mean else (f[0], f[0])
     dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
     src = f[0].new_empty(B, H, NC, K, K) if mean else f[0]
     chunk_adjoint_kernel[(B * H * NC,)](
-        *f, *cot, dU, dKhr, dKhP, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
+        *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
         FROM_COVARIANCE=dP_ends is not None, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
