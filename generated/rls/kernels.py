@@ -1711,10 +1711,10 @@ def chunk_adjoint_kernel(
     tl.store(dsigma + n * C + o_c, b_dsig)
 
 
-# (BK, BV) per step: at C = 64, K = V = 128, 8 warps, ptxas for sm_90 reports (session 7, no
-# GPU timing yet) spills of 1.9 / 2.8 KB per thread for step 4 at (64, 64), 1.0 / 1.3 at
-# (32, 32), 0.6 / 0.9 at (16, 32); step 6: 0.8 / 1.0 at 64 and 0.07 / 0.1 at 16
-CHUNK_ADJOINT_BLOCKS = dict(mean=(16, 32), covariance=(16, 64))
+# (BK, BV, warps) per step: at C = 64, K = V = 128, 8 warps, ptxas for sm_90 reports (session 7)
+# spills of 1.9 / 2.8 KB per thread for step 4 at (64, 64), 1.0 / 1.3 at (32, 32), 0.6 / 0.9
+# at (16, 32); step 6: 0.8 / 1.0 at 64 and 0.07 / 0.1 at 16
+CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 8))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False):
@@ -1723,7 +1723,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
     mean = dO is not None
-    bk, bv = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
+    bk, bv, warps = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
     BK = max(16, min(bk, triton.next_power_of_2(K)))
     BV = max(16, min(bv, triton.next_power_of_2(V)))
     f = [t.float().contiguous() for t in (
@@ -1740,7 +1740,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     chunk_adjoint_kernel[(B * H * NC,)](
         *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
-        FROM_COVARIANCE=dP_ends is not None, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+        FROM_COVARIANCE=dP_ends is not None, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
     if mean:
         grads.update(q=dq, v=dv)
