@@ -183,14 +183,13 @@ def main(argv=None) -> int:
             continue
         row = dict(model=model)
         try:
-            if not args.no_check:
-                row["grad_err"] = grad_check(model)
-                print(model, "grad err", json.dumps(row["grad_err"]), flush=True)
+            # timings first, the check last: a call cut off by its time limit still has them
             for shape in shapes:
                 q, k, v, x = inputs(model, *shape)
                 do = torch.randn_like(v)
                 ours = fwd_bwd(lambda: ours_call(model, q, k, v, x), do)
                 row.update(shape=shape, ours_ms=bench(ours), ours_peak_mb=peak_mb(ours))
+                print(f"{model} {shape}: ours {row['ours_ms']:.3f} ms, peak {row['ours_peak_mb']:.0f} MiB", flush=True)
                 if args.profile:
                     row["ours_profile"] = profile(model, ours)
                 try:
@@ -207,12 +206,15 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
                 del q, k, v, x, do
                 torch.cuda.empty_cache()
+            if not args.no_check:
+                row["grad_err"] = grad_check(model)
+                print(model, "grad err", json.dumps(row["grad_err"]), flush=True)
         except Exception as err:  # noqa: BLE001 (one op failing must not hide the others)
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             print(json.dumps(row), flush=True)
         rows.append(row)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))            # after every model
     print()
     print(f"{'model':16s} {'max grad err':>12s} {'ours ms':>8s} {'fla op':>16s} {'fla ms':>8s} {'ratio':>6s} "
           f"{'ours MiB':>9s} {'fla MiB':>9s}")
