@@ -375,15 +375,22 @@ def _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, grads
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
 
 
+def _contiguous(x, dtype):
+    """x in dtype and contiguous, in one copy (`.to(dtype)` keeps a view's strides, and a
+    `.contiguous()` after it would copy again)."""
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state):
     """The inputs in the chunk layout [B, H, T, *] in the compute dtype, and (S0, P0)."""
     B, T, H, K = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = K ** -0.5 if scale is None else float(scale)
-    Q, Kc, Vc = (x.to(f).transpose(1, 2) for x in (q, k, v))
-    Q = Q * scale
-    z = torch.zeros(B, T, H, dtype=f, device=q.device)
-    g, r, sigma = ((z if x is None else x.to(f)).transpose(1, 2)
+    # one copy each into the chunk layout and the compute dtype (later steps read them whole)
+    Q, Kc, Vc = (_contiguous(x.transpose(1, 2), f) for x in (q, k, v))
+    Q = Q * scale                                                        # (not in place: Q may be q itself)
+    z = torch.zeros(B, H, T, dtype=f, device=q.device)
+    g, r, sigma = (z if x is None else _contiguous(x.transpose(1, 2), f)
                    for x in (log_decay, noise, process_noise))
     S0, P0 = initial_state if initial_state is not None else (None, None)
     p0 = prior.to(f) if isinstance(prior, torch.Tensor) else torch.as_tensor(prior, dtype=f, device=q.device)
@@ -621,20 +628,23 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         else:
             # [NS, H, K, *] -> [B, H, NC, K, *] (B = 1 for one packed sequence)
             pick = slice(c0, c0 + NC) if n is not None else slice(None)
-            states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2).to(f).contiguous()
+            states, covs = (_contiguous(x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2), f)
                             for x in checkpoints)
         x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
                                        tok(process_noise), prior, scale, None)
         with _matmul_tf32(tf32):
             grads, dS0, dP0 = _sweep_chunks(
                 {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
-                _in_chunks(tok(do).to(f).transpose(1, 2), chunk, 0.0),
-                None if dvar is None else _in_chunks(tok(dvar).to(f).transpose(1, 2), chunk, 0.0),
+                _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
+                None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
                 one(dS_end), one(dP_end), prior_timing, sweeps, tf32,
                 _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
-    grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
-    dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    if len(parts) == 1:                                                  # no copy for one sequence
+        grads, dS0, dP0 = parts[0]
+    else:
+        grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
+        dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     return _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0,
                     initial_state, scale_)
 
@@ -763,7 +773,7 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
 def _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0, initial_state, scale):
     """The gradients in the arguments' layouts and dtypes (the dict of kalman_backward)."""
     def back(gx, like):
-        return gx.transpose(1, 2).to(like.dtype)
+        return _contiguous(gx.transpose(1, 2), like.dtype)
     out = dict(q=back(grads["q"] * scale, q), k=back(grads["k"], k), v=back(grads["v"], v))
     if log_decay is not None:
         out["log_decay"] = back(grads["g"], log_decay)
