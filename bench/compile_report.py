@@ -116,7 +116,7 @@ def record(model, shape, dtype, backward=False, **kw):
 
 
 def _record_kalman_backward(module, B, T, H, K, V, tf32):
-    """The kalman backward's kernel launches: its sweeps and chunk adjoints called directly on
+    """The kalman backward's kernel launches: its chunk quantities, sweeps and chunk adjoints called directly on
     zeros of the shapes they get at (B, T, H, K, V) (the backward itself needs the forward's
     results, which a recorded forward does not make)."""
     C = module.CHUNK
@@ -127,6 +127,8 @@ def _record_kalman_backward(module, B, T, H, K, V, tf32):
              Et=z(C, V), a=z(C), e=z(C), gC=z(C), aC=z(), per_key=False)
     x = dict(q=z(C, K), k=z(C, K), sigma=z(C))
     states, covs = z(K, V), z(K, K)
+    x.update(v=z(C, V), g=z(C), r=z(C) + 1)
+    module.ADJOINT_STEPS["quantities"](x, states, covs, False, tf32=tf32)
     mean_sweep, covariance_sweep = module.ADJOINT_SWEEPS
     mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, tf32=tf32)
     covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, tf32=tf32)

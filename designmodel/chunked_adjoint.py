@@ -585,10 +585,11 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         the forward kernels' covariance precision for 16-bit inputs), else in full float32;
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
-    steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "mean", step 4, and
-        "covariance", step 6, with the signatures of its `mean_chunk_adjoint` and
-        `covariance_chunk_adjoint`), used for a scalar decay in float32 (step 4 without a
-        variance readout's gradient), or None for PyTorch;
+    steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "quantities", step 2,
+        "mean", step 4, and "covariance", step 6, with the signatures of its
+        `chunk_quantities`, `mean_chunk_adjoint` and `covariance_chunk_adjoint`), used for a
+        scalar decay in float32 (step 4 without a variance readout's gradient; step 2 where
+        steps 4 and 6 both run as kernels), or None for PyTorch;
     compiled: run the parallel steps through torch.compile (inductor fuses their elementwise
         passes: 33 -> 23 ms fwd+bwd at (4, 4096, 16, 128) on an H100, about 14 s to compile
         once per shape); None: when q is on a CUDA device, unless the environment sets
@@ -742,15 +743,20 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     torch.compile; steps: parallel steps as kernels (see kalman_adjoint_chunks). Returns (the gradients [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma;
     dS0; dP0)."""
     quantities, adjoint = _compiled_steps() if compiled else (_chunk_quantities, _chunk_adjoint)
-    # (2) the chunks' quantities
-    c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
+    per_key = x["g"].dim() == x["q"].dim()
+    kernels = steps if steps and not per_key and covs.dtype == torch.float32 else {}
+    # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
+    # PyTorch adjoint reads more of them)
+    if {"quantities", "mean", "covariance"} <= set(kernels) and dvar is None:
+        c = kernels["quantities"](x, states, covs, strict, tf32=tf32)
+    else:
+        c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
     mean_sweep, covariance_sweep = sweeps or (_mean_sweep, _covariance_sweep)
-    Wk = c["Li"] @ c["Kh"]                                               # whitened keys [C, K]
+    Wk = c["Wk"] if "Wk" in c else c["Li"] @ c["Kh"]                    # whitened keys [C, K]
     # (3) dS at every chunk end, sequential
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
                              None if dS_end is None else dS_end.to(states.dtype), tf32=tf32)
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
-    kernels = steps if steps and not c["per_key"] and covs.dtype == torch.float32 else {}
     if "mean" in kernels and dvar is None:
         grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32)
     else:

@@ -86,3 +86,23 @@ def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, str
     got = steps["covariance"](xd, cd, dev(S), dev(P), dev(dP), strict)
     for m in ("k", "g", "r", "sigma"):
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
+
+
+@pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, three (32 + 32 + 16)
+@pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
+def test_generated_chunk_quantities_match_the_float64_chunk_quantities(K, V, strict):
+    """Step 2 as one kernel per chunk (its own LDL for the Cholesky factor and its inverse):
+    every quantity the sweeps and the chunk adjoints read, against _chunk_quantities in float64;
+    the last chunk padded as the backward pads it (q = k = v = 0, g = sigma = 0, r = 1)."""
+    steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
+    x, S, P, _ = _chunk_inputs(1, 2, 2, 64, K, V, seed=K + 7)
+    for m, fill in (("q", 0.), ("k", 0.), ("v", 0.), ("g", 0.), ("r", 1.), ("sigma", 0.)):
+        x[m][:, :, -1, 40:] = fill
+    want = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
+    want["Wk"] = want["Li"] @ want["Kh"]
+    dev = lambda t: t.float().to(DEVICE)
+    got = steps["quantities"]({m: dev(t) for m, t in x.items()}, dev(S), dev(P), strict)
+    assert got.pop("per_key") is False
+    assert set(got) <= set(want)
+    for m in got:
+        assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
