@@ -588,8 +588,8 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
     steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "quantities", step 2,
         "mean", step 4, and "covariance", step 6, with the signatures of its
         `chunk_quantities`, `mean_chunk_adjoint` and `covariance_chunk_adjoint`), used for a
-        scalar decay in float32 (step 4 without a variance readout's gradient; step 2 where
-        steps 4 and 6 both run as kernels), or None for PyTorch;
+        scalar decay in float32 (step 2 where steps 4 and 6 both run as kernels), or None
+        for PyTorch;
     compiled: run the parallel steps through torch.compile (inductor fuses their elementwise
         passes: 33 -> 23 ms fwd+bwd at (4, 4096, 16, 128) on an H100, about 14 s to compile
         once per shape); None: when q is on a CUDA device, unless the environment sets
@@ -747,7 +747,7 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     kernels = steps if steps and not per_key and covs.dtype == torch.float32 else {}
     # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
     # PyTorch adjoint reads more of them)
-    if {"quantities", "mean", "covariance"} <= set(kernels) and dvar is None:
+    if {"quantities", "mean", "covariance"} <= set(kernels):
         c = kernels["quantities"](x, states, covs, strict, tf32=tf32)
     else:
         c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
@@ -757,8 +757,8 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
                              None if dS_end is None else dS_end.to(states.dtype), tf32=tf32)
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
-    if "mean" in kernels and dvar is None:
-        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32)
+    if "mean" in kernels:
+        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32, dvar=dvar)
     else:
         grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
                                     dS_ends, None, strict, carry_mean=False)

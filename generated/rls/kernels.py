@@ -1665,7 +1665,8 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
 # The adjoint of one chunk for a scalar decay, one program per chunk and head, reading what
 # step 2 computed (float32, [B H NC, C, *]): the same lines as
 # designmodel.chunked_adjoint._chunk_adjoint, where PyTorch makes some hundred passes over
-# [C, K] tensors. FROM_MEAN (step 4) takes the cotangents dO and dS' and also writes dq, dv
+# [C, K] tensors. FROM_MEAN (step 4) takes the cotangents dO and dS' (and with HAS_VAR the
+# variance readout's dvar) and also writes dq, dv
 # and the chunk's covariance source Src = sym(K^^T d(K^P)); FROM_COVARIANCE (step 6) takes
 # dP'. Both write dk, dg, dr, dsigma. The value dimension is taken in blocks of BV columns and
 # the key dimension in blocks of BK:
@@ -1681,11 +1682,11 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
 @triton.jit
 def chunk_adjoint_kernel(
     Q, Kc, sigma, S, P, Yt, U, KhP, Kh, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
-    dO, dS1, dP1,
+    dO, dS1, dP1, dvar,
     dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
-    FROM_COVARIANCE: tl.constexpr, PRECISION: tl.constexpr,
+    FROM_COVARIANCE: tl.constexpr, HAS_VAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
@@ -1728,6 +1729,9 @@ def chunk_adjoint_kernel(
             tl.store(dv + p_cv, b_dX, mask=m_cv)
             b_dLc -= tl.dot(b_dX, tl.trans(b_Et), input_precision=PRECISION)
             b_dW += tl.dot(b_dO, tl.trans(b_Et), input_precision=PRECISION)
+        if HAS_VAR:
+            # the variance readout var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
+            b_dW -= 2. * tl.load(dvar + n * C + o_c)[:, None] * tl.load(Wr + p_cc)
         # (S) the scores R = A Lc^-T, W = mask(R): dA = mask(dW) Lc^-1, dLc -= dA^T R
         if STRICT:
             b_dW = tl.where(o_c[:, None] > o_c[None, :], b_dW, 0.)
@@ -1781,10 +1785,26 @@ def chunk_adjoint_kernel(
         b_dU = tl.load(gC + n * C + o_c)[:, None] * b_dUh
         if FROM_MEAN:
             b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+            if HAS_VAR:
+                # the variance: dQ^ += 2 dvar o (Q^ P), dq += 2 dvar o e o q, de += dvar |q|^2
+                b_dvar = tl.load(dvar + n * C + o_c)
+                b_QhP = tl.zeros([C, BK], dtype=tl.float32)
+                for i in range(NKB):
+                    o_ki = i * BK + o_b
+                    b_Qhi = tl.load(Q + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                                    mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
+                    b_QhP += tl.dot(tl.load(a + n * C + o_c)[:, None] * b_Qhi,
+                                    tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
+                                            mask=(o_ki < K)[:, None] & m_kj[None, :], other=0.),
+                                    input_precision=PRECISION)
+                b_dQh += 2. * b_dvar[:, None] * b_QhP
+                b_de += b_dvar * tl.sum(b_Qj * b_Qj, axis=1)
             b_dQU = tl.load(dQU_s + p_cc)
             b_dU += tl.dot(tl.trans(b_dQU), b_Qj, input_precision=PRECISION)
             # dq = dQU U + a o dQ^ (the queries' decay)
             b_dq = tl.dot(b_dQU, b_Uj, input_precision=PRECISION) + tl.load(a + n * C + o_c)[:, None] * b_dQh
+            if HAS_VAR:
+                b_dq += 2. * (b_dvar * tl.load(e + n * C + o_c))[:, None] * b_Qj
             b_da += tl.sum(b_dQh * b_Qj, axis=1)
             tl.store(dq + p_ckj, b_dq, mask=m_ckj)
             tl.store(dKhr_s + p_ckj, b_dKhr, mask=m_ckj)
@@ -1847,7 +1867,14 @@ def chunk_adjoint_kernel(
                 b_Khi = tl.load(Kh + p_cki, mask=m_cki, other=0.)
                 b_src = tl.dot(tl.trans(b_Khi), b_dKhPj, input_precision=PRECISION)
                 b_src += tl.dot(tl.trans(b_dKhPi), b_Khj, input_precision=PRECISION)
-                tl.store(Src + p_kk, 0.5 * b_src, mask=m_kk)
+                b_src *= 0.5
+                if HAS_VAR:
+                    # the variance's share Q^^T diag(dvar) Q^ (symmetric already)
+                    b_av = tl.load(a + n * C + o_c)
+                    b_Qhi = b_av[:, None] * tl.load(Q + p_cki, mask=m_cki, other=0.)
+                    b_Qhj = (b_av * tl.load(dvar + n * C + o_c))[:, None] * tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+                    b_src += tl.dot(tl.trans(b_Qhi), b_Qhj, input_precision=PRECISION)
+                tl.store(Src + p_kk, b_src, mask=m_kk)
         b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         b_da += tl.sum(b_dKh * b_Kcj, axis=1)
         b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
@@ -1882,9 +1909,11 @@ def chunk_adjoint_kernel(
 CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 8))
 
 
-def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False):
-    """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V] and
-    dS_ends [B, H, NC, K, V], or step 6 with dP_ends [B, H, NC, K, K]."""
+def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False,
+                          dvar=None):
+    """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V],
+    dS_ends [B, H, NC, K, V] and dvar [B, H, NC, C] or None, or step 6 with dP_ends
+    [B, H, NC, K, K]."""
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
     mean = dO is not None
@@ -1894,7 +1923,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     f = [t.float().contiguous() for t in (
         x["q"], x["k"], x["sigma"], states, covs, c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"],
         c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], c["aC"])]
-    cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends)]
+    cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends, dvar)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
     dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), ck()
     dGam, dQU = f[0].new_empty(B, H, NC, C, C), (f[0].new_empty(B, H, NC, C, C) if mean else f[0])
@@ -1905,21 +1934,22 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     chunk_adjoint_kernel[(B * H * NC,)](
         *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
-        FROM_COVARIANCE=dP_ends is not None, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
+        FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
     if mean:
         grads.update(q=dq, v=dv)
     return grads, src
 
 
-def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, tf32=False):
-    """Step 4 on every chunk at once, for a scalar decay and no variance readout: the gradients
-    that reach the chunk's inputs from dO [B, H, NC, C, V] and the gradient dS_ends
-    [B, H, NC, K, V] of its end mean, and its covariance source Src [B, H, NC, K, K], as
-    designmodel.chunked_adjoint._chunk_adjoint(..., dO, None, dS_ends, None, carry_mean=False)
+def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, tf32=False, dvar=None):
+    """Step 4 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
+    inputs from dO [B, H, NC, C, V], the variance readout's gradient dvar [B, H, NC, C] (or
+    None) and the gradient dS_ends [B, H, NC, K, V] of its end mean, and its covariance source
+    Src [B, H, NC, K, K], as
+    designmodel.chunked_adjoint._chunk_adjoint(..., dO, dvar, dS_ends, None, carry_mean=False)
     gives them. x: the inputs in chunks, c: step 2's quantities, states and covs: S and P at
     every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src)."""
-    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, tf32=tf32)
+    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, tf32=tf32, dvar=dvar)
 
 
 def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, tf32=False):

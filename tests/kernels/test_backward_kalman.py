@@ -171,9 +171,8 @@ def test_backward_reads_the_chunk_states_the_forward_kept(monkeypatch):
 @pytest.mark.parametrize("variance", [False, True])
 def test_backward_runs_the_parallel_steps_as_generated_kernels(monkeypatch, variance):
     """For a scalar decay and fp32 inputs the backward takes steps 2, 4 and 6 from the
-    generated kernels (ADJOINT_STEPS), once each per backward; with the variance's gradient
-    steps 2 and 4 run in PyTorch (the kernel has no variance path, and PyTorch's step 4 reads
-    more of step 2's quantities). The gradients _check compares are the step-by-step filter's."""
+    generated kernels (ADJOINT_STEPS), once each per backward, with the variance's gradient
+    or without. The gradients _check compares are the step-by-step filter's."""
     module = designmodel.compile("bayesian_layer").kernels
     calls = []
 
@@ -188,7 +187,7 @@ def test_backward_runs_the_parallel_steps_as_generated_kernels(monkeypatch, vari
         monkeypatch.setitem(module.ADJOINT_STEPS, name, spy(name))
     _check("bayesian_layer", B=2, T=70, initial=True, variance=variance)
     shape = (2, 2, 2, 64, 16)
-    assert calls == ([] if variance else [("quantities", shape), ("mean", shape)]) + [("covariance", shape)]
+    assert calls == [("quantities", shape), ("mean", shape), ("covariance", shape)]
 
 
 def test_backward_bad_gradient_shape_raises():

@@ -62,21 +62,23 @@ def _chunk_inputs(B, H, NC, C, K, V, seed):
 
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, two (64 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
-def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, strict):
-    """Steps 4 (the adjoint at dO and dS') and 6 (at dP') as one kernel per chunk: every
-    gradient and step 4's covariance source against _chunk_adjoint in float64, from step 2's
-    quantities."""
+@pytest.mark.parametrize("variance", [False, True], ids=["", "variance"])
+def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, strict, variance):
+    """Steps 4 (the adjoint at dO, dS' and the variance readout's dvar) and 6 (at dP') as one
+    kernel per chunk: every gradient and step 4's covariance source against _chunk_adjoint in
+    float64, from step 2's quantities."""
     steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
     x, S, P, dP = _chunk_inputs(1, 2, 2, 64, K, V, seed=K)
     gen = torch.Generator().manual_seed(K + 1)
     dO = torch.randn(1, 2, 2, 64, V, generator=gen, dtype=torch.float64)
     dS = torch.randn(1, 2, 2, K, V, generator=gen, dtype=torch.float64)
+    dvar = torch.randn(1, 2, 2, 64, generator=gen, dtype=torch.float64) if variance else None
     c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
     dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
     xd, cd = {m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}
-    want, _, want_src = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, dO, None, dS, None, strict,
+    want, _, want_src = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, dO, dvar, dS, None, strict,
                                        carry_mean=False)
-    got, src = steps["mean"](xd, cd, dev(S), dev(P), dev(dO), dev(dS), strict)
+    got, src = steps["mean"](xd, cd, dev(S), dev(P), dev(dO), dev(dS), strict, dvar=dev(dvar))
     assert set(got) == set(want)
     for m in want:
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
