@@ -8,6 +8,7 @@ decay: the chunked filter recomputed under autograd, designmodel.chunked), and c
 to the spec's inputs with sympy's derivatives, printed; the ops reach it through the custom ops'
 autograd (designmodel.library), eager and under torch.compile.
 """
+import math
 from dataclasses import replace
 
 import pytest
@@ -195,3 +196,31 @@ def test_backward_bad_gradient_shape_raises():
     q = torch.randn(1, 8, 1, 16)
     with pytest.raises(ValueError, match="dvar"):
         m.backward(q, q, q, torch.ones(1), torch.ones(1, 8, 1), torch.randn(1, 8, 1, 16), dvar=torch.ones(3))
+
+
+@pytest.mark.parametrize("r0,alpha,unit", [(1e-4, 1.0, True), (1e-2, 0.01, False), (1e2, 0.5, True),
+                                           (1e-4, 0.99, False)], ids=["r1e-4", "alpha0.01", "r1e2", "r1e-4-raw"])
+def test_kernel_steps_on_the_stress_grid(r0, alpha, unit):
+    """The backward's per-chunk kernels (steps 2, 4 and 6, with the variance's gradient) at
+    issue 4's extremes: tiny and large observation noise, fast decay, keys normalized and not.
+    Every gradient in fp32 within 1e-4 of the float64 adjoint (kalman_adjoint_chunks in
+    float64, itself checked against autograd through the step-by-step filter in
+    tests/numeric/test_kalman_adjoint.py)."""
+    from designmodel.chunked_adjoint import kalman_adjoint_chunks
+    module = designmodel.compile("bayesian_layer").kernels
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 1, 200, 2, 16, 8
+    rn = lambda *s: torch.randn(*s, generator=gen)
+    q, k, v, do = rn(B, T, H, K), rn(B, T, H, K), rn(B, T, H, V), rn(B, T, H, V)
+    k = F.normalize(k, dim=-1) if unit else k
+    g = torch.full((B, T, H), math.log(alpha))
+    r = torch.full((B, T, H), r0)
+    sigma, dvar = 0.1 * torch.rand(B, T, H, generator=gen), rn(B, T, H)
+    inputs = (q, k, v, g, r, sigma)
+    got = kalman_adjoint_chunks(*inputs, 1.0, do, dvar=dvar, sweeps=module.ADJOINT_SWEEPS,
+                                steps=module.ADJOINT_STEPS, compiled=False)
+    want = kalman_adjoint_chunks(*(t.double() for t in inputs), 1.0, do.double(), dvar=dvar.double(),
+                                 compiled=False)
+    for name in ("q", "k", "v", "log_decay", "noise", "process_noise"):
+        assert torch.isfinite(got[name]).all(), name
+        assert relative_error(got[name].double(), want[name]) <= 1e-4, name
