@@ -4,7 +4,8 @@ configuration per process, at a bench shape on a GPU.
     python3 bench/tune_kalman_steps.py [--shape 4,4096,16,128] [--budget 300]
         [--quantities "32,64,8;64,64,8"] [--mean "64,64,8;32,32,4"] [--covariance "64,64,8"]
 
-Each configuration (BK, BV, warps) of a step runs in a child process of its own (a kernel that
+Each configuration (BK, BV, warps; for step 2 also the factorization's warps, 0 for inside
+the one kernel) of a step runs in a child process of its own (a kernel that
 faults takes its CUDA context down with it, and the next configuration must not inherit it),
 on random inputs of the shapes the op's backward gives the kernel: every chunk of B sequences
 of T tokens and H heads at once, C the generated chunk, float32 with TF32 dots as for 16-bit
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = os.environ.get("DESIGNMODEL_TUNE_DEVICE", "cuda")   # "cpu" with TRITON_INTERPRET=1: a dry run of the calls
-DEFAULTS = dict(quantities="32,64,8;64,64,8;32,32,4;64,64,4", mean="64,64,8;64,128,8;32,64,4",
+DEFAULTS = dict(quantities="32,64,8,0;32,64,8,2;32,64,8,4;64,64,8,4;32,32,4,4;64,64,4,0", mean="64,64,8;64,128,8;32,64,4",
                 covariance="64,64,8;64,64,4;32,32,4")
 
 
@@ -52,9 +53,9 @@ def child(step, config, shape):
     B, T, H, K = shape[:4]
     V = shape[4] if len(shape) > 4 else K
     x, c, S, P, cot = _inputs(B, T, H, K, V, module.CHUNK)
-    bk, bv, warps = config
+    bk, bv, warps = config[:3]
     if step == "quantities":
-        module.CHUNK_QUANTITIES_BLOCKS = (bk, bv, warps)
+        module.CHUNK_QUANTITIES_BLOCKS = config                          # and the factorization's warps (0: inline)
         run = lambda: module.chunk_quantities(x, S, P, False, tf32=True)
     else:
         module.CHUNK_ADJOINT_BLOCKS[step] = (bk, bv, warps)
@@ -67,7 +68,8 @@ def child(step, config, shape):
     torch.cuda.synchronize()
     first = time.time() - t0
     ms = triton.testing.do_bench(run, warmup=5, rep=50)
-    print(f"{step:11s} {bk:>3d} {bv:>4d} {warps:>5d} {ms:9.3f} {first:8.1f}", flush=True)
+    more = f" factor warps {config[3]}" if len(config) > 3 else ""
+    print(f"{step:11s} {bk:>3d} {bv:>4d} {warps:>5d} {ms:9.3f} {first:8.1f}{more}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -1509,16 +1509,15 @@ ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 # Et = Lc^-1 (V - K^ S).
 
 @triton.jit
-def innovation_factor(b_A, o_c, C: tl.constexpr):
+def innovation_factor(b_A, o_c, p_Lc, C: tl.constexpr):
     """S_in = Lc Lc^T for a [C, C] symmetric positive definite tile (its lower triangle is
-    read): returns (Lc, Lc^-1).
+    read): stores Lc's columns at p_Lc + j (p_Lc: the [C] row pointers) and returns Lc^-1.
 
     A right-looking LDL, one column per step, carries L^-1 along: each step's elimination
     E_j = I - l_j e_j^T is applied to it from the left, so L^-1 = E_C-1 ... E_0 comes without
-    a triangular solve. Then Lc = L D^1/2 and Lc^-1 = D^-1/2 L^-1."""
-    m_eye = o_c[:, None] == o_c[None, :]
-    b_N = tl.zeros([C, C], dtype=tl.float32)                            # L - I, by columns
-    b_M = tl.where(m_eye, 1., 0.)                                       # L^-1 so far
+    a triangular solve. Column j of Lc = L D^1/2 is known at step j and goes out at once
+    (one [C, C] tile fewer held); Lc^-1 = D^-1/2 L^-1 at the end."""
+    b_M = tl.where(o_c[:, None] == o_c[None, :], 1., 0.)               # L^-1 so far
     b_D = tl.zeros([C], dtype=tl.float32)
     for j in range(C):
         m_j = o_c == j
@@ -1526,12 +1525,24 @@ def innovation_factor(b_A, o_c, C: tl.constexpr):
         b_d = tl.sum(tl.where(m_j, b_col, 0.), axis=0)
         b_l = tl.where(o_c > j, b_col / b_d, 0.)
         b_D = tl.where(m_j, b_d, b_D)
-        b_N = tl.where(m_j[None, :], b_l[:, None], b_N)
+        tl.store(p_Lc + j, tl.sqrt(b_d) * tl.where(m_j, 1., b_l))
         b_A = b_A - b_d * b_l[:, None] * b_l[None, :]
         b_row = tl.sum(tl.where(m_j[:, None], b_M, 0.), axis=0)         # row j of L^-1 so far
         b_M = b_M - b_l[:, None] * b_row[None, :]
-    b_sd = tl.sqrt(b_D)
-    return (b_N + tl.where(m_eye, 1., 0.)) * b_sd[None, :], b_M / b_sd[:, None]
+    return b_M / tl.sqrt(b_D)[:, None]
+
+
+@triton.jit
+def innovation_factor_kernel(Lc, Li, C: tl.constexpr):
+    """Between the two parts of chunk_quantities_kernel: S_in, left in Lc's rows, replaced by
+    its Cholesky factor Lc, and Lc^-1, one program per chunk and head. With fewer warps than
+    the parts around it (each of its C steps reduces across the warps)."""
+    n = tl.program_id(0).to(tl.int64)
+    o_c = tl.arange(0, C)
+    p_cc = n * C * C + o_c[:, None] * C + o_c[None, :]
+    b_Sin = tl.load(Lc + p_cc)
+    tl.debug_barrier()                                                  # every thread has read S_in
+    tl.store(Li + p_cc, innovation_factor(b_Sin, o_c, Lc + n * C * C + o_c * C, C))
 
 
 @triton.jit
@@ -1540,6 +1551,7 @@ def chunk_quantities_kernel(
     a, e, gC, aC, Gam, M, Cs, QU, R, W, Lc, Li, Kh, Qh, KhP, U, Yt, Wk, Et,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
+    PART: tl.constexpr,   # 0: all; 1: up to S_in (left in Lc's rows), 2: from Lc^-1 on
 ):
     n = tl.program_id(0).to(tl.int64)
     o_c = tl.arange(0, C)
@@ -1549,92 +1561,105 @@ def chunk_quantities_kernel(
     m_eye = o_c[:, None] == o_c[None, :]
     last = o_c == C - 1
     p_cc = n * C * C + o_c[:, None] * C + o_c[None, :]
-    # the decays: b = cumsum(g), a = exp(b), Gamma_tj = a_t / a_j (t >= j; masked before exp),
-    # e_t = sum_j Gamma_tj^2 sigma_j, gC = Gamma's last row = a_C / a
-    b_b = tl.cumsum(tl.load(g + n * C + o_c), axis=0)                   # [C]
-    b_a = tl.exp(b_b)
-    b_Gam = tl.exp(tl.where(m_low, b_b[:, None] - b_b[None, :], float("-inf")))   # [C, C]
-    b_e = tl.sum(b_Gam * b_Gam * tl.load(sigma + n * C + o_c)[None, :], axis=1)
-    b_gC = tl.sum(tl.where(last[:, None], b_Gam, 0.), axis=0)
-    tl.store(a + n * C + o_c, b_a)
-    tl.store(e + n * C + o_c, b_e)
-    tl.store(gC + n * C + o_c, b_gC)
-    tl.store(aC + n, tl.sum(tl.where(last, b_a, 0.), axis=0))
-    tl.store(Gam + p_cc, b_Gam)
-    # by key blocks: K^P = sum_i K^_i P_ij, U = a o K^P + e o K; the [C, C] sums K^P K^^T,
-    # K K^T and Q U^T
-    b_KPK = tl.zeros([C, C], dtype=tl.float32)
-    b_M = tl.zeros([C, C], dtype=tl.float32)
-    b_QU = tl.zeros([C, C], dtype=tl.float32)
-    for j in range(NKB):
-        o_kj = j * BK + o_b
-        m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
-        p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
-        b_Kj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)                 # [C, BK]
-        b_Khj = b_a[:, None] * b_Kj
-        b_KhP = tl.zeros([C, BK], dtype=tl.float32)
-        for i in range(NKB):
-            o_ki = i * BK + o_b
-            b_Khi = b_a[:, None] * tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                                           mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
-            b_Pij = tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
-                            mask=(o_ki < K)[:, None] & (o_kj < K)[None, :], other=0.)   # [BK, BK]
-            b_KhP += tl.dot(b_Khi, b_Pij, input_precision=PRECISION)
-        b_U = b_a[:, None] * b_KhP + b_e[:, None] * b_Kj
-        b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
-        b_KPK += tl.dot(b_KhP, tl.trans(b_Khj), input_precision=PRECISION)
-        b_M += tl.dot(b_Kj, tl.trans(b_Kj), input_precision=PRECISION)
-        b_QU += tl.dot(b_Qj, tl.trans(b_U), input_precision=PRECISION)
-        tl.store(Kh + p_ckj, b_Khj, mask=m_ckj)
-        tl.store(Qh + p_ckj, b_a[:, None] * b_Qj, mask=m_ckj)
-        tl.store(KhP + p_ckj, b_KhP, mask=m_ckj)
-        tl.store(U + p_ckj, b_U, mask=m_ckj)
-    # S_in = K^ P K^^T + (K K^T) o Cs + diag(r), Cs the process noise's C_tj = Gamma_tj e_j
-    # made symmetric
-    b_Cm = b_Gam * b_e[None, :]
-    b_Cs = b_Cm + tl.trans(b_Cm) - tl.where(m_eye, b_Cm, 0.)
-    b_Sin = b_KPK + b_M * b_Cs + tl.where(m_eye, tl.load(r + n * C + o_c)[:, None], 0.)
-    tl.store(M + p_cc, b_M)
-    tl.store(Cs + p_cc, b_Cs)
-    tl.store(QU + p_cc, b_QU)
-    b_Lc, b_Li = innovation_factor(b_Sin, o_c, C)
-    tl.store(Lc + p_cc, b_Lc)
-    tl.store(Li + p_cc, b_Li)
-    # the scores R = (Gamma o Q U^T) Lc^-T, W their lower part (strictly, for a prior readout)
-    b_R = tl.dot(b_Gam * b_QU, tl.trans(b_Li), input_precision=PRECISION)
-    tl.store(R + p_cc, b_R)
-    if STRICT:
-        tl.store(W + p_cc, tl.where(o_c[:, None] > o_c[None, :], b_R, 0.))
+    if PART == 2:
+        # after innovation_factor_kernel: what the first part kept
+        b_Gam = tl.load(Gam + p_cc)
+        b_QU = tl.load(QU + p_cc)
+        b_gC = tl.load(gC + n * C + o_c)
+        b_Li = tl.load(Li + p_cc)
     else:
-        tl.store(W + p_cc, tl.where(m_low, b_R, 0.))
-    tl.debug_barrier()                                                  # U and K^ read back by other threads
-    # by key blocks: Yt = Lc^-1 (gC o U), Wk = Lc^-1 K^
-    for j in range(NKB):
-        o_kj = j * BK + o_b
-        m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
-        p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
-        b_Uj = b_gC[:, None] * tl.load(U + p_ckj, mask=m_ckj, other=0.)
-        tl.store(Yt + p_ckj, tl.dot(b_Li, b_Uj, input_precision=PRECISION), mask=m_ckj)
-        b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
-        tl.store(Wk + p_ckj, tl.dot(b_Li, b_Khj, input_precision=PRECISION), mask=m_ckj)
-    # by value blocks: Et = Lc^-1 (V - K^ S)
-    for v in range(NVB):
-        o_v = v * BV + o_w
-        m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
-        p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
-        b_X = tl.load(Vc + p_cv, mask=m_cv, other=0.)                   # [C, BV]
-        for i in range(NKB):
-            o_ki = i * BK + o_b
-            b_Khi = tl.load(Kh + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                            mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
-            b_Si = tl.load(S + n * K * V + o_ki[:, None] * V + o_v[None, :],
-                           mask=(o_ki < K)[:, None] & (o_v < V)[None, :], other=0.)   # [BK, BV]
-            b_X -= tl.dot(b_Khi, b_Si, input_precision=PRECISION)
-        tl.store(Et + p_cv, tl.dot(b_Li, b_X, input_precision=PRECISION), mask=m_cv)
+        # the decays: b = cumsum(g), a = exp(b), Gamma_tj = a_t / a_j (t >= j; masked before exp),
+        # e_t = sum_j Gamma_tj^2 sigma_j, gC = Gamma's last row = a_C / a
+        b_b = tl.cumsum(tl.load(g + n * C + o_c), axis=0)                   # [C]
+        b_a = tl.exp(b_b)
+        b_Gam = tl.exp(tl.where(m_low, b_b[:, None] - b_b[None, :], float("-inf")))   # [C, C]
+        b_e = tl.sum(b_Gam * b_Gam * tl.load(sigma + n * C + o_c)[None, :], axis=1)
+        b_gC = tl.sum(tl.where(last[:, None], b_Gam, 0.), axis=0)
+        tl.store(a + n * C + o_c, b_a)
+        tl.store(e + n * C + o_c, b_e)
+        tl.store(gC + n * C + o_c, b_gC)
+        tl.store(aC + n, tl.sum(tl.where(last, b_a, 0.), axis=0))
+        tl.store(Gam + p_cc, b_Gam)
+        # by key blocks: K^P = sum_i K^_i P_ij, U = a o K^P + e o K; the [C, C] sums K^P K^^T,
+        # K K^T and Q U^T
+        b_KPK = tl.zeros([C, C], dtype=tl.float32)
+        b_M = tl.zeros([C, C], dtype=tl.float32)
+        b_QU = tl.zeros([C, C], dtype=tl.float32)
+        for j in range(NKB):
+            o_kj = j * BK + o_b
+            m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
+            p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
+            b_Kj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)                 # [C, BK]
+            b_Khj = b_a[:, None] * b_Kj
+            b_KhP = tl.zeros([C, BK], dtype=tl.float32)
+            for i in range(NKB):
+                o_ki = i * BK + o_b
+                b_Khi = b_a[:, None] * tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                                               mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
+                b_Pij = tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
+                                mask=(o_ki < K)[:, None] & (o_kj < K)[None, :], other=0.)   # [BK, BK]
+                b_KhP += tl.dot(b_Khi, b_Pij, input_precision=PRECISION)
+            b_U = b_a[:, None] * b_KhP + b_e[:, None] * b_Kj
+            b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+            b_KPK += tl.dot(b_KhP, tl.trans(b_Khj), input_precision=PRECISION)
+            b_M += tl.dot(b_Kj, tl.trans(b_Kj), input_precision=PRECISION)
+            b_QU += tl.dot(b_Qj, tl.trans(b_U), input_precision=PRECISION)
+            tl.store(Kh + p_ckj, b_Khj, mask=m_ckj)
+            tl.store(Qh + p_ckj, b_a[:, None] * b_Qj, mask=m_ckj)
+            tl.store(KhP + p_ckj, b_KhP, mask=m_ckj)
+            tl.store(U + p_ckj, b_U, mask=m_ckj)
+        # S_in = K^ P K^^T + (K K^T) o Cs + diag(r), Cs the process noise's C_tj = Gamma_tj e_j
+        # made symmetric
+        b_Cm = b_Gam * b_e[None, :]
+        b_Cs = b_Cm + tl.trans(b_Cm) - tl.where(m_eye, b_Cm, 0.)
+        b_Sin = b_KPK + b_M * b_Cs + tl.where(m_eye, tl.load(r + n * C + o_c)[:, None], 0.)
+        tl.store(M + p_cc, b_M)
+        tl.store(Cs + p_cc, b_Cs)
+        tl.store(QU + p_cc, b_QU)
+        if PART == 0:
+            b_Li = innovation_factor(b_Sin, o_c, Lc + n * C * C + o_c * C, C)
+            tl.store(Li + p_cc, b_Li)
+        else:
+            tl.store(Lc + p_cc, b_Sin)                                  # innovation_factor_kernel factors it in place
+    if PART != 1:
+        # the scores R = (Gamma o Q U^T) Lc^-T, W their lower part (strictly, for a prior readout)
+        b_R = tl.dot(b_Gam * b_QU, tl.trans(b_Li), input_precision=PRECISION)
+        tl.store(R + p_cc, b_R)
+        if STRICT:
+            tl.store(W + p_cc, tl.where(o_c[:, None] > o_c[None, :], b_R, 0.))
+        else:
+            tl.store(W + p_cc, tl.where(m_low, b_R, 0.))
+        tl.debug_barrier()                                                  # U and K^ read back by other threads
+        # by key blocks: Yt = Lc^-1 (gC o U), Wk = Lc^-1 K^
+        for j in range(NKB):
+            o_kj = j * BK + o_b
+            m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
+            p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
+            b_Uj = b_gC[:, None] * tl.load(U + p_ckj, mask=m_ckj, other=0.)
+            tl.store(Yt + p_ckj, tl.dot(b_Li, b_Uj, input_precision=PRECISION), mask=m_ckj)
+            b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
+            tl.store(Wk + p_ckj, tl.dot(b_Li, b_Khj, input_precision=PRECISION), mask=m_ckj)
+        # by value blocks: Et = Lc^-1 (V - K^ S)
+        for v in range(NVB):
+            o_v = v * BV + o_w
+            m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
+            p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
+            b_X = tl.load(Vc + p_cv, mask=m_cv, other=0.)                   # [C, BV]
+            for i in range(NKB):
+                o_ki = i * BK + o_b
+                b_Khi = tl.load(Kh + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                                mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
+                b_Si = tl.load(S + n * K * V + o_ki[:, None] * V + o_v[None, :],
+                               mask=(o_ki < K)[:, None] & (o_v < V)[None, :], other=0.)   # [BK, BV]
+                b_X -= tl.dot(b_Khi, b_Si, input_precision=PRECISION)
+            tl.store(Et + p_cv, tl.dot(b_Li, b_X, input_precision=PRECISION), mask=m_cv)
 
 
-# (BK, BV, warps): a first choice, not yet timed on a GPU
-CHUNK_QUANTITIES_BLOCKS = (32, 64, 8)
+# (BK, BV, warps, factor warps): a first choice, not yet timed on a GPU. Factor warps 0: the
+# factorization inside the one kernel (its C sequential steps then reduce across all the
+# kernel's warps); else chunk_quantities_kernel runs in two parts around
+# innovation_factor_kernel with that many warps
+CHUNK_QUANTITIES_BLOCKS = (32, 64, 8, 0)
 
 
 def chunk_quantities(x, states, covs, strict, tf32=False):
@@ -1647,7 +1672,7 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
     (and per_key=False)."""
     B, H, NC, C, K = x["q"].shape
     V = x["v"].shape[-1]
-    bk, bv, warps = CHUNK_QUANTITIES_BLOCKS
+    bk, bv, warps, factor_warps = CHUNK_QUANTITIES_BLOCKS
     BK = max(16, min(bk, triton.next_power_of_2(K)))
     BV = max(16, min(bv, triton.next_power_of_2(V)))
     f = [t.float().contiguous() for t in (x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs)]
@@ -1655,9 +1680,16 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
     out = dict(a=new(C), e=new(C), gC=new(C), aC=new())
     out.update({m: new(C, C) for m in ("Gam", "M", "Cs", "QU", "R", "W", "Lc", "Li")})
     out.update({m: new(C, K) for m in ("Kh", "Qh", "KhP", "U", "Yt", "Wk")}, Et=new(C, V))
-    chunk_quantities_kernel[(B * H * NC,)](
+    grid = (B * H * NC,)
+    launch = lambda part: chunk_quantities_kernel[grid](
         *f, *out.values(), K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
-        STRICT=strict, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
+        STRICT=strict, PRECISION=_sweep_precision(tf32), PART=part, num_warps=warps, num_stages=1)
+    if factor_warps:
+        launch(1)
+        innovation_factor_kernel[grid](out["Lc"], out["Li"], C=C, num_warps=factor_warps)
+        launch(2)
+    else:
+        launch(0)
     return dict(out, per_key=False)
 
 

@@ -92,11 +92,15 @@ def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, str
 
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, three (32 + 32 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
-def test_generated_chunk_quantities_match_the_float64_chunk_quantities(K, V, strict):
-    """Step 2 as one kernel per chunk (its own LDL for the Cholesky factor and its inverse):
-    every quantity the sweeps and the chunk adjoints read, against _chunk_quantities in float64;
-    the last chunk padded as the backward pads it (q = k = v = 0, g = sigma = 0, r = 1)."""
-    steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
+@pytest.mark.parametrize("factor_warps", [0, 2], ids=["one_kernel", "split"])
+def test_generated_chunk_quantities_match_the_float64_chunk_quantities(K, V, strict, factor_warps, monkeypatch):
+    """Step 2 as one kernel per chunk (its own LDL for the Cholesky factor and its inverse), or
+    in two parts around a factorization kernel: every quantity the sweeps and the chunk
+    adjoints read, against _chunk_quantities in float64; the last chunk padded as the backward
+    pads it (q = k = v = 0, g = sigma = 0, r = 1)."""
+    module = designmodel.compile("bayesian_layer").kernels
+    monkeypatch.setattr(module, "CHUNK_QUANTITIES_BLOCKS", module.CHUNK_QUANTITIES_BLOCKS[:3] + (factor_warps,))
+    steps = module.ADJOINT_STEPS
     x, S, P, _ = _chunk_inputs(1, 2, 2, 64, K, V, seed=K + 7)
     for m, fill in (("q", 0.), ("k", 0.), ("v", 0.), ("g", 0.), ("r", 1.), ("sigma", 0.)):
         x[m][:, :, -1, 40:] = fill
