@@ -128,11 +128,16 @@ def _record_kalman_backward(module, B, T, H, K, V, tf32):
     x = dict(q=z(C, K), k=z(C, K), sigma=z(C))
     states, covs = z(K, V), z(K, K)
     x.update(v=z(C, V), g=z(C), r=z(C) + 1)
-    module.ADJOINT_STEPS["quantities"](x, states, covs, False, tf32=tf32)
+    blocks = module.CHUNK_QUANTITIES_BLOCKS
+    for factor_warps in (blocks[3], 0 if blocks[3] else 4):              # the default, then the other way
+        module.CHUNK_QUANTITIES_BLOCKS = blocks[:3] + (factor_warps,)
+        module.ADJOINT_STEPS["quantities"](x, states, covs, False, tf32=tf32)
+    module.CHUNK_QUANTITIES_BLOCKS = blocks
     mean_sweep, covariance_sweep = module.ADJOINT_SWEEPS
     mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, tf32=tf32)
     covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, tf32=tf32)
     module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, tf32=tf32)
+    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, tf32=tf32, dvar=z(C))
     module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, tf32=tf32)
 
 
