@@ -1629,7 +1629,7 @@ def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     B, H, NC, C, K = Yt.shape
     V = dO.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
+    BV = _block(V, 64)
     dS_ends = Yt.new_empty(B, H, NC, K, V)
     dS0 = Yt.new_empty(B, H, K, V)
     args = [x.contiguous() for x in (Yt, Wk, Qh, W, dO, aC)]
@@ -1838,8 +1838,7 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
     B, H, NC, C, K = x["q"].shape
     V = x["v"].shape[-1]
     bk, bv, warps, factor_warps = CHUNK_QUANTITIES_BLOCKS
-    BK = max(16, min(bk, triton.next_power_of_2(K)))
-    BV = max(16, min(bv, triton.next_power_of_2(V)))
+    BK, BV = _block(K, bk), _block(V, bv)
     f = [t.float().contiguous() for t in (x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs)]
     new = lambda *s: f[0].new_empty(B, H, NC, *s)
     out = dict(a=new(C), e=new(C), gC=new(C), aC=new())
@@ -2115,8 +2114,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     V = c["Et"].shape[-1]
     mean = dO is not None
     bk, bv, warps = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
-    BK = max(16, min(bk, triton.next_power_of_2(K)))
-    BV = max(16, min(bv, triton.next_power_of_2(V)))
+    BK, BV = _block(K, bk), _block(V, bv)
     f = [t.float().contiguous() for t in (
         x["q"], x["k"], x["sigma"], states, covs, c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"],
         c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], c["aC"])]
