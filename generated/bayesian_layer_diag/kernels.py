@@ -1313,11 +1313,13 @@ def chunk_quantities_kernel(
             tl.store(Et + p_cv, tl.dot(b_Li, b_X, input_precision=PRECISION), mask=m_cv)
 
 
-# (BK, BV, warps, factor warps): a first choice, not yet timed on a GPU. Factor warps 0: the
-# factorization inside the one kernel (its C sequential steps then reduce across all the
-# kernel's warps); else chunk_quantities_kernel runs in two parts around
-# innovation_factor_kernel with that many warps
-CHUNK_QUANTITIES_BLOCKS = (32, 64, 8, 0)
+# (BK, BV, warps, factor warps). Factor warps 0: the factorization inside the one kernel (its
+# C sequential steps then reduce across all the kernel's warps); else chunk_quantities_kernel
+# runs in two parts around innovation_factor_kernel with that many warps. On an H200 at
+# C = 64, K = V = 128, tf32 (session 9, bench/tune_kalman_steps.py): 3.54 ms at (32, 64, 8, 0),
+# 2.61 at (64, 64, 4, 0), 2.12 at (32, 64, 8, 2), 2.39 at (32, 64, 8, 4), 2.10 at (64, 64, 8, 4):
+# the split wins, its pivots reducing across 2 to 4 warps instead of 8.
+CHUNK_QUANTITIES_BLOCKS = (64, 64, 8, 4)
 
 
 def chunk_quantities(x, states, covs, strict, tf32=False):
@@ -1594,8 +1596,10 @@ def chunk_adjoint_kernel(
 # (BK, BV, warps) per step. On an H100 at C = 64, K = V = 128 (tf32 dots, session 8) step 4
 # takes 9.2 ms at (16, 32, 8), 4.6 at (32, 32, 4) and 4.4 at (64, 64, 8); step 6 3.9 ms at
 # (16, -, 4) and 2.0 at (64, -, 8): the wider tensor-core tiles pay for ptxas's larger spills
-# (1.9 / 2.8 KB per thread for step 4 at (64, 64), 0.6 / 0.9 at (16, 32)).
-CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 8))
+# (1.9 / 2.8 KB per thread for step 4 at (64, 64), 0.6 / 0.9 at (16, 32)). On an H200
+# (session 9, bench/tune_kalman_steps.py) step 4 takes 3.87 ms at (64, 64, 8), 3.94 at
+# (32, 64, 4) and 5.08 at (64, 128, 8); step 6 1.43 ms at (64, -, 4), 1.90 at (64, -, 8).
+CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False,
