@@ -627,10 +627,10 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                 None if initial_state is None else (one(S0), one(P0)), chunk, prior_timing)
             states, covs = states[:NC].movedim(0, 2), covs[:NC].movedim(0, 2)
         else:
-            # [NS, H, K, *] -> [B, H, NC, K, *] (B = 1 for one packed sequence)
+            # [NS, H, K, *] -> [B, H, NC, K, *] (B = 1 for one packed sequence): a view, which
+            # the per-chunk kernels read in place (_sweep_chunks copies it for PyTorch's steps)
             pick = slice(c0, c0 + NC) if n is not None else slice(None)
-            states, covs = (_contiguous(x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2), f)
-                            for x in checkpoints)
+            states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2) for x in checkpoints)
         x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
                                        tok(process_noise), prior, scale, None)
         with _matmul_tf32(tf32):
@@ -744,7 +744,11 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     dS0; dP0)."""
     quantities, adjoint = _compiled_steps() if compiled else (_chunk_quantities, _chunk_adjoint)
     per_key = x["g"].dim() == x["q"].dim()
-    kernels = steps if steps and not per_key and covs.dtype == torch.float32 else {}
+    f = x["q"].dtype
+    kernels = steps if steps and not per_key and f == torch.float32 else {}
+    if set(kernels) != {"quantities", "mean", "covariance"}:
+        # some step runs in PyTorch: the chunk starts in its dtype, laid out by chunk
+        states, covs = _contiguous(states, f), _contiguous(covs, f)
     # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
     # PyTorch adjoint reads more of them)
     if {"quantities", "mean", "covariance"} <= set(kernels):
@@ -755,7 +759,7 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     Wk = c["Wk"] if "Wk" in c else c["Li"] @ c["Kh"]                    # whitened keys [C, K]
     # (3) dS at every chunk end, sequential
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
-                             None if dS_end is None else dS_end.to(states.dtype), tf32=tf32)
+                             None if dS_end is None else dS_end.to(f), tf32=tf32)
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
     if "mean" in kernels:
         grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32, dvar=dvar)
@@ -764,7 +768,7 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
                                     dS_ends, None, strict, carry_mean=False)
     # (5) dP at every chunk end, sequential
     dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
-                                   None if dP_end is None else _sym(dP_end.to(covs.dtype)), tf32=tf32)
+                                   None if dP_end is None else _sym(dP_end.to(f)), tf32=tf32)
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
     if "covariance" in kernels:
         more = kernels["covariance"](x, c, states, covs, dP_ends, strict, tf32=tf32)

@@ -1714,11 +1714,17 @@ def innovation_factor_kernel(Lc, Li, C: tl.constexpr):
 def chunk_quantities_kernel(
     Q, Kc, Vc, g, r, sigma, S, P,
     a, e, gC, aC, Gam, M, Cs, QU, R, W, Lc, Li, Kh, Qh, KhP, U, Yt, Wk, Et,
+    H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
     PART: tl.constexpr,   # 0: all; 1: up to S_in (left in Lc's rows), 2: from Lc^-1 on
 ):
     n = tl.program_id(0).to(tl.int64)
+    # this chunk's start mean S [K, V] and covariance P [K, K], wherever the caller keeps them
+    # (the forward's checkpoints are chunk-major, [B NC, H, *], and are read in place)
+    i_b, i_h, i_i = n // (H * NC), (n // NC) % H, n % NC
+    S = S + i_b * sSb + i_h * sSh + i_i * sSn
+    P = P + i_b * sPb + i_h * sPh + i_i * sPn
     o_c = tl.arange(0, C)
     o_b = tl.arange(0, BK)
     o_w = tl.arange(0, BV)
@@ -1761,7 +1767,7 @@ def chunk_quantities_kernel(
                 o_ki = i * BK + o_b
                 b_Khi = b_a[:, None] * tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                                mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
-                b_Pij = tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
+                b_Pij = tl.load(P + o_ki[:, None] * K + o_kj[None, :],
                                 mask=(o_ki < K)[:, None] & (o_kj < K)[None, :], other=0.)   # [BK, BK]
                 b_KhP += tl.dot(b_Khi, b_Pij, input_precision=PRECISION)
             b_U = b_a[:, None] * b_KhP + b_e[:, None] * b_Kj
@@ -1814,8 +1820,8 @@ def chunk_quantities_kernel(
                 o_ki = i * BK + o_b
                 b_Khi = tl.load(Kh + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                 mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
-                b_Si = tl.load(S + n * K * V + o_ki[:, None] * V + o_v[None, :],
-                               mask=(o_ki < K)[:, None] & (o_v < V)[None, :], other=0.)   # [BK, BV]
+                b_Si = tl.load(S + o_ki[:, None] * V + o_v[None, :],
+                               mask=(o_ki < K)[:, None] & (o_v < V)[None, :], other=0.).to(tl.float32)   # [BK, BV]
                 b_X -= tl.dot(b_Khi, b_Si, input_precision=PRECISION)
             tl.store(Et + p_cv, tl.dot(b_Li, b_X, input_precision=PRECISION), mask=m_cv)
 
@@ -1829,10 +1835,24 @@ def chunk_quantities_kernel(
 CHUNK_QUANTITIES_BLOCKS = (64, 64, 8, 4)
 
 
+def _chunk_starts(t):
+    """A [B, H, NC, K, *] tensor of chunk-start means or covariances as the per-chunk kernels
+    read it, and its strides per batch, head and chunk: in place where each [K, *] block is
+    contiguous (the forward keeps its checkpoints chunk-major, [B NC, H, K, *], and a
+    transposed view of them costs no copy), else one copy; 16-bit means stay 16-bit (the
+    kernels read them as float32)."""
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        t = t.float()
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        t = t.contiguous()
+    return t, t.stride()[:3]
+
+
 def chunk_quantities(x, states, covs, strict, tf32=False):
     """Step 2 on every chunk at once, for a scalar decay: the quantities of every chunk from
     its inputs x (q scaled, k, v [B, H, NC, C, *], g, r, sigma [B, H, NC, C]) and its start
-    state (states [B, H, NC, K, V], covs [B, H, NC, K, K]), as
+    state (states [B, H, NC, K, V], covs [B, H, NC, K, K], views of any strides: see
+    _chunk_starts), as
     designmodel.chunked_adjoint._chunk_quantities gives them for the sweeps and the chunk
     adjoints: a dict of float32 tensors a, e, gC [B, H, NC, C], aC [B, H, NC], Gam, M, Cs, QU,
     R, W, Lc, Li [B, H, NC, C, C], Kh, Qh, KhP, U, Yt, Wk [B, H, NC, C, K], Et [B, H, NC, C, V]
@@ -1841,14 +1861,15 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
     V = x["v"].shape[-1]
     bk, bv, warps, factor_warps = CHUNK_QUANTITIES_BLOCKS
     BK, BV = _block(K, bk), _block(V, bv)
-    f = [t.float().contiguous() for t in (x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs)]
+    (S, sS), (P, sP) = _chunk_starts(states), _chunk_starts(covs)
+    f = [t.float().contiguous() for t in (x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"])] + [S, P]
     new = lambda *s: f[0].new_empty(B, H, NC, *s)
     out = dict(a=new(C), e=new(C), gC=new(C), aC=new())
     out.update({m: new(C, C) for m in ("Gam", "M", "Cs", "QU", "R", "W", "Lc", "Li")})
     out.update({m: new(C, K) for m in ("Kh", "Qh", "KhP", "U", "Yt", "Wk")}, Et=new(C, V))
     grid = (B * H * NC,)
     launch = lambda part: chunk_quantities_kernel[grid](
-        *f, *out.values(), K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
+        *f, *out.values(), H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
         STRICT=strict, PRECISION=_sweep_precision(tf32), PART=part, num_warps=warps, num_stages=1)
     if factor_warps:
         launch(1)
@@ -1882,11 +1903,21 @@ def chunk_adjoint_kernel(
     Q, Kc, sigma, S, P, Yt, U, KhP, Kh, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
     dO, dS1, dP1, dvar,
     dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
+    H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
     FROM_COVARIANCE: tl.constexpr, HAS_VAR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    # this chunk's start mean S [K, V] and covariance P [K, K], wherever the caller keeps them
+    # (the forward's checkpoints are chunk-major, [B NC, H, *], and are read in place), and
+    # its [K, *] rows of dS', dP' and Src
+    i_b, i_h, i_i = n // (H * NC), (n // NC) % H, n % NC
+    S = S + i_b * sSb + i_h * sSh + i_i * sSn
+    P = P + i_b * sPb + i_h * sPh + i_i * sPn
+    dS1 = dS1 + n * K * V
+    dP1 = dP1 + n * K * K
+    Src = Src + n * K * K
     o_c = tl.arange(0, C)
     o_b = tl.arange(0, BK)
     o_w = tl.arange(0, BV)
@@ -1917,9 +1948,9 @@ def chunk_adjoint_kernel(
             for i in range(NKB):
                 o_ki = i * BK + o_b
                 m_kv = (o_ki[:, None] < K) & (o_v[None, :] < V)
-                p_kv = n * K * V + o_ki[:, None] * V + o_v[None, :]
+                p_kv = o_ki[:, None] * V + o_v[None, :]
                 b_dS1 = tl.load(dS1 + p_kv, mask=m_kv, other=0.)         # [BK, BV]
-                b_daC += tl.sum(tl.sum(b_dS1 * tl.load(S + p_kv, mask=m_kv, other=0.), axis=1), axis=0)
+                b_daC += tl.sum(tl.sum(b_dS1 * tl.load(S + p_kv, mask=m_kv, other=0.).to(tl.float32), axis=1), axis=0)
                 b_Yti = tl.load(Yt + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                 mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
                 b_dEt += tl.dot(b_Yti, b_dS1, input_precision=PRECISION)
@@ -1957,9 +1988,9 @@ def chunk_adjoint_kernel(
                 o_v = v * BV + o_w
                 m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
                 p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
-                p_kv = n * K * V + o_kj[:, None] * V + o_v[None, :]
+                p_kv = o_kj[:, None] * V + o_v[None, :]
                 m_kv = m_kj[:, None] & (o_v[None, :] < V)
-                b_S = tl.load(S + p_kv, mask=m_kv, other=0.)             # [BK, BV]
+                b_S = tl.load(S + p_kv, mask=m_kv, other=0.).to(tl.float32)   # [BK, BV]
                 b_dYt += tl.dot(tl.load(Et + p_cv, mask=m_cv, other=0.),
                                 tl.trans(tl.load(dS1 + p_kv, mask=m_kv, other=0.)), input_precision=PRECISION)
                 b_dKhr -= tl.dot(tl.load(dv + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
@@ -1967,7 +1998,7 @@ def chunk_adjoint_kernel(
         if FROM_COVARIANCE:
             for i in range(NKB):
                 o_ki = i * BK + o_b
-                p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
+                p_kk = o_ki[:, None] * K + o_kj[None, :]
                 m_kk = (o_ki < K)[:, None] & m_kj[None, :]
                 b_dP1 = tl.load(dP1 + p_kk, mask=m_kk, other=0.)         # [BK, BK]
                 b_daC += tl.sum(tl.sum(b_dP1 * tl.load(P + p_kk, mask=m_kk, other=0.), axis=1), axis=0)
@@ -1992,7 +2023,7 @@ def chunk_adjoint_kernel(
                     b_Qhi = tl.load(Q + n * C * K + o_c[:, None] * K + o_ki[None, :],
                                     mask=(o_c[:, None] < C) & (o_ki[None, :] < K), other=0.)
                     b_QhP += tl.dot(tl.load(a + n * C + o_c)[:, None] * b_Qhi,
-                                    tl.load(P + n * K * K + o_ki[:, None] * K + o_kj[None, :],
+                                    tl.load(P + o_ki[:, None] * K + o_kj[None, :],
                                             mask=(o_ki < K)[:, None] & m_kj[None, :], other=0.),
                                     input_precision=PRECISION)
                 b_dQh += 2. * b_dvar[:, None] * b_QhP
@@ -2057,7 +2088,7 @@ def chunk_adjoint_kernel(
             m_ki = o_ki < K
             p_cki = n * C * K + o_c[:, None] * K + o_ki[None, :]
             m_cki = m_ki[None, :] & (o_c[:, None] < C)
-            p_kk = n * K * K + o_ki[:, None] * K + o_kj[None, :]
+            p_kk = o_ki[:, None] * K + o_kj[None, :]
             m_kk = m_ki[:, None] & m_kj[None, :]
             b_dKhPi = tl.load(dKhP_s + p_cki, mask=m_cki, other=0.)
             b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
@@ -2119,9 +2150,11 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     mean = dO is not None
     bk, bv, warps = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
     BK, BV = _block(K, bk), _block(V, bv)
-    f = [t.float().contiguous() for t in (
-        x["q"], x["k"], x["sigma"], states, covs, c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"],
-        c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"], c["Cs"], c["a"], c["e"], c["gC"], c["aC"])]
+    (S, sS), (P, sP) = _chunk_starts(states), _chunk_starts(covs)
+    f32 = lambda *ts: [t.float().contiguous() for t in ts]
+    f = f32(x["q"], x["k"], x["sigma"]) + [S, P] + f32(
+        c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"], c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"],
+        c["Cs"], c["a"], c["e"], c["gC"], c["aC"])
     cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends, dvar)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
     dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), ck()
@@ -2131,7 +2164,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
     src = f[0].new_empty(B, H, NC, K, K) if mean else f[0]
     chunk_adjoint_kernel[(B * H * NC,)](
-        *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, K=K, V=V, C=C, BK=BK, BV=BV,
+        *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
         FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)

@@ -60,32 +60,48 @@ def _chunk_inputs(B, H, NC, C, K, V, seed):
     return x, r(B, H, NC, K, V), P, dP + dP.mT
 
 
+def _chunk_starts(S, P, layout):
+    """The chunk-start mean and covariance [B, H, NC, K, *] as a step kernel gets them, and the
+    float64 values the reference should use: contiguous float32 ("by_head"), or as the forward
+    keeps its checkpoints ("chunk_major"): stored [B, NC, H, K, *] and passed as a transposed
+    view, the mean in bfloat16."""
+    if layout == "by_head":
+        return S.float().to(DEVICE), P.float().to(DEVICE), S, P
+    view = lambda t, d: t.transpose(1, 2).to(DEVICE, d).contiguous().transpose(1, 2)
+    Sd, Pd = view(S, torch.bfloat16), view(P, torch.float32)
+    assert not Sd.is_contiguous() and not Pd.is_contiguous()
+    return Sd, Pd, Sd.cpu().double(), P
+
+
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, two (64 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
 @pytest.mark.parametrize("variance", [False, True], ids=["", "variance"])
-def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, strict, variance):
+@pytest.mark.parametrize("layout", ["by_head", "chunk_major"])
+def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, strict, variance, layout):
     """Steps 4 (the adjoint at dO, dS' and the variance readout's dvar) and 6 (at dP') as one
     kernel per chunk: every gradient and step 4's covariance source against _chunk_adjoint in
-    float64, from step 2's quantities."""
+    float64, from step 2's quantities; the chunk starts contiguous or read in place from the
+    forward's layout."""
     steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
-    x, S, P, dP = _chunk_inputs(1, 2, 2, 64, K, V, seed=K)
+    x, S, P, dP = _chunk_inputs(2, 2, 2, 64, K, V, seed=K)
+    Sd, Pd, S, P = _chunk_starts(S, P, layout)
     gen = torch.Generator().manual_seed(K + 1)
-    dO = torch.randn(1, 2, 2, 64, V, generator=gen, dtype=torch.float64)
-    dS = torch.randn(1, 2, 2, K, V, generator=gen, dtype=torch.float64)
-    dvar = torch.randn(1, 2, 2, 64, generator=gen, dtype=torch.float64) if variance else None
+    dO = torch.randn(2, 2, 2, 64, V, generator=gen, dtype=torch.float64)
+    dS = torch.randn(2, 2, 2, K, V, generator=gen, dtype=torch.float64)
+    dvar = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64) if variance else None
     c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
     dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
     xd, cd = {m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}
     want, _, want_src = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, dO, dvar, dS, None, strict,
                                        carry_mean=False)
-    got, src = steps["mean"](xd, cd, dev(S), dev(P), dev(dO), dev(dS), strict, dvar=dev(dvar))
+    got, src = steps["mean"](xd, cd, Sd, Pd, dev(dO), dev(dS), strict, dvar=dev(dvar))
     assert set(got) == set(want)
     for m in want:
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
     assert relative_error(src.cpu().double(), want_src) <= 1e-5
     want, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, None, None, None, dP, strict,
                                 carry_mean=False, carry_covariance=False)
-    got = steps["covariance"](xd, cd, dev(S), dev(P), dev(dP), strict)
+    got = steps["covariance"](xd, cd, Sd, Pd, dev(dP), strict)
     for m in ("k", "g", "r", "sigma"):
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
 
@@ -93,21 +109,24 @@ def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, str
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, three (32 + 32 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
 @pytest.mark.parametrize("factor_warps", [0, 2], ids=["one_kernel", "split"])
-def test_generated_chunk_quantities_match_the_float64_chunk_quantities(K, V, strict, factor_warps, monkeypatch):
+@pytest.mark.parametrize("layout", ["by_head", "chunk_major"])
+def test_generated_chunk_quantities_match_the_float64_chunk_quantities(K, V, strict, factor_warps, layout, monkeypatch):
     """Step 2 as one kernel per chunk (its own LDL for the Cholesky factor and its inverse), or
     in two parts around a factorization kernel: every quantity the sweeps and the chunk
     adjoints read, against _chunk_quantities in float64; the last chunk padded as the backward
-    pads it (q = k = v = 0, g = sigma = 0, r = 1)."""
+    pads it (q = k = v = 0, g = sigma = 0, r = 1); the chunk starts contiguous or read in place
+    from the forward's layout."""
     module = designmodel.compile("bayesian_layer").kernels
     monkeypatch.setattr(module, "CHUNK_QUANTITIES_BLOCKS", module.CHUNK_QUANTITIES_BLOCKS[:3] + (factor_warps,))
     steps = module.ADJOINT_STEPS
-    x, S, P, _ = _chunk_inputs(1, 2, 2, 64, K, V, seed=K + 7)
+    x, S, P, _ = _chunk_inputs(2, 2, 2, 64, K, V, seed=K + 7)
+    Sd, Pd, S, P = _chunk_starts(S, P, layout)
     for m, fill in (("q", 0.), ("k", 0.), ("v", 0.), ("g", 0.), ("r", 1.), ("sigma", 0.)):
         x[m][:, :, -1, 40:] = fill
     want = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, strict)
     want["Wk"] = want["Li"] @ want["Kh"]
     dev = lambda t: t.float().to(DEVICE)
-    got = steps["quantities"]({m: dev(t) for m, t in x.items()}, dev(S), dev(P), strict)
+    got = steps["quantities"]({m: dev(t) for m, t in x.items()}, Sd, Pd, strict)
     assert got.pop("per_key") is False
     assert set(got) <= set(want)
     for m in got:
