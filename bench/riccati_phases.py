@@ -1,6 +1,6 @@
 """Where the Riccati kernel's time goes, phase by phase, from the GPU's own clock.
 
-    python3 bench/riccati_phases.py [--model bayesian_layer] [--shape 4,4096,16,128] [--dtype bf16]
+    python3 bench/riccati_phases.py [--model bayesian_layer] [--shape 4,4096,16,128] [--dtype bf16] [--config JSON]
 
 The Riccati kernel (templates/kalman/riccati.py.j2) runs one program per sequence and head,
 chunk after chunk, so its time is the latency of one chunk's chain of dependent steps times
@@ -17,6 +17,7 @@ on CPU) every stamp reads 0.
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import os
 import re
@@ -103,7 +104,9 @@ def main(argv=None):
     ap.add_argument("--model", default="bayesian_layer")
     ap.add_argument("--shape", default="4,4096,16,128")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"update_rows": 64}}\'')
     args = ap.parse_args(argv)
+    config = json.loads(args.config) if args.config else None
     B, T, H, K = (int(s) for s in args.shape.split(","))
     device = "cpu" if INTERPRET else "cuda"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -119,19 +122,20 @@ def main(argv=None):
     noise = 0.5 + torch.rand(B, T, H, device=device, generator=gen)
     sigma = 0.01 * torch.rand(B, T, H, device=device, generator=gen)
     p0 = torch.ones(H, device=device)
-    run = lambda: module.forward(q, k, v, g, p0, noise, sigma, check_domain=False)
+    run = lambda: module.forward(q, k, v, g, p0, noise, sigma, check_domain=False, config=config)
     run()                                                               # compile
     module._TM.zero_()
     o = run()[0]
     import designmodel
-    plain = designmodel.compile(args.model).kernels.forward(q, k, v, g, p0, noise, sigma, check_domain=False)[0]
+    plain = designmodel.compile(args.model).kernels.forward(q, k, v, g, p0, noise, sigma, check_domain=False,
+                                                            config=config)[0]
     print(f"stamped forward against the generated one: max |o - o'| = {(o.float() - plain.float()).abs().max().item():.2e}")
     if device == "cuda":
         torch.cuda.synchronize()
     tm = module._TM.double()
     steps = (tm[:, 1:, 1:] - tm[:, 1:, :-1]) / 1e3                     # us, chunks after the first
     whole = (tm[:, 1:, -1] - tm[:, 1:, 0]) / 1e3
-    print(f"{args.model} {args.shape} {args.dtype}: Riccati chunk loop, us per chunk (mean over {B * H} programs x {NC - 1} chunks)")
+    print(f"{args.model} {args.shape} {args.dtype} {args.config or ''}: Riccati chunk loop, us per chunk (mean over {B * H} programs x {NC - 1} chunks)")
     for name, col in zip(names[1:], steps.mean((0, 1)).tolist()):
         print(f"  {name:52s} {col:8.2f}")
     print(f"  {'one chunk, all phases':52s} {whole.mean().item():8.2f}")

@@ -127,6 +127,7 @@ def chunk_riccati_kernel(
     FACTOR_PRECISION: tl.constexpr,       # the blocked LDL's panels X and Schur complements
     SOLVE_PRECISION: tl.constexpr,        # Y = L^-1 U^ by blocks
     UPDATE_PRECISION: tl.constexpr,       # P' = a_C^2 P + e_C I - Y^T D^-1 Y
+    UPDATE_ROWS: tl.constexpr,            # the update's dot depth: 16 (by LDL block) or BT (the chunk)
 ):
     """The covariance across chunks (the Riccati recursion of MATH.md 6.3), and only what
     needs P. The chunk is 4 blocks of BC = 16 rows; with K^ = K o a, e the process noise
@@ -395,51 +396,75 @@ def chunk_riccati_kernel(
         b_Pn = tl.load(p_Paa, mask=m_Paa, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
         tl.debug_barrier()
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        if UPDATE_ROWS == BT:
+            # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
+            b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Dc = tl.load(_D + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_Dc[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        else:
+            # one dot per LDL block of 16 rows, D still in registers
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
         b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
         tl.debug_barrier()
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
-        b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        if UPDATE_ROWS == BT:
+            # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
+            b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.)
+            b_Zy = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.)
+            b_Dc = tl.load(_D + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_Dc[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        else:
+            # one dot per LDL block of 16 rows, D still in registers
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
+            b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Pab, b_Pn, mask=m_Pab)
         tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
         b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
         tl.debug_barrier()
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
-        b_Zy = b_Zx
-        b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        if UPDATE_ROWS == BT:
+            # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
+            b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Dc = tl.load(_D + (bos + o_t) * H + i_h, mask=m_t, other=0.)
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_Dc[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+        else:
+            # one dot per LDL block of 16 rows, D still in registers
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 0 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 0 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D0[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 1 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 1 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D1[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 2 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 2 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D2[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
+            b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
+            b_Zy = b_Zx
+            b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
         tl.debug_barrier()
 
@@ -835,7 +860,9 @@ def default_config(K, V):
     split operands would otherwise spill.
     """
     return {
-        "covariance": dict(num_warps=4, num_stages=1, precision=None,
+        # update_rows: the depth of the update's dots, 16 (one per LDL block, four per quarter
+        # of P) or the chunk (one per quarter); bench/riccati_phases.py times the update
+        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=16,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
@@ -865,6 +892,8 @@ def _launch_config(K, V, config):
             if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
                 raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
+            if _n == "update_rows" and _x not in (16, CHUNK):
+                raise ValueError(f"config[{_kernel!r}]['update_rows'] must be 16 or the chunk ({CHUNK}), got {_x!r}")
     return _cfg
 
 
@@ -1026,7 +1055,7 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
         q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        UPDATE_ROWS=_launch["update_rows"], **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]

@@ -92,6 +92,29 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     assert bf16 > 0   # the readout's dots run tf32 for 16-bit inputs
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
+@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
+def test_update_over_the_whole_chunk_matches_float64(model, dots):
+    """update_rows = the chunk: the update of P takes one dot per quarter of P over the whole
+    chunk, where by LDL blocks it takes one per block (4 at C = 64); both agree with the
+    float64 filter (T not a multiple of the chunk, initial mean and covariance). The update's
+    dots are told apart by marking them alone with tf32."""
+    q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=5)
+    S0, P0 = initial(1, 1, 32, 16, seed=5)
+    ref = reference(model, q, k, v, ins, p0, S0, P0)
+    counts = {}
+    for rows in (16, 64):
+        dots.clear()
+        got = run(model, (q, k, v, ins, p0, S0, P0), {"covariance": {
+            "precision": "tf32x3", "precision_update": "tf32", "update_rows": rows}})
+        for name, x, y in zip(("o", "S", "P", "var"), got, (ref.o, ref.state, ref.covariance, ref.variance)):
+            err = relative_error(x, y)
+            assert err <= TOLERANCE[torch.float32], f"{model} update_rows {rows}: {name} relative error {err:.2e}"
+        counts[rows] = Counter(dots)["tf32"]
+    # two chunks, K = 32 (quarters of 16 x 16: three per chunk)
+    assert counts == {16: 2 * 3 * 4, 64: 2 * 3}, counts
+
+
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
     """Unknown values, unknown or misspelt keys, a group the kernel lacks, None where a
     precision is needed: ValueError naming the setting, and no kernel has run."""
@@ -107,6 +130,8 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer", {"covariance": "tf32"}, r"config\['covariance'\] must be a dict"),
         ("bayesian_layer", {"gain": {"precision": "tf16"}}, r"'gain'.*must be one of"),
         ("rls", {"riccati": {}}, r"unknown kernel 'riccati'"),
+        ("bayesian_layer", {"covariance": {"update_rows": 32}}, r"update_rows.*must be 16 or the chunk"),
+        ("bayesian_layer_diag", {"covariance": {"update_rows": 64}}, r"unknown setting 'update_rows'"),
     ]
     for model, cfg, message in cases:
         x = {"r": ins["r"]} if model == "rls" else bl
