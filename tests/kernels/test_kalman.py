@@ -83,6 +83,21 @@ def to_dev(*xs):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("model", MODELS)
 def test_kalman_op_matches_float64_filter(model, case):
+    _check_case(model, case)
+
+
+@pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0"])
+@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
+def test_gain_overlapping_the_riccati_kernel_matches_float64_filter(model, case):
+    """config "gain": {"overlap": True}: chunk_gain_kernel as a few persistent programs (three
+    off the GPU; on one, on a side stream while the Riccati kernel runs), each taking its
+    chunks once the Riccati kernel has marked them ready: the float64 filter's results, packed
+    sequences too (chunks past a sequence's end are skipped, not waited for)."""
+    _check_case(model, case, {"gain": {"overlap": True}})
+
+
+def _check_case(model, case, config=None):
+    """One of CASES through the op (with config) against the float64 filter."""
     B, T, H, K, V, h0, cu, dtype = CASES[case]
     q, k, v, ins, p0 = draw(model, B, T, H, K, V, seed=len(case))
     N = B if cu is None else len(cu) - 1
@@ -93,7 +108,7 @@ def test_kalman_op_matches_float64_filter(model, case):
     o, (S, P), var = getattr(ops, model)(
         qd, kd, vd, **{n: x.to(DEVICE) for n, x in ins.items()}, p0=p0.to(DEVICE),
         initial_state=(S0d, P0d) if h0 else None, output_final_state=True, output_variance=True,
-        cu_seqlens=cud)
+        cu_seqlens=cud, config=config)
     ref = reference(model, q, k, v, ins, p0, S0, P0, cu)
     assert o.shape == (B, T, H, V) and o.dtype == dtype
     assert S.shape == (N, H, K, V) and P.shape == (N, H, K, K) and var.shape == (B, T, H)
