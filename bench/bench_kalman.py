@@ -150,16 +150,21 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
 # factor: the LDL's panels; solve: Y = L^-1 U^; update: P'), tf32x3 where named, else tf32.
 # tf32x3 in the innovation group is what spills (bench/compile_report.py: 5.1 KB per thread
 # with it, 2.7 KB without), so most mixes keep it tf32
-# --variants riccati: session 9's untimed forward settings. update_rows 64: the update of P as
+# --variants forward: session 9's untimed forward settings. update_rows 64: the update of P as
 # one dot per quarter over the whole chunk (bench/riccati_phases.py measured the 16-row update
 # at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py); overlap:
-# chunk_gain_kernel on a side stream while the Riccati kernel runs
-RICCATI_VARIANTS = {
+# chunk_gain_kernel on a side stream while the Riccati kernel runs. The mean kernel's 256
+# programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one per SM, so
+# they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits two per SM
+# (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
+FORWARD_VARIANTS = {
     "update64": {"covariance": {"update_rows": 64}},
     "w8": {"covariance": {"num_warps": 8}},
     "update64_w8": {"covariance": {"update_rows": 64, "num_warps": 8}},
     "overlap": {"gain": {"overlap": True}},
     "update64_overlap": {"covariance": {"update_rows": 64}, "gain": {"overlap": True}},
+    "mean_bv64": {"mean": {"BV": 64}},
+    "mean_w4": {"mean": {"num_warps": 4}},
 }
 
 PRECISION_MIXES = {
@@ -332,7 +337,7 @@ def main(argv=None) -> int:
                          'e.g. \'{"tf32": {"covariance": {"precision": "tf32"}}, '
                          '"upd3": {"covariance": {"precision": "tf32", "precision_update": "tf32x3"}}}\', '
                          'or "precision" for PRECISION_MIXES (the Riccati kernel\'s dots by group), '
-                         'or "riccati" for RICCATI_VARIANTS (session 9\'s untimed settings)')
+                         'or "forward" for FORWARD_VARIANTS (session 9\'s untimed settings)')
     ap.add_argument("--stress", action="store_true",
                     help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
     ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
     if args.lean and args.variants:
         # the default and every variant: checks (and stress) in parallel processes, which also
         # compile every kernel the timing needs, then the timings here one after another
-        extra = dict(precision=PRECISION_MIXES, riccati=RICCATI_VARIANTS).get(args.variants) or json.loads(args.variants)
+        extra = dict(precision=PRECISION_MIXES, forward=FORWARD_VARIANTS).get(args.variants) or json.loads(args.variants)
         variants = {"default": None, **extra}
         accuracy(variants, rows, args.stress, args.workers)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
