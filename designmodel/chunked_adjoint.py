@@ -746,12 +746,13 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     per_key = x["g"].dim() == x["q"].dim()
     f = x["q"].dtype
     kernels = steps if steps and not per_key and f == torch.float32 else {}
-    if set(kernels) != {"quantities", "mean", "covariance"}:
+    all_kernels = {"quantities", "mean", "covariance"} <= set(kernels)
+    if not all_kernels:
         # some step runs in PyTorch: the chunk starts in its dtype, laid out by chunk
         states, covs = _contiguous(states, f), _contiguous(covs, f)
     # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
     # PyTorch adjoint reads more of them)
-    if {"quantities", "mean", "covariance"} <= set(kernels):
+    if all_kernels:
         c = kernels["quantities"](x, states, covs, strict, tf32=tf32)
     else:
         c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)

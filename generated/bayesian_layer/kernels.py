@@ -1287,9 +1287,9 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     NT = triton.cdiv(T, BT)
     _gain_grid = _gain_overlaps(_cfg["gain"], q, N * H, NT)
     _ready = q.new_zeros(N * H, NT, dtype=torch.int32) if _gain_grid else None
-    if _gain_grid and q.is_cuda:
+    _side = _side_stream(q.device) if _gain_grid and q.is_cuda else None
+    if _side is not None:
         # the gain's stream starts after everything before the Riccati kernel, not after it
-        _side = _side_stream(q.device)
         _side.wait_stream(torch.cuda.current_stream(q.device))
     _launch = _cfg["covariance"]
     chunk_riccati_kernel[(N * H,)](
@@ -1303,14 +1303,14 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     # per chunk, in parallel: W, U_v, B and the rest of the variance; with overlap, on the
     # side stream while the Riccati kernel runs, each chunk once it is marked ready
     _launch = _cfg["gain"]
-    with (torch.cuda.stream(_side) if _gain_grid and q.is_cuda else contextlib.nullcontext()):
+    with (contextlib.nullcontext() if _side is None else torch.cuda.stream(_side)):
         chunk_gain_kernel[_gain_grid or (NT, N * H)](
             q, k, v, g, p0, r, sigma, _w, _u, _Bm, _L, _D, _U, _var, _ready, cu_seqlens, scale, T, NT, N * H,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], BC=16, OUTPUT_VARIANCE=output_variance,
             IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_launch["precision"], WAIT=_ready is not None,
             num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
-    if _gain_grid and q.is_cuda:
+    if _side is not None:
         # what follows on this stream reads the gain's outputs; the tensors the side stream
         # uses are freed on this stream only after this wait, so none is reused early
         torch.cuda.current_stream(q.device).wait_stream(_side)
