@@ -16,17 +16,14 @@ the rewriting on CPU, and every stamp reads 0.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from riccati_phases import INTERPRET, TIMER  # noqa: E402
+from riccati_phases import INTERPRET, TIMER, import_copy  # noqa: E402
 
 KERNEL = "chunk_adjoint_kernel"
 # (phase that starts here, the line of the kernel the stamp goes before)
@@ -60,12 +57,10 @@ def instrument(source: str) -> tuple[str, list[str]]:
     names = [name for _, _, name in marks]
     for j, (at, indent, _) in reversed(list(enumerate(marks))):
         body = body[:at] + stamp.format(indent=indent, j=j) + body[at:]
-    clock = ("return tl.program_id(0).to(tl.int64) * 0" if INTERPRET else
-             'return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)')
     out = source[:start] + body + source[end:]
     head = "@triton.jit\n" + f"def {KERNEL}("
     assert out.count(head) == 1, "the kernel's decorator moved: update adjoint_phases.py"
-    out = out.replace(head, TIMER.format(body=clock).lstrip("\n") + "\n\n" + head, 1)
+    out = out.replace(head, TIMER + "\n\n" + head, 1)
     at = out.index(head)                                                # NSTAMP before the first constexpr
     out = out[:at] + re.sub(r"(\n    [A-Z_]+: tl\.constexpr,)", r"\n    NSTAMP: tl.constexpr,\1", out[at:], count=1)
     launch = f"    {KERNEL}[(B * H * NC,)](\n        "
@@ -77,14 +72,9 @@ def instrument(source: str) -> tuple[str, list[str]]:
 
 
 def load(model: str):
-    """The stamped copy of a generated kalman module, imported from a temporary file."""
+    """The stamped copy of a generated kalman module and its phases' names."""
     text, names = instrument((ROOT / "generated" / model / "kernels.py").read_text())
-    path = Path(tempfile.mkdtemp(prefix="adjoint_phases_")) / f"{model}_adjoint_phases.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, names
+    return import_copy(text, f"{model}_adjoint_phases"), names
 
 
 def main(argv=None):

@@ -35,12 +35,14 @@ STAMPS = [
     ("L, D stores of the last block", "        # U and the earlier blocks' Z are read back from memory (fewer live registers)"),
     ("Y = L^-1 U^ and Z by blocks", "        # the Riccati step by quarters: "),
 ]
-TIMER = '''
-@triton.jit
+# the stamps' clock, put into the copy before the stamped kernel
+TIMER = '''@triton.jit
 def _phase_clock():
     """The GPU's global timer in ns (0 in the interpreter)."""
     {body}
-'''
+'''.format(body="return tl.program_id(0).to(tl.int64) * 0" if INTERPRET else
+           'return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, '
+           'is_pure=False, pack=1)')
 
 
 def instrument(source: str, kernel: str = "chunk_riccati_kernel") -> tuple[str, list[str]]:
@@ -70,11 +72,9 @@ def instrument(source: str, kernel: str = "chunk_riccati_kernel") -> tuple[str, 
     names = [name for _, _, name in marks]
     for j, (at, text, _) in reversed(list(enumerate(marks))):
         body = body[:at] + text.format(j) + body[at:]
-    clock = ("return tl.program_id(0).to(tl.int64) * 0" if INTERPRET else
-             'return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)')
     out = source[:start] + body + source[end:]
     out = out.replace(f"@triton.jit(do_not_specialize=[\"T\"])\ndef {kernel}(",
-                      TIMER.format(body=clock) + f"\n\n@triton.jit(do_not_specialize=[\"T\"])\ndef {kernel}(", 1)
+                      TIMER + f"\n\n@triton.jit(do_not_specialize=[\"T\"])\ndef {kernel}(", 1)
     launch = f"    {kernel}[(N * H,)](\n        q,"
     assert out.count(launch) == 1, "the launch moved: update riccati_phases.py"
     out = out.replace(launch, f"    {kernel}[(N * H,)](\n        _TM, q,", 1)
@@ -85,18 +85,21 @@ def instrument(source: str, kernel: str = "chunk_riccati_kernel") -> tuple[str, 
     return out, names
 
 
-def load(model: str):
-    """The instrumented copy of a generated kalman module, imported from a temporary file
-    (Triton reads a kernel's source from its file)."""
-    source = (ROOT / "generated" / model / "kernels.py").read_text()
-    text, names = instrument(source)
-    folder = Path(tempfile.mkdtemp(prefix="riccati_phases_"))
-    path = folder / f"{model}_phases.py"
+def import_copy(text: str, name: str):
+    """A stamped copy of a generated module, imported from a temporary file (Triton reads a
+    kernel's source from its file)."""
+    path = Path(tempfile.mkdtemp(prefix="phases_")) / f"{name}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module, names
+    return module
+
+
+def load(model: str):
+    """The instrumented copy of a generated kalman module and its phases' names."""
+    text, names = instrument((ROOT / "generated" / model / "kernels.py").read_text())
+    return import_copy(text, f"{model}_phases"), names
 
 
 def main(argv=None):
