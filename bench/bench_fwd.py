@@ -121,12 +121,13 @@ SWEEP = {
         {"attention": dict(BK=32, num_warps=8, num_stages=2)},
         {"attention": dict(BK=64, num_warps=8, num_stages=2)},
         {"attention": dict(BK=32, num_warps=4, num_stages=2)},
-        {"attention": dict(diag="loop", BK=32, num_warps=8, num_stages=2)},
-        {"attention": dict(rows=True, BK=16, num_warps=4, num_stages=2)},
-        {"attention": dict(rows=True, BK=32, num_warps=8, num_stages=2)},
+        {"attention": dict(diag="grid", BK=64, num_warps=4, num_stages=2, diag_warps=1)},
+        {"attention": dict(diag="grid", BK=64, num_warps=4, num_stages=1, diag_warps=1)},
+        {"attention": dict(diag="grid", BK=32, num_warps=4, num_stages=2, diag_warps=1)},
+        {"attention": dict(diag="grid", BK=128, num_warps=8, num_stages=1, diag_warps=1)},
+        {"attention": dict(diag="grid", BK=64, num_warps=8, num_stages=2, diag_warps=1)},
+        {"attention": dict(diag="grid", BK=64, num_warps=4, num_stages=2, diag_warps=2)},
         {"attention": dict(rows=True, BK=32, num_warps=4, num_stages=2)},
-        {"attention": dict(rows=True, BK=16, num_warps=8, num_stages=2)},
-        {"attention": dict(rows=True, BK=16, num_warps=4, num_stages=3)},
     ],
     "reset": _FUSED + [
         {"path": "two_pass"},
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
                                 o2, s2 = fn(q, k, v, x, h0, True)
                             errs = dict(err_o=rel(o2, fo), err_state=rel(s2, fs))
                         ms = bench(lambda: fn(q, k, v, x, None, False))
+                        if args.profile:  # each variant's kernels too
+                            profile(f"{model} {json.dumps(cfg)}", fn, None, q, k, v, x)
                     except Exception as err:  # noqa: BLE001
                         ms = f"{type(err).__name__}: {str(err)[:120]}"
                     sweeps.append(dict(model=model, shape=shape, config=cfg, ms=ms, **errs))

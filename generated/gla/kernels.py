@@ -63,19 +63,19 @@ def chunk_attention_kernel(
     BK: tl.constexpr,
     STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    DIAG_LOOP: tl.constexpr,
+    DIAG: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
 
     The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks the decay ratio
-    splits at r, the cumulative decay at the end of a column sub-chunk j:
-    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
-    [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
-    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, with the
+    splits at the cumulative decays r at the sub-chunks' ends into factors <= 1: the query's
+    decay from its sub-chunk's start, the key's to its sub-chunk's end, and the sub-chunks'
+    total decays between them; the blocks of column sub-chunk j are one [BT, BK] x [BK, BT]
+    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk the ratios are taken elementwise, with the
     decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
-    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks); with DIAG_LOOP
-    one column of every diagonal block at a time ([NC, BC, BK] per column, BC steps). With
+    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks) (DIAG "blocks");
+    with DIAG "grid" not here: chunk_attention_diagonal_kernel stores them. With
     STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
     and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
     (gl [NS, H, K]). Grid: (NT, B * H).
@@ -99,26 +99,20 @@ def chunk_attention_kernel(
     o_c = tl.arange(0, BC)
     # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    if DIAG_LOOP:
-        # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
-        # diagonal blocks within the chunk; [NC, BC, BC] the diagonal blocks
-        o_s = tl.arange(0, 4) * BC
-        o_dr = o_s[:, None, None] + o_c[None, :, None]
-        o_dc = o_s[:, None, None] + o_c[None, None, :]
-        b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
-    else:
-        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block
-        o_t0 = i_t * BT + 0 * BC + o_c
-        m_t0 = o_t0 < T
+    # [BC] rows of each sub-chunk
+    o_t0 = i_t * BT + 0 * BC + o_c
+    m_t0 = o_t0 < T
+    o_t1 = i_t * BT + 1 * BC + o_c
+    m_t1 = o_t1 < T
+    o_t2 = i_t * BT + 2 * BC + o_c
+    m_t2 = o_t2 < T
+    o_t3 = i_t * BT + 3 * BC + o_c
+    m_t3 = o_t3 < T
+    if DIAG == "blocks":
+        # [BC, BC] the diagonal blocks, summed over the key blocks
         b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t1 = i_t * BT + 1 * BC + o_c
-        m_t1 = o_t1 < T
         b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t2 = i_t * BT + 2 * BC + o_c
-        m_t2 = o_t2 < T
         b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t3 = i_t * BT + 3 * BC + o_c
-        m_t3 = o_t3 < T
         b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -135,35 +129,36 @@ def chunk_attention_kernel(
             tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
             tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
             tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
-        # off the diagonal blocks, per column sub-chunk j: r = gc at its end
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        # off the diagonal blocks. r_j: gc at the end of sub-chunk j, [BK]; gc_t - gc_s splits
+        # into (gc_t - r_i-1) + (r_i-1 - r_j) + (r_j - gc_s) for t in sub-chunk i > j >= blk(s),
+        # every part <= 0: queries decayed from their sub-chunk's start, keys to their
+        # sub-chunk's end (one exp2 each), and between them the sub-chunks' total decays
+        b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+        b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+        b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        # [BT, BK] r before and at the end of each row's sub-chunk (the last sub-chunk's keys
+        # take no part: no column sub-chunk after it)
+        b_rin = tl.where(o_blk[:, None] == 1, b_r0[None, :], tl.where(o_blk[:, None] == 2, b_r1[None, :], tl.where(o_blk[:, None] == 3, b_r2[None, :], 0.)))
+        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_gc)))
+        b_qs = b_q * tl.exp2(b_gc - b_rin)
+        b_ks = b_k * tl.exp2(b_rout - b_gc)
+        # column sub-chunks from the last to the first: b_qj holds the rows after sub-chunk j,
+        # decayed to its end; going to j - 1, those take sub-chunk j's total decay and the rows
+        # of j join. The products take the input dtype (bf16 inputs: bf16 operands, every
+        # factor <= 1; float32 inputs: as before)
+        b_qj = tl.where(o_blk[:, None] == 3, b_qs, 0.)
+        b_kj = tl.where(o_blk[:, None] == 2, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
+        b_qj = tl.where(o_blk[:, None] == 2, b_qs, b_qj * tl.exp2(b_r2 - b_r1)[None, :])
+        b_kj = tl.where(o_blk[:, None] == 1, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
+        b_qj = tl.where(o_blk[:, None] == 1, b_qs, b_qj * tl.exp2(b_r1 - b_r0)[None, :])
+        b_kj = tl.where(o_blk[:, None] == 0, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
         # the diagonal blocks: q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys, the decays
         # cumulated from each sub-chunk's start (the ratios need no offset; the exponent is
         # clamped at 0 above the diagonal, which is masked out at the store)
-        if DIAG_LOOP:
-            # column c of each diagonal block at a time: [NC, BC, BK] products
-            b_qd = tl.reshape(b_q, [4, BC, BK])
-            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-            for i_c in range(BC):
-                # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
-                o_tc = i_t * BT + o_s + i_c
-                m_tc = o_tc < T
-                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-                b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
-                b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
-        else:
+        if DIAG == "blocks":
             # one diagonal block at a time: the sub-chunk's [BC, BK] queries, keys and log2-decay
             # (reloaded: they are in the cache), a [BC, BC, BK] product
             b_qc = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
@@ -194,11 +189,7 @@ def chunk_attention_kernel(
     # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
     m_off = o_blk[:, None] != o_blk[None, :]
     tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
-    if DIAG_LOOP:
-        b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
-        p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
-        tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
-    else:
+    if DIAG == "blocks":
         p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_c[None, :]
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
         p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_c[None, :]
@@ -207,6 +198,75 @@ def chunk_attention_kernel(
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
         p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_c[None, :]
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
+
+
+@triton.jit
+def log2_decay(g, bos, i_h, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """[len(o_t), len(o_k)] per-key log2-decay of tokens o_t (zero where m_t is false) over keys
+    o_k; a function of its own so that the loads' register names stay out of the caller."""
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+    return b_ld
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_attention_diagonal_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The diagonal sub-chunk blocks of chunk_attention_kernel's A (its DIAG "grid"), one
+    sub-chunk per program: A_tj = sum_m q_tm k_jm exp2(gc_tm - gc_jm) for t, j in the sub-chunk,
+    one column j at a time over all keys, the decay cumulated from the sub-chunk's start (every
+    ratio <= 1). Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
+    so many share an SM and hide the column loop's latency. Grid: (NT * 4, B * H).
+    """
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_c = i_tc // 4, i_tc % 4
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    # [BC] rows of the sub-chunk; [BKD] all keys
+    o_tc = i_t * BT + i_c * BC + o_c
+    m_tc = o_tc < T
+    o_k = tl.arange(0, BKD)
+    m_k = o_k < K
+    # [BC, BKD] the sub-chunk's queries and log2-decay cumulated from its start
+    b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_gcc = tl.cumsum(log2_decay(g, bos, i_h, o_tc, m_tc, o_k, m_k, H, K), axis=0)
+    # [BKD] the cumulative log2-decay at token j; [BC, BC] the block
+    b_gj = tl.zeros([BKD], dtype=tl.float32)
+    b_Acc = tl.zeros([BC, BC], dtype=tl.float32)
+    # the sub-chunk's tokens before T (the columns after stay zero)
+    for j in range(0, tl.minimum(BC, T - (i_t * BT + i_c * BC))):
+        # [BKD] key j and its log2-decay: one row, loaded in the layout that broadcasts over the rows
+        t_j = i_t * BT + i_c * BC + j
+        b_kj = tl.load(k + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        b_gj += (b_g) * RCP_LN2
+        # [BC] A_tj for every row t (the exponent clamped at 0 above the diagonal, masked at the store)
+        b_col = tl.sum(b_qc * b_kj[None, :] * tl.exp2(tl.minimum(b_gcc - b_gj[None, :], 0.)), axis=1)
+        b_Acc = tl.where(o_c[None, :] == j, b_col[:, None], b_Acc)
+    p_A = A + ((bos + o_tc[:, None]) * H + i_h) * BT + i_c * BC + o_c[None, :]
+    tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_Acc, 0.).to(A.dtype.element_ty), mask=m_tc[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -544,12 +604,12 @@ def default_config(K, V):
     return {
         "path": "auto",
         "fused": dict(BV=_block(V, 32), num_warps=4, num_stages=3),
-        # 4 warps, BK 32: gla's forward took 1.38 ms on an H100 at (4, 4096, 16, 128) bf16,
-        # against 2.06 at 8 warps (which spill nothing on sm_90 where 4 spill 560 B: the spills
-        # cost less than the replicated work) and 1.62 at BK 16. diag: the diagonal sub-chunk
-        # blocks one [BC, BC, BK] block at a time ("blocks") or one column of every block at a
-        # time ("loop": 2.23 ms at 8 warps). bench/RESULTS.md, session 5
-        "attention": dict(BK=_block(K, 32), num_warps=4, num_stages=2, diag="blocks"),
+        # diag: the diagonal sub-chunk blocks in a grid of their own, one program of diag_warps
+        # per sub-chunk ("grid"), or inside the key loop as [BC, BC, BK] products ("blocks").
+        # On an H100 at (4, 4096, 16, 128) bf16 gla's forward took 0.853 ms with "grid", BK 64,
+        # 4 warps and 1-warp diagonal programs (attention 0.245 + diagonal 0.297; fla: 0.849),
+        # against 1.36 with "blocks" (BK 32, 4 warps). bench/RESULTS.md, session 10
+        "attention": dict(BK=_block(K, 64), num_warps=4, num_stages=2, diag="grid", diag_warps=1),
         "state": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=2, num_stages=3),
         # the decayed queries come from the attention kernel; 8 warps: no spills (sm_90), not timed yet
         "output": dict(BK=_block(K, 64), BV=_block(V, 64), num_warps=8, num_stages=2),
@@ -736,8 +796,8 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     kd = torch.empty_like(k) if _decayed else None
     gl = q.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
-    if _launch.get("diag", "blocks") not in ("blocks", "loop"):
-        raise ValueError(f"config attention diag must be 'blocks' or 'loop', got {_launch['diag']!r}")
+    if _launch.get("diag", "blocks") not in ("blocks", "grid"):
+        raise ValueError(f"config attention diag must be 'blocks' or 'grid', got {_launch['diag']!r}")
     if _launch.get("rows", False):
         # one program per row sub-chunk of each chunk
         chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
@@ -749,8 +809,15 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
         chunk_attention_kernel[(NT, B * H)](
             q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
             H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
-            DIAG_LOOP=_launch.get("diag", "blocks") == "loop", num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+            DIAG=_launch.get("diag", "blocks"), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
         )
+        if _launch.get("diag", "blocks") == "grid":
+            # the diagonal sub-chunk blocks: a grid of their own, one program per sub-chunk
+            chunk_attention_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+                q, k, g, A, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=cu_seqlens is not None,
+                num_warps=_launch.get("diag_warps", 4), num_stages=1,
+            )
     if _path == "fused":
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]
@@ -913,19 +980,19 @@ def chunk_attention_canonical_kernel(
     BK: tl.constexpr,
     STORE_DECAYED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    DIAG_LOOP: tl.constexpr,
+    DIAG: tl.constexpr,
 ):
     """Intra-chunk attention with per-key decay: A = tril(Q K^T o Gamma),
     A_ts = sum_m q_tm k_sm exp(gc_tm - gc_sm).
 
     The chunk is cut into 4 sub-chunks of BC tokens. Between sub-chunks the decay ratio
-    splits at r, the cumulative decay at the end of a column sub-chunk j:
-    exp2(gc_t - r) * exp2(r - gc_s), both factors <= 1; the blocks of column sub-chunk j are one
-    [BT, BK] x [BK, BT] matmul (rows of sub-chunks <= j and columns outside j masked to zero, so
-    no factor above 1 enters). Within a sub-chunk the ratios are taken elementwise, with the
+    splits at the cumulative decays r at the sub-chunks' ends into factors <= 1: the query's
+    decay from its sub-chunk's start, the key's to its sub-chunk's end, and the sub-chunks'
+    total decays between them; the blocks of column sub-chunk j are one [BT, BK] x [BK, BT]
+    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk the ratios are taken elementwise, with the
     decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
-    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks); with DIAG_LOOP
-    one column of every diagonal block at a time ([NC, BC, BK] per column, BC steps). With
+    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks) (DIAG "blocks");
+    with DIAG "grid" not here: chunk_attention_diagonal_kernel stores them. With
     STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
     and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
     (gl [NS, H, K]). Grid: (NT, B * H).
@@ -949,26 +1016,20 @@ def chunk_attention_canonical_kernel(
     o_c = tl.arange(0, BC)
     # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    if DIAG_LOOP:
-        # [NC] first row of each sub-chunk; [NC, BC, 1] and [NC, 1, BC] rows and columns of the
-        # diagonal blocks within the chunk; [NC, BC, BC] the diagonal blocks
-        o_s = tl.arange(0, 4) * BC
-        o_dr = o_s[:, None, None] + o_c[None, :, None]
-        o_dc = o_s[:, None, None] + o_c[None, None, :]
-        b_Ad = tl.zeros([4, BC, BC], dtype=tl.float32)
-    else:
-        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block
-        o_t0 = i_t * BT + 0 * BC + o_c
-        m_t0 = o_t0 < T
+    # [BC] rows of each sub-chunk
+    o_t0 = i_t * BT + 0 * BC + o_c
+    m_t0 = o_t0 < T
+    o_t1 = i_t * BT + 1 * BC + o_c
+    m_t1 = o_t1 < T
+    o_t2 = i_t * BT + 2 * BC + o_c
+    m_t2 = o_t2 < T
+    o_t3 = i_t * BT + 3 * BC + o_c
+    m_t3 = o_t3 < T
+    if DIAG == "blocks":
+        # [BC, BC] the diagonal blocks, summed over the key blocks
         b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t1 = i_t * BT + 1 * BC + o_c
-        m_t1 = o_t1 < T
         b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t2 = i_t * BT + 2 * BC + o_c
-        m_t2 = o_t2 < T
         b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
-        o_t3 = i_t * BT + 3 * BC + o_c
-        m_t3 = o_t3 < T
         b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -985,35 +1046,36 @@ def chunk_attention_canonical_kernel(
             tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
             tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
             tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
-        # off the diagonal blocks, per column sub-chunk j: r = gc at its end
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
-        b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
-        b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-        b_kr = tl.where(o_blk[:, None] == 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        b_A = tl.dot(b_qr, tl.trans(b_kr), b_A)
+        # off the diagonal blocks. r_j: gc at the end of sub-chunk j, [BK]; gc_t - gc_s splits
+        # into (gc_t - r_i-1) + (r_i-1 - r_j) + (r_j - gc_s) for t in sub-chunk i > j >= blk(s),
+        # every part <= 0: queries decayed from their sub-chunk's start, keys to their
+        # sub-chunk's end (one exp2 each), and between them the sub-chunks' total decays
+        b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+        b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+        b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        # [BT, BK] r before and at the end of each row's sub-chunk (the last sub-chunk's keys
+        # take no part: no column sub-chunk after it)
+        b_rin = tl.where(o_blk[:, None] == 1, b_r0[None, :], tl.where(o_blk[:, None] == 2, b_r1[None, :], tl.where(o_blk[:, None] == 3, b_r2[None, :], 0.)))
+        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_gc)))
+        b_qs = b_q * tl.exp2(b_gc - b_rin)
+        b_ks = b_k * tl.exp2(b_rout - b_gc)
+        # column sub-chunks from the last to the first: b_qj holds the rows after sub-chunk j,
+        # decayed to its end; going to j - 1, those take sub-chunk j's total decay and the rows
+        # of j join. The products take the input dtype (bf16 inputs: bf16 operands, every
+        # factor <= 1; float32 inputs: as before)
+        b_qj = tl.where(o_blk[:, None] == 3, b_qs, 0.)
+        b_kj = tl.where(o_blk[:, None] == 2, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
+        b_qj = tl.where(o_blk[:, None] == 2, b_qs, b_qj * tl.exp2(b_r2 - b_r1)[None, :])
+        b_kj = tl.where(o_blk[:, None] == 1, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
+        b_qj = tl.where(o_blk[:, None] == 1, b_qs, b_qj * tl.exp2(b_r1 - b_r0)[None, :])
+        b_kj = tl.where(o_blk[:, None] == 0, b_ks, 0.)
+        b_A = tl.dot(b_qj.to(q.dtype.element_ty), tl.trans(b_kj.to(q.dtype.element_ty)), b_A)
         # the diagonal blocks: q_tm k_sm exp2(gc_tm - gc_sm) summed over the keys, the decays
         # cumulated from each sub-chunk's start (the ratios need no offset; the exponent is
         # clamped at 0 above the diagonal, which is masked out at the store)
-        if DIAG_LOOP:
-            # column c of each diagonal block at a time: [NC, BC, BK] products
-            b_qd = tl.reshape(b_q, [4, BC, BK])
-            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-            for i_c in range(BC):
-                # [NC, BK] key c of each sub-chunk and its cumulative log2-decay (taken from b_gd)
-                o_tc = i_t * BT + o_s + i_c
-                m_tc = o_tc < T
-                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-                b_Ac = tl.sum(b_qd * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.)), axis=2)
-                b_Ad += tl.where(o_c[None, None, :] == i_c, b_Ac[:, :, None], 0.)
-        else:
+        if DIAG == "blocks":
             # one diagonal block at a time: the sub-chunk's [BC, BK] queries, keys and log2-decay
             # (reloaded: they are in the cache), a [BC, BC, BK] product
             b_qc = tl.load(q + ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t0[:, None] & m_k[None, :], other=0.).to(tl.float32)
@@ -1044,11 +1106,7 @@ def chunk_attention_canonical_kernel(
     # the blocks off the diagonal (zero above it), then the diagonal blocks: disjoint stores
     m_off = o_blk[:, None] != o_blk[None, :]
     tl.store(A + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :], b_A.to(A.dtype.element_ty), mask=m_t[:, None] & m_off)
-    if DIAG_LOOP:
-        b_Ad = tl.where(o_c[None, :, None] >= o_c[None, None, :], b_Ad, 0.)
-        p_Ad = A + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_dc
-        tl.store(p_Ad, b_Ad.to(A.dtype.element_ty), mask=(i_t * BT + o_dr) < T)
-    else:
+    if DIAG == "blocks":
         p_A = A + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_c[None, :]
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A00, 0.).to(A.dtype.element_ty), mask=m_t0[:, None])
         p_A = A + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_c[None, :]
@@ -1057,6 +1115,75 @@ def chunk_attention_canonical_kernel(
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A22, 0.).to(A.dtype.element_ty), mask=m_t2[:, None])
         p_A = A + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_c[None, :]
         tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_A33, 0.).to(A.dtype.element_ty), mask=m_t3[:, None])
+
+
+@triton.jit
+def log2_decay_canonical(g, bos, i_h, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr):
+    """[len(o_t), len(o_k)] per-key log2-decay of tokens o_t (zero where m_t is false) over keys
+    o_k; a function of its own so that the loads' register names stay out of the caller."""
+    b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
+    b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
+    return b_ld
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_attention_diagonal_canonical_kernel(
+    q,
+    k,
+    g,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The diagonal sub-chunk blocks of chunk_attention_kernel's A (its DIAG "grid"), one
+    sub-chunk per program: A_tj = sum_m q_tm k_jm exp2(gc_tm - gc_jm) for t, j in the sub-chunk,
+    one column j at a time over all keys, the decay cumulated from the sub-chunk's start (every
+    ratio <= 1). Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
+    so many share an SM and hide the column loop's latency. Grid: (NT * 4, B * H).
+    """
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_c = i_tc // 4, i_tc % 4
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    # [BC] rows of the sub-chunk; [BKD] all keys
+    o_tc = i_t * BT + i_c * BC + o_c
+    m_tc = o_tc < T
+    o_k = tl.arange(0, BKD)
+    m_k = o_k < K
+    # [BC, BKD] the sub-chunk's queries and log2-decay cumulated from its start
+    b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_gcc = tl.cumsum(log2_decay_canonical(g, bos, i_h, o_tc, m_tc, o_k, m_k, H, K), axis=0)
+    # [BKD] the cumulative log2-decay at token j; [BC, BC] the block
+    b_gj = tl.zeros([BKD], dtype=tl.float32)
+    b_Acc = tl.zeros([BC, BC], dtype=tl.float32)
+    # the sub-chunk's tokens before T (the columns after stay zero)
+    for j in range(0, tl.minimum(BC, T - (i_t * BT + i_c * BC))):
+        # [BKD] key j and its log2-decay: one row, loaded in the layout that broadcasts over the rows
+        t_j = i_t * BT + i_c * BC + j
+        b_kj = tl.load(k + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        b_gj += (b_g) * RCP_LN2
+        # [BC] A_tj for every row t (the exponent clamped at 0 above the diagonal, masked at the store)
+        b_col = tl.sum(b_qc * b_kj[None, :] * tl.exp2(tl.minimum(b_gcc - b_gj[None, :], 0.)), axis=1)
+        b_Acc = tl.where(o_c[None, :] == j, b_col[:, None], b_Acc)
+    p_A = A + ((bos + o_tc[:, None]) * H + i_h) * BT + i_c * BC + o_c[None, :]
+    tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_Acc, 0.).to(A.dtype.element_ty), mask=m_tc[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1720,8 +1847,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
             chunk_attention_canonical_kernel[(NT, B * H)](
                 q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
                 H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
-                DIAG_LOOP=_launch.get("diag", "blocks") == "loop", num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+                DIAG=_launch.get("diag", "blocks"), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
             )
+            if _launch.get("diag", "blocks") == "grid":
+                chunk_attention_diagonal_canonical_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+                    q, k, g, A, cu_seqlens, chunk_indices, T,
+                    H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
+                    num_warps=_launch.get("diag_warps", 4), num_stages=1,
+                )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
     dh = k.new_empty(NS, H, K, V)

@@ -80,8 +80,10 @@ def run_op_config(model, config):
 VARIANTS = [
     ("gla", {"path": "two_pass", "attention": {"rows": True}}),
     ("gla", {"path": "fused", "attention": {"rows": True, "BK": 16}}),
-    # the diagonal sub-chunk blocks one column at a time, over several key blocks
-    ("gla", {"path": "two_pass", "attention": {"diag": "loop", "BK": 16}}),
+    # the diagonal sub-chunk blocks in a grid of their own (the default), over several key blocks
+    ("gla", {"path": "two_pass", "attention": {"diag": "grid", "BK": 16}}),
+    # the diagonal sub-chunk blocks inside the key loop
+    ("gla", {"path": "two_pass", "attention": {"diag": "blocks", "BK": 32}}),
 ]
 
 
