@@ -152,10 +152,9 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
 # with it, 2.7 KB without), so most mixes keep it tf32
 # --variants forward: session 9's untimed forward settings. update_rows 64: the update of P as
 # one dot per quarter over the whole chunk (bench/riccati_phases.py measured the 16-row update
-# at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py); overlap:
-# chunk_gain_kernel on a side stream while the Riccati kernel runs; p_in_registers: P carried
-# over the chunks in registers (it is read back from L2 twice per chunk otherwise, in the 15 and
-# 17 us phases). The mean kernel's 256
+# at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py); p_in_registers:
+# P carried over the chunks in registers (it is read back from L2 twice per chunk otherwise, in
+# the 15 and 17 us phases). The mean kernel's 256
 # programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one per SM, so
 # they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits two per SM
 # (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
@@ -163,8 +162,6 @@ FORWARD_VARIANTS = {
     "update64": {"covariance": {"update_rows": 64}},
     "w8": {"covariance": {"num_warps": 8}},
     "update64_w8": {"covariance": {"update_rows": 64, "num_warps": 8}},
-    "overlap": {"gain": {"overlap": True}},
-    "update64_overlap": {"covariance": {"update_rows": 64}, "gain": {"overlap": True}},
     "p_regs_w8": {"covariance": {"p_in_registers": True, "num_warps": 8}},
     "p_regs_w8_update64": {"covariance": {"p_in_registers": True, "num_warps": 8, "update_rows": 64}},
     "mean_bv64": {"mean": {"BV": 64}},
@@ -344,7 +341,7 @@ def main(argv=None) -> int:
                          'or "forward" for FORWARD_VARIANTS (session 9\'s untimed settings)')
     ap.add_argument("--without", default="",
                     help="with --variants: comma-separated substrings; variants whose name has one are left out "
-                         "(e.g. overlap, after its GPU test failed)")
+                         "(e.g. w8, to time the others after a variant failed)")
     ap.add_argument("--stress", action="store_true",
                     help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
     ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),

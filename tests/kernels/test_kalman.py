@@ -86,16 +86,6 @@ def test_kalman_op_matches_float64_filter(model, case):
     _check_case(model, case)
 
 
-@pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0"])
-@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_gain_overlapping_the_riccati_kernel_matches_float64_filter(model, case):
-    """config "gain": {"overlap": True}: chunk_gain_kernel as a few persistent programs (three
-    off the GPU; on one, on a side stream while the Riccati kernel runs), each taking its
-    chunks once the Riccati kernel has marked them ready: the float64 filter's results, packed
-    sequences too (chunks past a sequence's end are skipped, not waited for)."""
-    _check_case(model, case, {"gain": {"overlap": True}})
-
-
 @pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0", "bf16-T80-K64-V32-h0"])
 @pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
 def test_covariance_in_registers_matches_float64_filter(model, case):
