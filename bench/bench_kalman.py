@@ -152,18 +152,14 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
 # with it, 2.7 KB without), so most mixes keep it tf32
 # --variants forward: session 9's untimed forward settings. update_rows 64: the update of P as
 # one dot per quarter over the whole chunk (bench/riccati_phases.py measured the 16-row update
-# at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py); p_in_registers:
-# P carried over the chunks in registers (it is read back from L2 twice per chunk otherwise, in
-# the 15 and 17 us phases). The mean kernel's 256
-# programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one per SM, so
-# they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits two per SM
-# (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
+# at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py). The mean
+# kernel's 256 programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one
+# per SM, so they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits
+# two per SM (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
 FORWARD_VARIANTS = {
     "update64": {"covariance": {"update_rows": 64}},
     "w8": {"covariance": {"num_warps": 8}},
     "update64_w8": {"covariance": {"update_rows": 64, "num_warps": 8}},
-    "p_regs_w8": {"covariance": {"p_in_registers": True, "num_warps": 8}},
-    "p_regs_w8_update64": {"covariance": {"p_in_registers": True, "num_warps": 8, "update_rows": 64}},
     "mean_bv64": {"mean": {"BV": 64}},
     "mean_w4": {"mean": {"num_warps": 4}},
 }

@@ -132,7 +132,6 @@ def chunk_riccati_kernel(
     SOLVE_PRECISION: tl.constexpr,        # Y = L^-1 U^ by blocks
     UPDATE_PRECISION: tl.constexpr,       # P' = a_C^2 P + e_C I - Y^T D^-1 Y
     UPDATE_ROWS: tl.constexpr,            # the update's dot depth: 16 (by LDL block) or BT (the chunk)
-    P_IN_REGISTERS: tl.constexpr,         # carry P across the chunks in registers, not in _Pt
 ):
     """The covariance across chunks (the Riccati recursion of MATH.md 6.3), and only what
     needs P. The chunk is 4 blocks of BC = 16 rows; with K^ = K o a, e the process noise
@@ -203,12 +202,6 @@ def chunk_riccati_kernel(
         tl.store(p_Pba, tl.zeros([BKH, BKH], dtype=tl.float32), mask=m_Pba)
         tl.store(p_Pbb, tl.where(o_kb[:, None] == o_kb[None, :], b_p0, 0.), mask=m_Pbb)
     tl.debug_barrier()
-    if P_IN_REGISTERS:
-        # P carried over the chunks as three [BKH, BKH] quarters (P_ba = P_ab^T), no L2 round
-        # trip per chunk; _Pt gets the final P after the loop
-        b_Paa = tl.load(p_Paa, mask=m_Paa, other=0.)
-        b_Pab = tl.load(p_Pab, mask=m_Pab, other=0.)
-        b_Pbb = tl.load(p_Pbb, mask=m_Pbb, other=0.)
 
     # scratch of this program: the chunk's [BT, BT] K^ P K^^T and K K^T, read back by 16x16 blocks
     p_Sc = _Sc + i_nh.to(tl.int64) * 2 * BT * BT
@@ -223,10 +216,10 @@ def chunk_riccati_kernel(
         if STORE_CHUNK_COV:
             # [K, K] P at this chunk's start, by quarters (the last chunk's update or the initial P)
             p_Pc = _Pc + ((boc + i_t) * H + i_h) * K * K
-            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), mask=m_Paa)
-            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), mask=m_Pab)
-            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), mask=m_Pba)
-            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), mask=m_Pbb)
+            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], tl.load(p_Paa, mask=m_Paa, other=0.), mask=m_Paa)
+            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], tl.load(p_Pab, mask=m_Pab, other=0.), mask=m_Pab)
+            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.load(p_Pba, mask=m_Pba, other=0.), mask=m_Pba)
+            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], tl.load(p_Pbb, mask=m_Pbb, other=0.), mask=m_Pbb)
         # the whole chunk's dots at once: 64-row dots keep every warp on rows of its own, where
         # 16-row ones leave all but one warp repeating the same rows
         o_t = i_t * BT + o_c
@@ -248,13 +241,13 @@ def chunk_riccati_kernel(
         b_khcb = b_kcb * tl.exp2(b_gc)[:, None]             # [BT, BKH] K^
         # [BT, BKH] K^ P by halves, then U = a o (K^ P) + e o K (stored; U^ = U o (a_C / a) is read back for Y)
         b_S = tl.zeros([BT, BT], dtype=tl.float32)
-        b_KP = tl.dot(b_khca, (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khcb, (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), b_KP, input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kca
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=(m_t[:, None] & m_ka[None, :]))
         b_S = tl.dot(b_KP, tl.trans(b_khca), b_S, input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khca, (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khcb, (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), b_KP, input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP * tl.exp2(b_gc)[:, None] + b_e[:, None] * b_kcb
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=(m_t[:, None] & m_kb[None, :]))
         b_S = tl.dot(b_KP, tl.trans(b_khcb), b_S, input_precision=INNOVATION_PRECISION)
@@ -269,11 +262,11 @@ def chunk_riccati_kernel(
             b_qhb = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32) * scale
             b_qhb = b_qhb * tl.exp2(b_gc)[:, None]
             b_qPq = tl.zeros([BT], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), input_precision=INNOVATION_PRECISION)
-            b_QP = tl.dot(b_qhb, (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), b_QP, input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), input_precision=INNOVATION_PRECISION)
-            b_QP = tl.dot(b_qhb, (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), b_QP, input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qhb, axis=1)
             tl.store(_var + (bos + o_t) * H + i_h, b_qPq, mask=m_t)
         # every thread's scratch stores are done before any thread reads a block back
@@ -470,10 +463,9 @@ def chunk_riccati_kernel(
         tl.debug_barrier()
         # the Riccati step by quarters: P'_xy = a_C^2 P_xy + e_C I - sum_b Y_b,x^T Z_b,y, Y_b = D_b Z_b;
         # P'_ba = P'_ab^T and P'_aa, P'_bb symmetrized
-        b_Pn = (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        b_Pn = tl.load(p_Paa, mask=m_Paa, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         b_Pn = b_Pn * tl.exp2(2. * b_gcar)
         b_Pn += tl.where(o_ka[:, None] == o_ka[None, :], b_ecar, 0.)
         if UPDATE_ROWS == BT:
@@ -496,15 +488,10 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
-        if P_IN_REGISTERS:
-            b_Paa = b_Pn
-        else:
-            tl.store(p_Paa, b_Pn, mask=m_Paa)
-        b_Pn = (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
+        b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         b_Pn = b_Pn * tl.exp2(2. * b_gcar)
         if UPDATE_ROWS == BT:
             # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
@@ -526,15 +513,11 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
             b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        if P_IN_REGISTERS:
-            b_Pab = b_Pn
-        else:
-            tl.store(p_Pab, b_Pn, mask=m_Pab)
-            tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
-        b_Pn = (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        tl.store(p_Pab, b_Pn, mask=m_Pab)
+        tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
+        b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         b_Pn = b_Pn * tl.exp2(2. * b_gcar)
         b_Pn += tl.where(o_kb[:, None] == o_kb[None, :], b_ecar, 0.)
         if UPDATE_ROWS == BT:
@@ -557,17 +540,8 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
-        if P_IN_REGISTERS:
-            b_Pbb = b_Pn
-        else:
-            tl.store(p_Pbb, b_Pn, mask=m_Pbb)
+        tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
         tl.debug_barrier()
-    if P_IN_REGISTERS:
-        tl.store(p_Paa, b_Paa, mask=m_Paa)
-        tl.store(p_Pab, b_Pab, mask=m_Pab)
-        tl.store(p_Pba, tl.trans(b_Pab), mask=m_Pba)
-        tl.store(p_Pbb, b_Pbb, mask=m_Pbb)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -998,10 +972,8 @@ def default_config(K, V):
     """
     return {
         # update_rows: the depth of the update's dots, 16 (one per LDL block, four per quarter
-        # of P) or the chunk (one per quarter); bench/riccati_phases.py times the update.
-        # p_in_registers: carry P over the chunks in registers instead of reading it back from
-        # L2 twice per chunk (untimed, so off)
-        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=16, p_in_registers=False,
+        # of P) or the chunk (one per quarter); bench/riccati_phases.py times the update
+        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=16,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
@@ -1202,9 +1174,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         q, k, g, p0, r, sigma, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        UPDATE_ROWS=_launch["update_rows"], P_IN_REGISTERS=bool(_launch["p_in_registers"]),
-        **_covariance_precisions(_launch, q.dtype),
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        UPDATE_ROWS=_launch["update_rows"], **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]

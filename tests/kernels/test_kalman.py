@@ -86,14 +86,6 @@ def test_kalman_op_matches_float64_filter(model, case):
     _check_case(model, case)
 
 
-@pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0", "bf16-T80-K64-V32-h0"])
-@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_covariance_in_registers_matches_float64_filter(model, case):
-    """config "covariance": {"p_in_registers": True}: P carried over the chunks in registers
-    (the final covariance stored after the loop), packed sequences and 16-bit inputs too."""
-    _check_case(model, case, {"covariance": {"p_in_registers": True}})
-
-
 def _check_case(model, case, config=None):
     """One of CASES through the op (with config) against the float64 filter."""
     B, T, H, K, V, h0, cu, dtype = CASES[case]
