@@ -107,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--model", default="bayesian_layer")
     ap.add_argument("--shape", default="4,4096,16,128")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"update_rows": 64}}\'')
+    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"update_rows": 16}}\'')
     args = ap.parse_args(argv)
     config = json.loads(args.config) if args.config else None
     B, T, H, K = (int(s) for s in args.shape.split(","))

@@ -860,9 +860,11 @@ def default_config(K, V):
     split operands would otherwise spill.
     """
     return {
-        # update_rows: the depth of the update's dots, 16 (one per LDL block, four per quarter
-        # of P) or the chunk (one per quarter); bench/riccati_phases.py times the update
-        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=16,
+        # update_rows: the depth of the update's dots, the chunk (one per quarter of P) or 16
+        # (one per LDL block, four per quarter). On an H100 at (4, 4096, 16, 128) bf16 the chunk
+        # took the forward from 7.360 to 7.237 ms (the Riccati kernel 4.696 -> 4.524), though
+        # sm_90 spills more (4056 against 3368 B); bench/riccati_phases.py times the update
+        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=CHUNK,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
         # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
         "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),

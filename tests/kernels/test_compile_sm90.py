@@ -38,9 +38,9 @@ def test_zoo_kernels_compile_for_sm90(model):
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="this Triton has no NVIDIA backend to compile with")
 def test_bayesian_layer_forward_settings_compile_for_sm90():
     """The Riccati kernel's other code path, off by default and timed by
-    bench/bench_kalman.py --variants forward: the update over the whole chunk."""
+    bench/bench_kalman.py --variants forward: the update by LDL blocks of 16 rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    config = '{"covariance": {"update_rows": 64}}'
+    config = '{"covariance": {"update_rows": 16}}'
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "bayesian_layer",
                           "--shape", "1,80,2,64,32", "--variance", "--check", "--config", config],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
