@@ -155,14 +155,15 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
 # forward at 7.360 ms with it against 7.237 with the chunk's one dot per quarter); 8 warps:
 # fewer spills (bench/compile_report.py), but 8 warps with update16 hit a CUDA illegal memory
 # access at the check shape (T = 300, initial state), so no variant has both. The mean
-# kernel's 256 programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one
-# per SM, so they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits
-# two per SM (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
+# kernel's programs at 8 warps and 255 registers fit one per SM: with BV 32 its 256 programs
+# (NV = 4 value blocks x 64 heads) run in two waves on 132 SMs, with BV 64 (the default since
+# it timed 0.885 against 0.979 ms) 128 in one; BV 32 at 4 warps fits two per SM (ptxas sm_90:
+# spills 624 B at BV 32, 1036 at BV 64, 1304 at BV 32 and 4 warps)
 FORWARD_VARIANTS = {
     "update16": {"covariance": {"update_rows": 16}},
     "w8": {"covariance": {"num_warps": 8}},
-    "mean_bv64": {"mean": {"BV": 64}},
-    "mean_w4": {"mean": {"num_warps": 4}},
+    "mean_bv32": {"mean": {"BV": 32}},
+    "mean_bv32_w4": {"mean": {"BV": 32, "num_warps": 4}},
 }
 
 PRECISION_MIXES = {

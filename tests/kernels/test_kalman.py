@@ -86,6 +86,13 @@ def test_kalman_op_matches_float64_filter(model, case):
     _check_case(model, case)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_mean_in_several_value_blocks_matches_float64_filter(model):
+    """config "mean": {"BV": 32} at V = 64: the mean kernel's programs take two value blocks
+    (the default, 64, takes V <= 64 in one)."""
+    _check_case(model, "fp32-T64-K16-V64", {"mean": {"BV": 32}})
+
+
 def _check_case(model, case, config=None):
     """One of CASES through the op (with config) against the float64 filter."""
     B, T, H, K, V, h0, cu, dtype = CASES[case]
