@@ -150,25 +150,20 @@ def stress(dev, rows, long_T=65536, models=("bayesian_layer", "bayesian_layer_di
 # factor: the LDL's panels; solve: Y = L^-1 U^; update: P'), tf32x3 where named, else tf32.
 # tf32x3 in the innovation group is what spills (bench/compile_report.py: 5.1 KB per thread
 # with it, 2.7 KB without), so most mixes keep it tf32
-# --variants forward: session 9's untimed forward settings. update_rows 64: the update of P as
-# one dot per quarter over the whole chunk (bench/riccati_phases.py measured the 16-row update
-# at 17 us of a chunk's 72); 8 warps: fewer spills (bench/compile_report.py); overlap:
-# chunk_gain_kernel on a side stream while the Riccati kernel runs; p_in_registers: P carried
-# over the chunks in registers (it is read back from L2 twice per chunk otherwise, in the 15 and
-# 17 us phases). The mean kernel's 256
-# programs (NV = 4 value blocks x 64 heads) at 8 warps and 255 registers fit one per SM, so
-# they run in two waves on 132 SMs: BV 64 makes one wave of 128, and 4 warps fits two per SM
-# (ptxas sm_90: spills 624 B now, 1036 with BV 64, 1304 with 4 warps)
+# --variants forward: the forward's other launch settings. update16: the update of P by LDL
+# blocks, one 16-row dot each (the default until an H100 at (4, 4096, 16, 128) bf16 timed the
+# forward at 7.360 ms with it against 7.237 with the chunk's one dot per quarter); 8 warps:
+# fewer spills (bench/compile_report.py), but 8 warps with update16 hit a CUDA illegal memory
+# access at the check shape (T = 300, initial state), so no variant has both. The mean
+# kernel's programs at 8 warps and 255 registers fit one per SM: with BV 32 its 256 programs
+# (NV = 4 value blocks x 64 heads) run in two waves on 132 SMs, with BV 64 (the default since
+# it timed 0.885 against 0.979 ms) 128 in one; BV 32 at 4 warps fits two per SM (ptxas sm_90:
+# spills 624 B at BV 32, 1036 at BV 64, 1304 at BV 32 and 4 warps)
 FORWARD_VARIANTS = {
-    "update64": {"covariance": {"update_rows": 64}},
+    "update16": {"covariance": {"update_rows": 16}},
     "w8": {"covariance": {"num_warps": 8}},
-    "update64_w8": {"covariance": {"update_rows": 64, "num_warps": 8}},
-    "overlap": {"gain": {"overlap": True}},
-    "update64_overlap": {"covariance": {"update_rows": 64}, "gain": {"overlap": True}},
-    "p_regs_w8": {"covariance": {"p_in_registers": True, "num_warps": 8}},
-    "p_regs_w8_update64": {"covariance": {"p_in_registers": True, "num_warps": 8, "update_rows": 64}},
-    "mean_bv64": {"mean": {"BV": 64}},
-    "mean_w4": {"mean": {"num_warps": 4}},
+    "mean_bv32": {"mean": {"BV": 32}},
+    "mean_bv32_w4": {"mean": {"BV": 32, "num_warps": 4}},
 }
 
 PRECISION_MIXES = {
@@ -341,10 +336,10 @@ def main(argv=None) -> int:
                          'e.g. \'{"tf32": {"covariance": {"precision": "tf32"}}, '
                          '"upd3": {"covariance": {"precision": "tf32", "precision_update": "tf32x3"}}}\', '
                          'or "precision" for PRECISION_MIXES (the Riccati kernel\'s dots by group), '
-                         'or "forward" for FORWARD_VARIANTS (session 9\'s untimed settings)')
+                         'or "forward" for FORWARD_VARIANTS (the forward\'s other launch settings)')
     ap.add_argument("--without", default="",
                     help="with --variants: comma-separated substrings; variants whose name has one are left out "
-                         "(e.g. overlap, after its GPU test failed)")
+                         "(e.g. w8, to time the others after a variant failed)")
     ap.add_argument("--stress", action="store_true",
                     help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
     ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),

@@ -65,9 +65,8 @@ def instrument(source: str, kernel: str = "chunk_riccati_kernel") -> tuple[str, 
         b = m.group(1)
         marks.append((m.start(), stamp("        "), f"panels and Schur updates before block {b}" if b != "0" else "(none)"))
         marks.append((m.end(), stamp("        "), f"ldl_block {b} (16 pivots, L^-1 by doubling)"))
-    loop_end = "        tl.debug_barrier()\n    if P_IN_REGISTERS:\n"
-    assert body.count(loop_end) == 1, "the loop's end moved: update riccati_phases.py"
-    marks.append((body.index(loop_end), stamp("        "), "Riccati update of P by quarters"))
+    assert body.endswith("        tl.debug_barrier()\n\n"), "the loop's end moved: update riccati_phases.py"
+    marks.append((len(body) - len("        tl.debug_barrier()\n\n"), stamp("        "), "Riccati update of P by quarters"))
     marks.sort(key=lambda m: m[0])
     names = [name for _, _, name in marks]
     for j, (at, text, _) in reversed(list(enumerate(marks))):
@@ -108,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--model", default="bayesian_layer")
     ap.add_argument("--shape", default="4,4096,16,128")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"update_rows": 64}}\'')
+    ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"update_rows": 16}}\'')
     args = ap.parse_args(argv)
     config = json.loads(args.config) if args.config else None
     B, T, H, K = (int(s) for s in args.shape.split(","))

@@ -30,8 +30,6 @@ float32, the chunk adjoints too (else PyTorch):
     covariance_adjoint_sweep_kernel  grid (N * H)     dP = F^T dP' F + Src, F = D - Yt^T Wk (rank C), D = diag(a_C)
     chunk_adjoint_kernel             grid (N * H * NC) one chunk's adjoint at (dO, dS') or at dP'
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -111,12 +109,10 @@ def chunk_riccati_kernel(
     _Pt,
     _Pc,
     _Sc,
-    _ready,
     cu_seqlens,
     chunk_offsets,
     scale,
     T,
-    NT,
     H: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
@@ -132,8 +128,6 @@ def chunk_riccati_kernel(
     SOLVE_PRECISION: tl.constexpr,        # Y = L^-1 U^ by blocks
     UPDATE_PRECISION: tl.constexpr,       # P' = a_C^2 P + e_C I - Y^T D^-1 Y
     UPDATE_ROWS: tl.constexpr,            # the update's dot depth: 16 (by LDL block) or BT (the chunk)
-    SIGNAL: tl.constexpr,                 # mark each chunk ready in _ready ([N * H, NT]) for chunk_gain_kernel
-    P_IN_REGISTERS: tl.constexpr,         # carry P across the chunks in registers, not in _Pt
 ):
     """The covariance across chunks (the Riccati recursion of MATH.md 6.3), and only what
     needs P. The chunk is 4 blocks of BC = 16 rows; with K^ = K o a, e the process noise
@@ -204,12 +198,6 @@ def chunk_riccati_kernel(
         tl.store(p_Pba, tl.zeros([BKH, BKH], dtype=tl.float32), mask=m_Pba)
         tl.store(p_Pbb, tl.where(o_kb[:, None] == o_kb[None, :], b_p0, 0.), mask=m_Pbb)
     tl.debug_barrier()
-    if P_IN_REGISTERS:
-        # P carried over the chunks as three [BKH, BKH] quarters (P_ba = P_ab^T), no L2 round
-        # trip per chunk; _Pt gets the final P after the loop
-        b_Paa = tl.load(p_Paa, mask=m_Paa, other=0.)
-        b_Pab = tl.load(p_Pab, mask=m_Pab, other=0.)
-        b_Pbb = tl.load(p_Pbb, mask=m_Pbb, other=0.)
 
     # scratch of this program: the chunk's [BT, BT] K^ P K^^T, read back by 16x16 blocks
     p_Sc = _Sc + i_nh.to(tl.int64) * 2 * BT * BT
@@ -224,10 +212,10 @@ def chunk_riccati_kernel(
         if STORE_CHUNK_COV:
             # [K, K] P at this chunk's start, by quarters (the last chunk's update or the initial P)
             p_Pc = _Pc + ((boc + i_t) * H + i_h) * K * K
-            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), mask=m_Paa)
-            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), mask=m_Pab)
-            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), mask=m_Pba)
-            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), mask=m_Pbb)
+            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], tl.load(p_Paa, mask=m_Paa, other=0.), mask=m_Paa)
+            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], tl.load(p_Pab, mask=m_Pab, other=0.), mask=m_Pab)
+            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.load(p_Pba, mask=m_Pba, other=0.), mask=m_Pba)
+            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], tl.load(p_Pbb, mask=m_Pbb, other=0.), mask=m_Pbb)
         # the whole chunk's dots at once: 64-row dots keep every warp on rows of its own, where
         # 16-row ones leave all but one warp repeating the same rows
         o_t = i_t * BT + o_c
@@ -238,13 +226,13 @@ def chunk_riccati_kernel(
         b_khcb = b_kcb
         # [BT, BKH] K^ P by halves, then U = a o (K^ P) (stored; U^ = U o (a_C / a) is read back for Y)
         b_S = tl.zeros([BT, BT], dtype=tl.float32)
-        b_KP = tl.dot(b_khca, (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khcb, (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), b_KP, input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pba, mask=m_Pba, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], b_U, mask=(m_t[:, None] & m_ka[None, :]))
         b_S = tl.dot(b_KP, tl.trans(b_khca), b_S, input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khca, (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), input_precision=INNOVATION_PRECISION)
-        b_KP = tl.dot(b_khcb, (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), b_KP, input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khca, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+        b_KP = tl.dot(b_khcb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_KP, input_precision=INNOVATION_PRECISION)
         b_U = b_KP
         tl.store(_U + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], b_U, mask=(m_t[:, None] & m_kb[None, :]))
         b_S = tl.dot(b_KP, tl.trans(b_khcb), b_S, input_precision=INNOVATION_PRECISION)
@@ -254,11 +242,11 @@ def chunk_riccati_kernel(
             b_qha = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.).to(tl.float32) * scale
             b_qhb = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.).to(tl.float32) * scale
             b_qPq = tl.zeros([BT], dtype=tl.float32)
-            b_QP = tl.dot(b_qha, (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.)), input_precision=INNOVATION_PRECISION)
-            b_QP = tl.dot(b_qhb, (tl.trans(b_Pab) if P_IN_REGISTERS else tl.load(p_Pba, mask=m_Pba, other=0.)), b_QP, input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Paa, mask=m_Paa, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pba, mask=m_Pba, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qha, axis=1)
-            b_QP = tl.dot(b_qha, (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.)), input_precision=INNOVATION_PRECISION)
-            b_QP = tl.dot(b_qhb, (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.)), b_QP, input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qha, tl.load(p_Pab, mask=m_Pab, other=0.), input_precision=INNOVATION_PRECISION)
+            b_QP = tl.dot(b_qhb, tl.load(p_Pbb, mask=m_Pbb, other=0.), b_QP, input_precision=INNOVATION_PRECISION)
             b_qPq += tl.sum(b_QP * b_qhb, axis=1)
             tl.store(_var + (bos + o_t) * H + i_h, b_qPq, mask=m_t)
         # every thread's scratch stores are done before any thread reads a block back
@@ -403,16 +391,11 @@ def chunk_riccati_kernel(
         b_Zb = b_Yb / b_D3[:, None]
         tl.store(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], b_Zb, mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]))
         tl.debug_barrier()
-        if SIGNAL:
-            # this chunk's L, D and U are stored (every thread, by the barrier): chunk_gain_kernel,
-            # on another stream, may take it (release: those stores are visible before the mark)
-            tl.atomic_xchg(_ready + i_nh * NT + i_t, 1, sem="release")
         # the Riccati step by quarters: P'_xy = a_C^2 P_xy - sum_b Y_b,x^T Z_b,y, Y_b = D_b Z_b;
         # P'_ba = P'_ab^T and P'_aa, P'_bb symmetrized
-        b_Pn = (b_Paa if P_IN_REGISTERS else tl.load(p_Paa, mask=m_Paa, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        b_Pn = tl.load(p_Paa, mask=m_Paa, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         if UPDATE_ROWS == BT:
             # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
             b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.)
@@ -433,15 +416,10 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
-        if P_IN_REGISTERS:
-            b_Paa = b_Pn
-        else:
-            tl.store(p_Paa, b_Pn, mask=m_Paa)
-        b_Pn = (b_Pab if P_IN_REGISTERS else tl.load(p_Pab, mask=m_Pab, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
+        b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         if UPDATE_ROWS == BT:
             # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
             b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_ka[None, :], mask=(m_t[:, None] & m_ka[None, :]), other=0.)
@@ -462,15 +440,11 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
             b_Zy = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        if P_IN_REGISTERS:
-            b_Pab = b_Pn
-        else:
-            tl.store(p_Pab, b_Pn, mask=m_Pab)
-            tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
-        b_Pn = (b_Pbb if P_IN_REGISTERS else tl.load(p_Pbb, mask=m_Pbb, other=0.))
-        if not P_IN_REGISTERS:
-            # every thread's read of this quarter is done before any thread writes it back
-            tl.debug_barrier()
+        tl.store(p_Pab, b_Pn, mask=m_Pab)
+        tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
+        b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
+        # every thread's read of this quarter is done before any thread writes it back
+        tl.debug_barrier()
         if UPDATE_ROWS == BT:
             # one dot over the whole chunk: Z's [BT, BKH] halves and D [BT] read back at once
             b_Zx = tl.load(_z + ((bos + o_t[:, None]) * H + i_h) * K + o_kb[None, :], mask=(m_t[:, None] & m_kb[None, :]), other=0.)
@@ -491,224 +465,8 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
-        if P_IN_REGISTERS:
-            b_Pbb = b_Pn
-        else:
-            tl.store(p_Pbb, b_Pn, mask=m_Pbb)
+        tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
         tl.debug_barrier()
-    if P_IN_REGISTERS:
-        tl.store(p_Paa, b_Paa, mask=m_Paa)
-        tl.store(p_Pab, b_Pab, mask=m_Pab)
-        tl.store(p_Pba, tl.trans(b_Pab), mask=m_Pba)
-        tl.store(p_Pbb, b_Pbb, mask=m_Pbb)
-
-
-@triton.jit
-def chunk_gain(
-    i_t,
-    i_nh,
-    q,
-    k,
-    v,
-    p0,
-    r,
-    _w,
-    _u,
-    _Bm,
-    _L,
-    _D,
-    _U,
-    _var,
-    _ready,
-    cu_seqlens,
-    scale,
-    T,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    BC: tl.constexpr,
-    OUTPUT_VARIANCE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    WAIT: tl.constexpr,
-):
-    """Chunk i_t of sequence and head i_nh: what the mean needs from the covariance path
-    (MATH.md 6.3), from the blocks of L, D and U that chunk_riccati_kernel stored:
-
-        W   = L^-1 K^,   U_v = L^-1 V                        (blocked forward substitution)
-        B   = tril(A L^-T) D^-1,  A = Gamma o (Q U^T)   (as B^T = L^-1 A^T, by blocks)
-        var = q^^T P q^ (stored by the Riccati kernel) + e |q|^2 - rowsum(B^2 D)
-
-    Nothing for a chunk past its sequence's end. WAIT: first wait until the Riccati kernel,
-    running at the same time, has marked the chunk ready in _ready ([N * H, NT] int32).
-    """
-    i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_n.to(tl.int64) * T
-    if i_t * BT < T:
-        if WAIT:
-            # acquire: the Riccati kernel's stores of this chunk are visible once the mark is
-            while tl.atomic_add(_ready + i_nh * NT + i_t, 0, sem="acquire") == 0:
-                pass
-        o_s = tl.arange(0, BC)
-        o_c = tl.arange(0, BT)
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        # the whole chunk: [BT, BK] Q, [BT] cumulative log2-decay
-        o_t = i_t * BT + o_c
-        m_t = o_t < T
-        b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
-        o_t0 = i_t * BT + 0 * BC + o_s
-        m_t0 = o_t0 < T
-        p_tk0 = ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
-        m_tk0 = m_t0[:, None] & m_k[None, :]
-        b_D0 = tl.load(_D + (bos + o_t0) * H + i_h, mask=m_t0, other=1.)
-        b_L00 = tl.load(_L + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t0[:, None], other=0.)
-        b_kh = tl.load(k + p_tk0, mask=m_tk0, other=0.).to(tl.float32)
-        # W = L^-1 K^, rows of this block
-        b_R = b_kh
-        b_W0 = tl.dot(b_L00, b_R, input_precision=DOT_PRECISION)
-        tl.store(_w + p_tk0, b_W0.to(_w.dtype.element_ty), mask=m_tk0)
-        # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
-        b_Ub = tl.load(_U + p_tk0, mask=m_tk0, other=0.)
-        b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
-        m_ge = o_c[None, :] >= (0 * BC + o_s)[:, None]
-        b_R = tl.where(m_ge, b_R, 0.)
-        b_M0 = tl.dot(b_L00, b_R, input_precision=DOT_PRECISION)
-        # B^T = the lower part of (L^-1 A^T)^T, over D
-        b_Bt = tl.where(m_ge, b_M0, 0.) / b_D0[:, None]
-        tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (0 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
-        if OUTPUT_VARIANCE:
-            b_BDB = tl.sum(b_Bt * b_Bt * b_D0[:, None], axis=0)
-        o_t1 = i_t * BT + 1 * BC + o_s
-        m_t1 = o_t1 < T
-        p_tk1 = ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
-        m_tk1 = m_t1[:, None] & m_k[None, :]
-        b_D1 = tl.load(_D + (bos + o_t1) * H + i_h, mask=m_t1, other=1.)
-        b_L10 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
-        b_L11 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
-        b_kh = tl.load(k + p_tk1, mask=m_tk1, other=0.).to(tl.float32)
-        # W = L^-1 K^, rows of this block
-        b_R = b_kh
-        b_R -= tl.dot(b_L10, b_W0, input_precision=DOT_PRECISION)
-        b_W1 = tl.dot(b_L11, b_R, input_precision=DOT_PRECISION)
-        tl.store(_w + p_tk1, b_W1.to(_w.dtype.element_ty), mask=m_tk1)
-        # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
-        b_Ub = tl.load(_U + p_tk1, mask=m_tk1, other=0.)
-        b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
-        m_ge = o_c[None, :] >= (1 * BC + o_s)[:, None]
-        b_R = tl.where(m_ge, b_R, 0.)
-        b_R -= tl.dot(b_L10, b_M0, input_precision=DOT_PRECISION)
-        b_M1 = tl.dot(b_L11, b_R, input_precision=DOT_PRECISION)
-        # B^T = the lower part of (L^-1 A^T)^T, over D
-        b_Bt = tl.where(m_ge, b_M1, 0.) / b_D1[:, None]
-        tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (1 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
-        if OUTPUT_VARIANCE:
-            b_BDB += tl.sum(b_Bt * b_Bt * b_D1[:, None], axis=0)
-        o_t2 = i_t * BT + 2 * BC + o_s
-        m_t2 = o_t2 < T
-        p_tk2 = ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
-        m_tk2 = m_t2[:, None] & m_k[None, :]
-        b_D2 = tl.load(_D + (bos + o_t2) * H + i_h, mask=m_t2, other=1.)
-        b_L20 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
-        b_L21 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
-        b_L22 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
-        b_kh = tl.load(k + p_tk2, mask=m_tk2, other=0.).to(tl.float32)
-        # W = L^-1 K^, rows of this block
-        b_R = b_kh
-        b_R -= tl.dot(b_L20, b_W0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L21, b_W1, input_precision=DOT_PRECISION)
-        b_W2 = tl.dot(b_L22, b_R, input_precision=DOT_PRECISION)
-        tl.store(_w + p_tk2, b_W2.to(_w.dtype.element_ty), mask=m_tk2)
-        # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
-        b_Ub = tl.load(_U + p_tk2, mask=m_tk2, other=0.)
-        b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
-        m_ge = o_c[None, :] >= (2 * BC + o_s)[:, None]
-        b_R = tl.where(m_ge, b_R, 0.)
-        b_R -= tl.dot(b_L20, b_M0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L21, b_M1, input_precision=DOT_PRECISION)
-        b_M2 = tl.dot(b_L22, b_R, input_precision=DOT_PRECISION)
-        # B^T = the lower part of (L^-1 A^T)^T, over D
-        b_Bt = tl.where(m_ge, b_M2, 0.) / b_D2[:, None]
-        tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (2 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
-        if OUTPUT_VARIANCE:
-            b_BDB += tl.sum(b_Bt * b_Bt * b_D2[:, None], axis=0)
-        o_t3 = i_t * BT + 3 * BC + o_s
-        m_t3 = o_t3 < T
-        p_tk3 = ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
-        m_tk3 = m_t3[:, None] & m_k[None, :]
-        b_D3 = tl.load(_D + (bos + o_t3) * H + i_h, mask=m_t3, other=1.)
-        b_L30 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
-        b_L31 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
-        b_L32 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
-        b_L33 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
-        b_kh = tl.load(k + p_tk3, mask=m_tk3, other=0.).to(tl.float32)
-        # W = L^-1 K^, rows of this block
-        b_R = b_kh
-        b_R -= tl.dot(b_L30, b_W0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L31, b_W1, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L32, b_W2, input_precision=DOT_PRECISION)
-        b_W3 = tl.dot(b_L33, b_R, input_precision=DOT_PRECISION)
-        tl.store(_w + p_tk3, b_W3.to(_w.dtype.element_ty), mask=m_tk3)
-        # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
-        b_Ub = tl.load(_U + p_tk3, mask=m_tk3, other=0.)
-        b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
-        m_ge = o_c[None, :] >= (3 * BC + o_s)[:, None]
-        b_R = tl.where(m_ge, b_R, 0.)
-        b_R -= tl.dot(b_L30, b_M0, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L31, b_M1, input_precision=DOT_PRECISION)
-        b_R -= tl.dot(b_L32, b_M2, input_precision=DOT_PRECISION)
-        b_M3 = tl.dot(b_L33, b_R, input_precision=DOT_PRECISION)
-        # B^T = the lower part of (L^-1 A^T)^T, over D
-        b_Bt = tl.where(m_ge, b_M3, 0.) / b_D3[:, None]
-        tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (3 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
-        if OUTPUT_VARIANCE:
-            b_BDB += tl.sum(b_Bt * b_Bt * b_D3[:, None], axis=0)
-        # U_v = L^-1 V
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            p_tv = ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :]
-            m_tv = m_t0[:, None] & (o_v < V)[None, :]
-            # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
-            b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-            b_X0 = tl.dot(b_L00, b_Rv, input_precision=DOT_PRECISION)
-            tl.store(_u + p_tv, b_X0.to(_u.dtype.element_ty), mask=m_tv)
-            p_tv = ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :]
-            m_tv = m_t1[:, None] & (o_v < V)[None, :]
-            # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
-            b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-            b_Rv -= tl.dot(b_L10, b_X0, input_precision=DOT_PRECISION)
-            b_X1 = tl.dot(b_L11, b_Rv, input_precision=DOT_PRECISION)
-            tl.store(_u + p_tv, b_X1.to(_u.dtype.element_ty), mask=m_tv)
-            p_tv = ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :]
-            m_tv = m_t2[:, None] & (o_v < V)[None, :]
-            # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
-            b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-            b_Rv -= tl.dot(b_L20, b_X0, input_precision=DOT_PRECISION)
-            b_Rv -= tl.dot(b_L21, b_X1, input_precision=DOT_PRECISION)
-            b_X2 = tl.dot(b_L22, b_Rv, input_precision=DOT_PRECISION)
-            tl.store(_u + p_tv, b_X2.to(_u.dtype.element_ty), mask=m_tv)
-            p_tv = ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :]
-            m_tv = m_t3[:, None] & (o_v < V)[None, :]
-            # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
-            b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
-            b_Rv -= tl.dot(b_L30, b_X0, input_precision=DOT_PRECISION)
-            b_Rv -= tl.dot(b_L31, b_X1, input_precision=DOT_PRECISION)
-            b_Rv -= tl.dot(b_L32, b_X2, input_precision=DOT_PRECISION)
-            b_X3 = tl.dot(b_L33, b_Rv, input_precision=DOT_PRECISION)
-            tl.store(_u + p_tv, b_X3.to(_u.dtype.element_ty), mask=m_tv)
-        if OUTPUT_VARIANCE:
-            # [BT] q^T P_t q = q^^T P q^ + e |q|^2 - sum_j B_tj^2 D_j
-            b_var = tl.load(_var + (bos + o_t) * H + i_h, mask=m_t, other=0.) - b_BDB
-            tl.store(_var + (bos + o_t) * H + i_h, b_var, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -725,12 +483,9 @@ def chunk_gain_kernel(
     _D,
     _U,
     _var,
-    _ready,
     cu_seqlens,
     scale,
     T,
-    NT,
-    NH,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -741,19 +496,176 @@ def chunk_gain_kernel(
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    WAIT: tl.constexpr,
 ):
-    """Per chunk, in parallel, chunk_gain. Grid (chunks of the longest sequence, N * H); or,
-    with WAIT, while chunk_riccati_kernel runs on another stream: a few programs (grid
-    (G,)), each taking the NT * NH chunks in the order the Riccati kernel finishes them (chunk
-    0 of every sequence and head, then chunk 1, ...), every G-th one, each when it is ready."""
-    if WAIT:
-        for w in range(tl.program_id(0), NT * NH, tl.num_programs(0)):
-            chunk_gain(w // NH, w % NH, q, k, v, p0, r, _w, _u, _Bm, _L, _D, _U, _var, _ready,
-                       cu_seqlens, scale, T, NT, H, K, V, BT, BK, BV, BC, OUTPUT_VARIANCE, IS_VARLEN, DOT_PRECISION, WAIT)
+    """Per chunk, in parallel, what the mean needs from the covariance path (MATH.md 6.3),
+    from the blocks of L, D and U that chunk_riccati_kernel stored:
+
+        W   = L^-1 K^,   U_v = L^-1 V                        (blocked forward substitution)
+        B   = tril(A L^-T) D^-1,  A = Gamma o (Q U^T)   (as B^T = L^-1 A^T, by blocks)
+        var = q^^T P q^ (stored by the Riccati kernel) + e |q|^2 - rowsum(B^2 D)
+
+    Grid: (chunks of the longest sequence, N * H); programs past their sequence's end return.
+    """
+    i_t, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
     else:
-        chunk_gain(tl.program_id(0), tl.program_id(1), q, k, v, p0, r, _w, _u, _Bm, _L, _D, _U, _var, _ready,
-                   cu_seqlens, scale, T, NT, H, K, V, BT, BK, BV, BC, OUTPUT_VARIANCE, IS_VARLEN, DOT_PRECISION, WAIT)
+        bos = i_n.to(tl.int64) * T
+    if i_t * BT >= T:
+        return
+    o_s = tl.arange(0, BC)
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # the whole chunk: [BT, BK] Q, [BT] cumulative log2-decay
+    o_t = i_t * BT + o_c
+    m_t = o_t < T
+    b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32) * scale
+    o_t0 = i_t * BT + 0 * BC + o_s
+    m_t0 = o_t0 < T
+    p_tk0 = ((bos + o_t0[:, None]) * H + i_h) * K + o_k[None, :]
+    m_tk0 = m_t0[:, None] & m_k[None, :]
+    b_D0 = tl.load(_D + (bos + o_t0) * H + i_h, mask=m_t0, other=1.)
+    b_L00 = tl.load(_L + ((bos + o_t0[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t0[:, None], other=0.)
+    b_kh = tl.load(k + p_tk0, mask=m_tk0, other=0.).to(tl.float32)
+    # W = L^-1 K^, rows of this block
+    b_R = b_kh
+    b_W0 = tl.dot(b_L00, b_R, input_precision=DOT_PRECISION)
+    tl.store(_w + p_tk0, b_W0.to(_w.dtype.element_ty), mask=m_tk0)
+    # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
+    b_Ub = tl.load(_U + p_tk0, mask=m_tk0, other=0.)
+    b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
+    m_ge = o_c[None, :] >= (0 * BC + o_s)[:, None]
+    b_R = tl.where(m_ge, b_R, 0.)
+    b_M0 = tl.dot(b_L00, b_R, input_precision=DOT_PRECISION)
+    # B^T = the lower part of (L^-1 A^T)^T, over D
+    b_Bt = tl.where(m_ge, b_M0, 0.) / b_D0[:, None]
+    tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (0 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
+    if OUTPUT_VARIANCE:
+        b_BDB = tl.sum(b_Bt * b_Bt * b_D0[:, None], axis=0)
+    o_t1 = i_t * BT + 1 * BC + o_s
+    m_t1 = o_t1 < T
+    p_tk1 = ((bos + o_t1[:, None]) * H + i_h) * K + o_k[None, :]
+    m_tk1 = m_t1[:, None] & m_k[None, :]
+    b_D1 = tl.load(_D + (bos + o_t1) * H + i_h, mask=m_t1, other=1.)
+    b_L10 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
+    b_L11 = tl.load(_L + ((bos + o_t1[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t1[:, None], other=0.)
+    b_kh = tl.load(k + p_tk1, mask=m_tk1, other=0.).to(tl.float32)
+    # W = L^-1 K^, rows of this block
+    b_R = b_kh
+    b_R -= tl.dot(b_L10, b_W0, input_precision=DOT_PRECISION)
+    b_W1 = tl.dot(b_L11, b_R, input_precision=DOT_PRECISION)
+    tl.store(_w + p_tk1, b_W1.to(_w.dtype.element_ty), mask=m_tk1)
+    # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
+    b_Ub = tl.load(_U + p_tk1, mask=m_tk1, other=0.)
+    b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
+    m_ge = o_c[None, :] >= (1 * BC + o_s)[:, None]
+    b_R = tl.where(m_ge, b_R, 0.)
+    b_R -= tl.dot(b_L10, b_M0, input_precision=DOT_PRECISION)
+    b_M1 = tl.dot(b_L11, b_R, input_precision=DOT_PRECISION)
+    # B^T = the lower part of (L^-1 A^T)^T, over D
+    b_Bt = tl.where(m_ge, b_M1, 0.) / b_D1[:, None]
+    tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (1 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
+    if OUTPUT_VARIANCE:
+        b_BDB += tl.sum(b_Bt * b_Bt * b_D1[:, None], axis=0)
+    o_t2 = i_t * BT + 2 * BC + o_s
+    m_t2 = o_t2 < T
+    p_tk2 = ((bos + o_t2[:, None]) * H + i_h) * K + o_k[None, :]
+    m_tk2 = m_t2[:, None] & m_k[None, :]
+    b_D2 = tl.load(_D + (bos + o_t2) * H + i_h, mask=m_t2, other=1.)
+    b_L20 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
+    b_L21 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
+    b_L22 = tl.load(_L + ((bos + o_t2[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t2[:, None], other=0.)
+    b_kh = tl.load(k + p_tk2, mask=m_tk2, other=0.).to(tl.float32)
+    # W = L^-1 K^, rows of this block
+    b_R = b_kh
+    b_R -= tl.dot(b_L20, b_W0, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L21, b_W1, input_precision=DOT_PRECISION)
+    b_W2 = tl.dot(b_L22, b_R, input_precision=DOT_PRECISION)
+    tl.store(_w + p_tk2, b_W2.to(_w.dtype.element_ty), mask=m_tk2)
+    # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
+    b_Ub = tl.load(_U + p_tk2, mask=m_tk2, other=0.)
+    b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
+    m_ge = o_c[None, :] >= (2 * BC + o_s)[:, None]
+    b_R = tl.where(m_ge, b_R, 0.)
+    b_R -= tl.dot(b_L20, b_M0, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L21, b_M1, input_precision=DOT_PRECISION)
+    b_M2 = tl.dot(b_L22, b_R, input_precision=DOT_PRECISION)
+    # B^T = the lower part of (L^-1 A^T)^T, over D
+    b_Bt = tl.where(m_ge, b_M2, 0.) / b_D2[:, None]
+    tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (2 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
+    if OUTPUT_VARIANCE:
+        b_BDB += tl.sum(b_Bt * b_Bt * b_D2[:, None], axis=0)
+    o_t3 = i_t * BT + 3 * BC + o_s
+    m_t3 = o_t3 < T
+    p_tk3 = ((bos + o_t3[:, None]) * H + i_h) * K + o_k[None, :]
+    m_tk3 = m_t3[:, None] & m_k[None, :]
+    b_D3 = tl.load(_D + (bos + o_t3) * H + i_h, mask=m_t3, other=1.)
+    b_L30 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 0 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
+    b_L31 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 1 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
+    b_L32 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 2 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
+    b_L33 = tl.load(_L + ((bos + o_t3[:, None]) * H + i_h) * BT + 3 * BC + o_s[None, :], mask=m_t3[:, None], other=0.)
+    b_kh = tl.load(k + p_tk3, mask=m_tk3, other=0.).to(tl.float32)
+    # W = L^-1 K^, rows of this block
+    b_R = b_kh
+    b_R -= tl.dot(b_L30, b_W0, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L31, b_W1, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L32, b_W2, input_precision=DOT_PRECISION)
+    b_W3 = tl.dot(b_L33, b_R, input_precision=DOT_PRECISION)
+    tl.store(_w + p_tk3, b_W3.to(_w.dtype.element_ty), mask=m_tk3)
+    # [BC, BT] A^T (rows: this block's tokens j; columns: the chunk's tokens t >= j)
+    b_Ub = tl.load(_U + p_tk3, mask=m_tk3, other=0.)
+    b_R = tl.dot(b_Ub, tl.trans(b_q), input_precision=DOT_PRECISION)
+    m_ge = o_c[None, :] >= (3 * BC + o_s)[:, None]
+    b_R = tl.where(m_ge, b_R, 0.)
+    b_R -= tl.dot(b_L30, b_M0, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L31, b_M1, input_precision=DOT_PRECISION)
+    b_R -= tl.dot(b_L32, b_M2, input_precision=DOT_PRECISION)
+    b_M3 = tl.dot(b_L33, b_R, input_precision=DOT_PRECISION)
+    # B^T = the lower part of (L^-1 A^T)^T, over D
+    b_Bt = tl.where(m_ge, b_M3, 0.) / b_D3[:, None]
+    tl.store(_Bm + ((bos + o_t[None, :]) * H + i_h) * BT + (3 * BC + o_s)[:, None], b_Bt.to(_Bm.dtype.element_ty), mask=m_t[None, :])
+    if OUTPUT_VARIANCE:
+        b_BDB += tl.sum(b_Bt * b_Bt * b_D3[:, None], axis=0)
+    # U_v = L^-1 V
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_tv = ((bos + o_t0[:, None]) * H + i_h) * V + o_v[None, :]
+        m_tv = m_t0[:, None] & (o_v < V)[None, :]
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_X0 = tl.dot(b_L00, b_Rv, input_precision=DOT_PRECISION)
+        tl.store(_u + p_tv, b_X0.to(_u.dtype.element_ty), mask=m_tv)
+        p_tv = ((bos + o_t1[:, None]) * H + i_h) * V + o_v[None, :]
+        m_tv = m_t1[:, None] & (o_v < V)[None, :]
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L10, b_X0, input_precision=DOT_PRECISION)
+        b_X1 = tl.dot(b_L11, b_Rv, input_precision=DOT_PRECISION)
+        tl.store(_u + p_tv, b_X1.to(_u.dtype.element_ty), mask=m_tv)
+        p_tv = ((bos + o_t2[:, None]) * H + i_h) * V + o_v[None, :]
+        m_tv = m_t2[:, None] & (o_v < V)[None, :]
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L20, b_X0, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L21, b_X1, input_precision=DOT_PRECISION)
+        b_X2 = tl.dot(b_L22, b_Rv, input_precision=DOT_PRECISION)
+        tl.store(_u + p_tv, b_X2.to(_u.dtype.element_ty), mask=m_tv)
+        p_tv = ((bos + o_t3[:, None]) * H + i_h) * V + o_v[None, :]
+        m_tv = m_t3[:, None] & (o_v < V)[None, :]
+        # [BC, BV]: its own name, since a loop may not change the shape of a name bound before it
+        b_Rv = tl.load(v + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_Rv -= tl.dot(b_L30, b_X0, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L31, b_X1, input_precision=DOT_PRECISION)
+        b_Rv -= tl.dot(b_L32, b_X2, input_precision=DOT_PRECISION)
+        b_X3 = tl.dot(b_L33, b_Rv, input_precision=DOT_PRECISION)
+        tl.store(_u + p_tv, b_X3.to(_u.dtype.element_ty), mask=m_tv)
+    if OUTPUT_VARIANCE:
+        # [BT] q^T P_t q = q^^T P q^ + e |q|^2 - sum_j B_tj^2 D_j
+        b_var = tl.load(_var + (bos + o_t) * H + i_h, mask=m_t, other=0.) - b_BDB
+        tl.store(_var + (bos + o_t) * H + i_h, b_var, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -948,16 +860,19 @@ def default_config(K, V):
     split operands would otherwise spill.
     """
     return {
-        # update_rows: the depth of the update's dots, 16 (one per LDL block, four per quarter
-        # of P) or the chunk (one per quarter); bench/riccati_phases.py times the update.
-        # p_in_registers: carry P over the chunks in registers instead of reading it back from
-        # L2 twice per chunk (untimed, so off)
-        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=16, p_in_registers=False,
+        # update_rows: the depth of the update's dots, the chunk (one per quarter of P) or 16
+        # (one per LDL block, four per quarter). On an H100 at (4, 4096, 16, 128) bf16 the chunk
+        # took the forward from 7.360 to 7.237 ms (the Riccati kernel 4.696 -> 4.524), though
+        # sm_90 spills more (4056 against 3368 B); bench/riccati_phases.py times the update
+        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=CHUNK,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
-        # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100.
-        # overlap: run while the Riccati kernel runs (_gain_overlaps; untimed, so off)
-        "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3", overlap=False),
-        "mean": dict(BV=_block(V, 32), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
+        # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
+        "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
+        # BV 64: at (4, 4096, 16, 128) its 128 programs (2 value blocks x 64 heads; at 8 warps
+        # and 255 registers one fits per SM) run in one wave on an H100's 132 SMs, where BV 32's
+        # 256 take two: the mean kernel 0.979 -> 0.885 ms, the bf16 forward 7.360 -> 7.212,
+        # though sm_90 spills more (624 -> 1036 B)
+        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
 
@@ -986,28 +901,6 @@ def _launch_config(K, V, config):
             if _n == "update_rows" and _x not in (16, CHUNK):
                 raise ValueError(f"config[{_kernel!r}]['update_rows'] must be 16 or the chunk ({CHUNK}), got {_x!r}")
     return _cfg
-
-
-_SIDE_STREAMS = {}
-
-
-def _side_stream(device):
-    """The stream chunk_gain_kernel runs on while the Riccati kernel runs (one per device)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
-
-
-def _gain_overlaps(launch, q, NH, NT):
-    """The grid of chunk_gain_kernel when it overlaps the Riccati kernel (config "gain":
-    "overlap"), else None. Its programs wait for chunks the Riccati kernel has yet to finish,
-    so both grids must be resident at once: G = the SMs the Riccati kernel's NH programs leave
-    free, at most NT * NH, and no overlap when none are free. Off the GPU (the interpreter runs
-    the kernels one after the other) a few programs, so that the waiting path runs."""
-    if not launch["overlap"]:
-        return None
-    free = torch.cuda.get_device_properties(q.device).multi_processor_count - NH if q.is_cuda else 3
-    return (min(free, NT * NH),) if free > 0 else None
 
 
 def _covariance_precisions(launch, dtype):
@@ -1163,36 +1056,21 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     _var = q.new_empty(B, T, H, dtype=torch.float32) if output_variance else None
     _Pt = q.new_empty(N, H, K, K, dtype=torch.float32)   # P across the chunks; the final covariance
     _Sc = q.new_empty(N * H, 2, BT, BT, dtype=torch.float32)   # per program: a chunk's S_in parts
-    NT = triton.cdiv(T, BT)
-    _gain_grid = _gain_overlaps(_cfg["gain"], q, N * H, NT)
-    _ready = q.new_zeros(N * H, NT, dtype=torch.int32) if _gain_grid else None
-    _side = _side_stream(q.device) if _gain_grid and q.is_cuda else None
-    if _side is not None:
-        # the gain's stream starts after everything before the Riccati kernel, not after it
-        _side.wait_stream(torch.cuda.current_stream(q.device))
     _launch = _cfg["covariance"]
     chunk_riccati_kernel[(N * H,)](
-        q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, _ready, cu_seqlens, _chunk_offsets, scale, T, NT,
+        q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        UPDATE_ROWS=_launch["update_rows"], SIGNAL=_ready is not None, P_IN_REGISTERS=bool(_launch["p_in_registers"]),
-        **_covariance_precisions(_launch, q.dtype),
+        UPDATE_ROWS=_launch["update_rows"], **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    # per chunk, in parallel: W, U_v, B and the rest of the variance
+    _launch = _cfg["gain"]
+    chunk_gain_kernel[(triton.cdiv(T, BT), N * H)](
+        q, k, v, p0, r, _w, _u, _Bm, _L, _D, _U, _var, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], BC=16, OUTPUT_VARIANCE=output_variance,
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_launch["precision"],
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
-    # per chunk, in parallel: W, U_v, B and the rest of the variance; with overlap, on the
-    # side stream while the Riccati kernel runs, each chunk once it is marked ready
-    _launch = _cfg["gain"]
-    with (contextlib.nullcontext() if _side is None else torch.cuda.stream(_side)):
-        chunk_gain_kernel[_gain_grid or (NT, N * H)](
-            q, k, v, p0, r, _w, _u, _Bm, _L, _D, _U, _var, _ready, cu_seqlens, scale, T, NT, N * H,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], BC=16, OUTPUT_VARIANCE=output_variance,
-            IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_launch["precision"], WAIT=_ready is not None,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
-    if _side is not None:
-        # what follows on this stream reads the gain's outputs; the tensors the side stream
-        # uses are freed on this stream only after this wait, so none is reused early
-        torch.cuda.current_stream(q.device).wait_stream(_side)
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     _h = q.new_empty(NS, H, K, V, dtype=v.dtype)
     _e = torch.empty_like(v)

@@ -86,22 +86,11 @@ def test_kalman_op_matches_float64_filter(model, case):
     _check_case(model, case)
 
 
-@pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0"])
-@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_gain_overlapping_the_riccati_kernel_matches_float64_filter(model, case):
-    """config "gain": {"overlap": True}: chunk_gain_kernel as a few persistent programs (three
-    off the GPU; on one, on a side stream while the Riccati kernel runs), each taking its
-    chunks once the Riccati kernel has marked them ready: the float64 filter's results, packed
-    sequences too (chunks past a sequence's end are skipped, not waited for)."""
-    _check_case(model, case, {"gain": {"overlap": True}})
-
-
-@pytest.mark.parametrize("case", ["fp32-T100-K32-V16-h0", "fp32-varlen-K64-V32-h0", "bf16-T80-K64-V32-h0"])
-@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_covariance_in_registers_matches_float64_filter(model, case):
-    """config "covariance": {"p_in_registers": True}: P carried over the chunks in registers
-    (the final covariance stored after the loop), packed sequences and 16-bit inputs too."""
-    _check_case(model, case, {"covariance": {"p_in_registers": True}})
+@pytest.mark.parametrize("model", MODELS)
+def test_mean_in_several_value_blocks_matches_float64_filter(model):
+    """config "mean": {"BV": 32} at V = 64: the mean kernel's programs take two value blocks
+    (the default, 64, takes V <= 64 in one)."""
+    _check_case(model, "fp32-T64-K16-V64", {"mean": {"BV": 32}})
 
 
 def _check_case(model, case, config=None):

@@ -45,17 +45,14 @@ def _assert_close(what, got, want):
     assert err <= TOL, f"{what}: relative error {err:.2e} > {TOL}"
 
 
-@pytest.mark.parametrize("config", [None, {"covariance": {"p_in_registers": True}}], ids=["", "p_in_registers"])
 @pytest.mark.parametrize("h0", [False, True], ids=["prior", "h0"])
 @pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_saved_chunk_states_match_checkpoints(model, h0, config):
-    """And with P carried in registers over the chunks: the checkpoints it stores come from
-    the registers, the final covariance from them after the loop."""
+def test_saved_chunk_states_match_checkpoints(model, h0):
     B, T, H, K, V = 2, 70, 1, 16, 16
     module = runtime.load_zoo(model)
     q, k, v, ins, p0 = draw(model, B, T, H, K, V, seed=3)
     init = initial(B, H, K, V, seed=4) if h0 else None
-    o, final, (S_c, P_c) = _forward(module, q, k, v, ins, p0, init, config=config)
+    o, final, (S_c, P_c) = _forward(module, q, k, v, ins, p0, init)
     NC = -(-T // module.CHUNK)
     shapes = module.saved_for_backward_shapes(q, v, B, False)
     assert [(tuple(x.shape), x.dtype) for x in (S_c, P_c)] == shapes == [((B * NC, H, K, V), v.dtype), ((B * NC, H, K, K), torch.float32)]
@@ -64,7 +61,7 @@ def test_saved_chunk_states_match_checkpoints(model, h0, config):
     _assert_close("S_c", S_c, S_ref[:NC].transpose(0, 1).reshape(B * NC, H, K, V))
     _assert_close("P_c", P_c, P_ref[:NC].transpose(0, 1).reshape(B * NC, H, K, K))
     # without the flag: the very same output and final state
-    o2, final2 = _forward(module, q, k, v, ins, p0, init, save=False, config=config)
+    o2, final2 = _forward(module, q, k, v, ins, p0, init, save=False)
     assert torch.equal(o, o2) and torch.equal(final[0], final2[0]) and torch.equal(final[1], final2[1])
 
 

@@ -94,25 +94,25 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
 
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
 @pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
-def test_update_over_the_whole_chunk_matches_float64(model, dots):
-    """update_rows = the chunk: the update of P takes one dot per quarter of P over the whole
-    chunk, where by LDL blocks it takes one per block (4 at C = 64); both agree with the
-    float64 filter (T not a multiple of the chunk, initial mean and covariance). The update's
-    dots are told apart by marking them alone with tf32."""
+def test_update_by_ldl_blocks_matches_float64(model, dots):
+    """update_rows = 16: the update of P takes one dot per LDL block (4 at C = 64) per quarter
+    of P, where by default (the chunk) it takes one per quarter over the whole chunk; both
+    agree with the float64 filter (T not a multiple of the chunk, initial mean and covariance).
+    The update's dots are told apart by marking them alone with tf32."""
     q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=5)
     S0, P0 = initial(1, 1, 32, 16, seed=5)
     ref = reference(model, q, k, v, ins, p0, S0, P0)
     counts = {}
-    for rows in (16, 64):
+    for rows in (16, "default"):
         dots.clear()
         got = run(model, (q, k, v, ins, p0, S0, P0), {"covariance": {
-            "precision": "tf32x3", "precision_update": "tf32", "update_rows": rows}})
+            "precision": "tf32x3", "precision_update": "tf32", **({} if rows == "default" else {"update_rows": rows})}})
         for name, x, y in zip(("o", "S", "P", "var"), got, (ref.o, ref.state, ref.covariance, ref.variance)):
             err = relative_error(x, y)
             assert err <= TOLERANCE[torch.float32], f"{model} update_rows {rows}: {name} relative error {err:.2e}"
         counts[rows] = Counter(dots)["tf32"]
     # two chunks, K = 32 (quarters of 16 x 16: three per chunk)
-    assert counts == {16: 2 * 3 * 4, 64: 2 * 3}, counts
+    assert counts == {16: 2 * 3 * 4, "default": 2 * 3}, counts
 
 
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
