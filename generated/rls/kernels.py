@@ -900,6 +900,12 @@ def _launch_config(K, V, config):
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
             if _n == "update_rows" and _x not in (16, CHUNK):
                 raise ValueError(f"config[{_kernel!r}]['update_rows'] must be 16 or the chunk ({CHUNK}), got {_x!r}")
+    # refused, not left to crash: the update by LDL blocks at 8 warps faulted (illegal address)
+    # on an H100 with Triton 3.6 at T = 300 and 320, with and without an initial state, where
+    # the source checks clean in the interpreter (bench/RESULTS.md, session 10)
+    if _cfg["covariance"]["update_rows"] == 16 and _cfg["covariance"]["num_warps"] >= 8:
+        raise ValueError("config['covariance']: update_rows 16 with 8 or more warps faults on the GPU "
+                         f"(Triton 3.6, sm_90); use update_rows {CHUNK} (the default) or 4 warps")
     return _cfg
 
 

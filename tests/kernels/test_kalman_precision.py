@@ -131,6 +131,7 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer", {"gain": {"precision": "tf16"}}, r"'gain'.*must be one of"),
         ("rls", {"riccati": {}}, r"unknown kernel 'riccati'"),
         ("bayesian_layer", {"covariance": {"update_rows": 32}}, r"update_rows.*must be 16 or the chunk"),
+        ("bayesian_layer", {"covariance": {"update_rows": 16, "num_warps": 8}}, r"update_rows 16 with 8 or more warps"),
         ("bayesian_layer_diag", {"covariance": {"update_rows": 64}}, r"unknown setting 'update_rows'"),
     ]
     for model, cfg, message in cases:
