@@ -127,7 +127,6 @@ SWEEP = {
         {"attention": dict(diag="grid", BK=128, num_warps=8, num_stages=1, diag_warps=1)},
         {"attention": dict(diag="grid", BK=64, num_warps=8, num_stages=2, diag_warps=1)},
         {"attention": dict(diag="grid", BK=64, num_warps=4, num_stages=2, diag_warps=2)},
-        {"attention": dict(rows=True, BK=32, num_warps=4, num_stages=2)},
     ],
     "reset": _FUSED + [
         {"path": "two_pass"},

@@ -72,10 +72,11 @@ def chunk_attention_kernel(
     splits at the cumulative decays r at the sub-chunks' ends into factors <= 1: the query's
     decay from its sub-chunk's start, the key's to its sub-chunk's end, and the sub-chunks'
     total decays between them; the blocks of column sub-chunk j are one [BT, BK] x [BK, BT]
-    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk the ratios are taken elementwise, with the
-    decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
-    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks) (DIAG "blocks");
-    with DIAG "grid" not here: chunk_attention_diagonal_kernel stores them. With
+    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk
+    the ratios are taken elementwise, with the decay cumulated from the sub-chunk's start: with
+    DIAG "blocks" here, one diagonal block at a time, a [BC, BC, BK] product of the sub-chunk's
+    rows (reloaded as [BC, BK] blocks); with DIAG "grid" (the default) not here:
+    chunk_attention_diagonal_kernel stores them. With
     STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
     and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
     (gl [NS, H, K]). Grid: (NT, B * H).
@@ -267,111 +268,6 @@ def chunk_attention_diagonal_kernel(
         b_Acc = tl.where(o_c[None, :] == j, b_col[:, None], b_Acc)
     p_A = A + ((bos + o_tc[:, None]) * H + i_h) * BT + i_c * BC + o_c[None, :]
     tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_Acc, 0.).to(A.dtype.element_ty), mask=m_tc[:, None])
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_attention_rows_kernel(
-    q,
-    k,
-    g,
-    A,
-    qd,
-    kd,
-    gl,
-    cu_seqlens,
-    chunk_indices,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    STORE_DECAYED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
-    the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
-    sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
-    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
-    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
-    """
-    i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    o_c = tl.arange(0, BC)
-    o_r = tl.arange(0, BT)
-    # the whole chunk's rows (for the decay before a sub-chunk) and this program's rows
-    o_tc = i_t * BT + o_r
-    m_tc = o_tc < T
-    o_ti = i_t * BT + i_i * BC + o_c
-    m_ti = o_ti < T
-    p_A = A + ((bos + o_ti[:, None]) * H + i_h) * BT + o_c[None, :]
-    # off-diagonal blocks j < i
-    for i_j in range(0, i_i):
-        o_tj = i_t * BT + i_j * BC + o_c
-        m_tj = o_tj < T
-        b_Aij = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            # [BK] cumulative log2-decay at the start of sub-chunks i and j
-            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
-            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ld, 0.), axis=0)
-            b_gsj = tl.sum(tl.where((o_r < i_j * BC)[:, None], b_ld, 0.), axis=0)
-            # [BC, BK] rows of sub-chunk i: queries and cumulative log2-decay
-            b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-            b_gci = b_gsi[None, :] + tl.cumsum(b_ld, axis=0)
-            # [BC, BK] rows of sub-chunk j: keys, cumulative log2-decay, r at its end
-            b_k = tl.load(k + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_g = tl.load(g + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_tj[:, None], (b_g) * RCP_LN2, 0.)
-            b_gcj = b_gsj[None, :] + tl.cumsum(b_ld, axis=0)
-            b_gn = b_gsj + tl.sum(b_ld, axis=0)
-            b_Aij = tl.dot(b_q * tl.exp2(b_gci - b_gn[None, :]), tl.trans(b_k * tl.exp2(b_gn[None, :] - b_gcj)), b_Aij)
-        tl.store(p_A + i_j * BC, b_Aij.to(A.dtype.element_ty), mask=m_ti[:, None])
-    # the diagonal block
-    b_Aii = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        if STORE_DECAYED:
-            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
-            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
-            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
-            b_glast = tl.sum(b_ldt, axis=0)
-            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
-            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
-            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
-            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
-            if i_i == 0:
-                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
-        # cumulative log2-decay within the sub-chunk (the ratios need no offset)
-        b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
-        b_Aii += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp2(tl.minimum(b_gc[:, None, :] - b_gc[None, :, :], 0.)), axis=2)
-    tl.store(p_A + i_i * BC, tl.where(o_c[:, None] >= o_c[None, :], b_Aii, 0.).to(A.dtype.element_ty), mask=m_ti[:, None])
-    # zeros above the diagonal blocks
-    for i_j in range(i_i + 1, BT // BC):
-        tl.store(p_A + i_j * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_ti[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -796,28 +692,20 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     kd = torch.empty_like(k) if _decayed else None
     gl = q.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
-    if _launch.get("diag", "blocks") not in ("blocks", "grid"):
+    if _launch["diag"] not in ("blocks", "grid"):
         raise ValueError(f"config attention diag must be 'blocks' or 'grid', got {_launch['diag']!r}")
-    if _launch.get("rows", False):
-        # one program per row sub-chunk of each chunk
-        chunk_attention_rows_kernel[(BT // SUB_CHUNK, NT, B * H)](
-            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
-            num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    chunk_attention_kernel[(NT, B * H)](
+        q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+        H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
+        DIAG=_launch["diag"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+    )
+    if _launch["diag"] == "grid":
+        # the diagonal sub-chunk blocks: a grid of their own, one program per sub-chunk
+        chunk_attention_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+            q, k, g, A, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=cu_seqlens is not None,
+            num_warps=_launch["diag_warps"], num_stages=1,
         )
-    else:
-        chunk_attention_kernel[(NT, B * H)](
-            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
-            DIAG=_launch.get("diag", "blocks"), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-        )
-        if _launch.get("diag", "blocks") == "grid":
-            # the diagonal sub-chunk blocks: a grid of their own, one program per sub-chunk
-            chunk_attention_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
-                q, k, g, A, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=cu_seqlens is not None,
-                num_warps=_launch.get("diag_warps", 4), num_stages=1,
-            )
     if _path == "fused":
         # per state, with the readout: one pass over the chunks
         _launch = _cfg["fused"]
@@ -989,10 +877,11 @@ def chunk_attention_canonical_kernel(
     splits at the cumulative decays r at the sub-chunks' ends into factors <= 1: the query's
     decay from its sub-chunk's start, the key's to its sub-chunk's end, and the sub-chunks'
     total decays between them; the blocks of column sub-chunk j are one [BT, BK] x [BK, BT]
-    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk the ratios are taken elementwise, with the
-    decay cumulated from the sub-chunk's start: by default one diagonal block at a time, a
-    [BC, BC, BK] product of the sub-chunk's rows (reloaded as [BC, BK] blocks) (DIAG "blocks");
-    with DIAG "grid" not here: chunk_attention_diagonal_kernel stores them. With
+    matmul (rows of sub-chunks <= j and columns outside j masked to zero). Within a sub-chunk
+    the ratios are taken elementwise, with the decay cumulated from the sub-chunk's start: with
+    DIAG "blocks" here, one diagonal block at a time, a [BC, BC, BK] product of the sub-chunk's
+    rows (reloaded as [BC, BK] blocks); with DIAG "grid" (the default) not here:
+    chunk_attention_diagonal_kernel stores them. With
     STORE_DECAYED it also stores, for the state and output kernels, the decayed queries Q o a
     and keys K o (a_C / a) (qd, kd in the dtype of q) and the chunk's total log2-decay gc_C
     (gl [NS, H, K]). Grid: (NT, B * H).
@@ -1184,111 +1073,6 @@ def chunk_attention_diagonal_canonical_kernel(
         b_Acc = tl.where(o_c[None, :] == j, b_col[:, None], b_Acc)
     p_A = A + ((bos + o_tc[:, None]) * H + i_h) * BT + i_c * BC + o_c[None, :]
     tl.store(p_A, tl.where(o_c[:, None] >= o_c[None, :], b_Acc, 0.).to(A.dtype.element_ty), mask=m_tc[:, None])
-
-
-@triton.jit(do_not_specialize=["T"])
-def chunk_attention_rows_canonical_kernel(
-    q,
-    k,
-    g,
-    A,
-    qd,
-    kd,
-    gl,
-    cu_seqlens,
-    chunk_indices,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    STORE_DECAYED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """chunk_attention_kernel's A, one row sub-chunk i per program: the blocks A_ij, j <= i, of
-    the same products (off-diagonal: one matmul split at r, the cumulative decay at the end of
-    sub-chunk j; diagonal: [BC, BC, BK] elementwise ratios), zeros for j > i. The cumulative
-    log2-decay at the start of a sub-chunk is summed from the chunk's rows before it. With
-    STORE_DECAYED each program also stores its rows of qd and kd (the program of sub-chunk 0
-    the chunk's gl), as chunk_attention_kernel does. Grid: (BT // BC, NT, B * H).
-    """
-    i_i, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    o_c = tl.arange(0, BC)
-    o_r = tl.arange(0, BT)
-    # the whole chunk's rows (for the decay before a sub-chunk) and this program's rows
-    o_tc = i_t * BT + o_r
-    m_tc = o_tc < T
-    o_ti = i_t * BT + i_i * BC + o_c
-    m_ti = o_ti < T
-    p_A = A + ((bos + o_ti[:, None]) * H + i_h) * BT + o_c[None, :]
-    # off-diagonal blocks j < i
-    for i_j in range(0, i_i):
-        o_tj = i_t * BT + i_j * BC + o_c
-        m_tj = o_tj < T
-        b_Aij = tl.zeros([BC, BC], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            # [BK] cumulative log2-decay at the start of sub-chunks i and j
-            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
-            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ld, 0.), axis=0)
-            b_gsj = tl.sum(tl.where((o_r < i_j * BC)[:, None], b_ld, 0.), axis=0)
-            # [BC, BK] rows of sub-chunk i: queries and cumulative log2-decay
-            b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-            b_gci = b_gsi[None, :] + tl.cumsum(b_ld, axis=0)
-            # [BC, BK] rows of sub-chunk j: keys, cumulative log2-decay, r at its end
-            b_k = tl.load(k + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_g = tl.load(g + ((bos + o_tj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tj[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ld = tl.where(m_tj[:, None], (b_g) * RCP_LN2, 0.)
-            b_gcj = b_gsj[None, :] + tl.cumsum(b_ld, axis=0)
-            b_gn = b_gsj + tl.sum(b_ld, axis=0)
-            b_Aij = tl.dot(b_q * tl.exp2(b_gci - b_gn[None, :]), tl.trans(b_k * tl.exp2(b_gn[None, :] - b_gcj)), b_Aij)
-        tl.store(p_A + i_j * BC, b_Aij.to(A.dtype.element_ty), mask=m_ti[:, None])
-    # the diagonal block
-    b_Aii = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = tl.load(q + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k = tl.load(k + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        if STORE_DECAYED:
-            # [BK] cumulative log2-decay at the start of sub-chunk i and at the chunk end
-            b_g = tl.load(g + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ldt = tl.where(m_tc[:, None], (b_g) * RCP_LN2, 0.)
-            b_gsi = tl.sum(tl.where((o_r < i_i * BC)[:, None], b_ldt, 0.), axis=0)
-            b_glast = tl.sum(b_ldt, axis=0)
-            b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-            b_ldi = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-            b_gci = b_gsi[None, :] + tl.cumsum(b_ldi, axis=0)
-            p_x = ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :]
-            tl.store(qd + p_x, (b_q * tl.exp2(b_gci)).to(qd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
-            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gci)).to(kd.dtype.element_ty), mask=m_ti[:, None] & m_k[None, :])
-            if i_i == 0:
-                tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
-        # cumulative log2-decay within the sub-chunk (the ratios need no offset)
-        b_g = tl.load(g + ((bos + o_ti[:, None]) * H + i_h) * K + o_k[None, :], mask=m_ti[:, None] & m_k[None, :], other=-1.).to(tl.float32)
-        b_ld = tl.where(m_ti[:, None], (b_g) * RCP_LN2, 0.)
-        b_gc = tl.cumsum(b_ld, axis=0)
-        # (the exponent is clamped at 0 above the diagonal, which is masked out at the store)
-        b_Aii += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp2(tl.minimum(b_gc[:, None, :] - b_gc[None, :, :], 0.)), axis=2)
-    tl.store(p_A + i_i * BC, tl.where(o_c[:, None] >= o_c[None, :], b_Aii, 0.).to(A.dtype.element_ty), mask=m_ti[:, None])
-    # zeros above the diagonal blocks
-    for i_j in range(i_i + 1, BT // BC):
-        tl.store(p_A + i_j * BC, tl.zeros([BC, BC], dtype=tl.float32).to(A.dtype.element_ty), mask=m_ti[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1836,25 +1620,17 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         qd, kd = torch.empty_like(q), torch.empty_like(k)
         gl = q.new_empty(NS, H, K, dtype=torch.float32)
         _launch = _cfg["attention"]
-        if _launch.get("rows", False):
-            # one program per row sub-chunk of each chunk
-            chunk_attention_rows_canonical_kernel[(BT // SUB_CHUNK, NT, B * H)](
-                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
-                num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        chunk_attention_canonical_kernel[(NT, B * H)](
+            q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
+            DIAG=_launch["diag"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        )
+        if _launch["diag"] == "grid":
+            chunk_attention_diagonal_canonical_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+                q, k, g, A, cu_seqlens, chunk_indices, T,
+                H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
+                num_warps=_launch["diag_warps"], num_stages=1,
             )
-        else:
-            chunk_attention_canonical_kernel[(NT, B * H)](
-                q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
-                H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=True, IS_VARLEN=IS_VARLEN,
-                DIAG=_launch.get("diag", "blocks"), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
-            )
-            if _launch.get("diag", "blocks") == "grid":
-                chunk_attention_diagonal_canonical_kernel[(NT * (BT // SUB_CHUNK), B * H)](
-                    q, k, g, A, cu_seqlens, chunk_indices, T,
-                    H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
-                    num_warps=_launch.get("diag_warps", 4), num_stages=1,
-                )
 
     # the state's gradient, from the last chunk to the first: dS = a_C dS' + scale (Q o a)^T dO
     dh = k.new_empty(NS, H, K, V)

@@ -224,7 +224,7 @@ SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(
 @pytest.mark.parametrize("model,config", [
     ("mamba2", SMALL_BLOCKS),
     # the decay's scan in steps of 32 rows (several per sequence)
-    ("gla", {**SMALL_BLOCKS, "attention": dict(rows=True, BK=16, num_warps=4, num_stages=2),
+    ("gla", {**SMALL_BLOCKS, "attention": dict(BK=16, num_warps=4, num_stages=2),
              "decay": dict(BT=32, BK=16)}),
 ])
 def test_backward_with_small_blocks(model, config, cache):
