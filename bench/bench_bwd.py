@@ -161,6 +161,23 @@ def grad_check(model, shape=(1, 256, 4, 64), device="cuda"):
     return {n: rel(g.cpu(), ref_grads[n]) for n, g in zip(ref_grads, grads)}
 
 
+def override_backward_config(models, overrides):
+    """Make `overrides` ({kernel: {setting: value}}) the defaults of each model's generated
+    backward (its default_backward_config, looked up at every call), to time a setting
+    through autograd, which passes no config to the backward."""
+    from designmodel.codegen import runtime
+    for model in models:
+        module = runtime.load_zoo(model)
+        base = module.default_backward_config
+
+        def patched(K, V, _base=base):
+            cfg = _base(K, V)
+            for kernel, settings in overrides.items():
+                cfg[kernel] = {**cfg[kernel], **settings}
+            return cfg
+        module.default_backward_config = patched
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4,4096,16,128")
@@ -168,8 +185,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1e9, help="stop starting new work after this many seconds")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 gradient check")
     ap.add_argument("--profile", action="store_true", help="device time per kernel of one fwd+bwd, ours and fla's")
+    ap.add_argument("--backward-config", default=None,
+                    help='JSON overrides of the generated backward\'s default_backward_config for every model, '
+                         'e.g. \'{"dqk": {"diag": "grid"}}\' (ops take no backward config: this patches the defaults)')
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_bwd.json"))
     args = ap.parse_args(argv)
+    if args.backward_config:
+        override_backward_config([m for m in args.models.split(",") if m], json.loads(args.backward_config))
     if not torch.cuda.is_available():
         print("bench_bwd needs a CUDA GPU")
         return 1

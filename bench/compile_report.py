@@ -85,7 +85,7 @@ def ptxas_report(ptx: str, arch: int) -> dict:
                 spill_ld=grab(r"(\d+) bytes spill loads"))
 
 
-def record(model, shape, dtype, backward=False, **kw):
+def record(model, shape, dtype, backward=False, backward_config=None, **kw):
     """The launches of one forward of a zoo op at shape (B, T, H, D) or (B, T, H, K, V), in the interpreter:
     a list of (kernel name, signature, constexprs, options), with the backward's after the
     forward's when asked."""
@@ -111,6 +111,8 @@ def record(model, shape, dtype, backward=False, **kw):
     elif backward:
         kw.pop("output_variance", None)
         kw.pop("save_for_backward", None)
+        if backward_config is not None:
+            kw["config"] = backward_config
         module.backward(q, k, v, **inputs, do=torch.randn_like(v), **kw)
     return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
 
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", default=None, help="write each kernel's TTGIR and PTX into this folder")
     ap.add_argument("--only", default=None, help="compile only the kernels whose names hold this text")
     ap.add_argument("--config", default=None, help='the op\'s config as JSON, e.g. \'{"covariance": {"num_warps": 4}}\'')
+    ap.add_argument("--backward-config", default=None,
+                    help='with --backward: the backward\'s config as JSON, e.g. \'{"dqk": {"diag": "grid"}}\'')
     args = ap.parse_args(argv)
     if RECORDING:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -164,7 +168,8 @@ def main(argv=None) -> int:
         if args.config:
             kw["config"] = json.loads(args.config)
         print(json.dumps(record(args.model, tuple(int(x) for x in args.shape.split(",")), dtype,
-                                backward=args.backward, **kw)))
+                                backward=args.backward, backward_config=json.loads(args.backward_config)
+                                if args.backward_config else None, **kw)))
         return 0
     child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)

@@ -1334,6 +1334,75 @@ def chunk_bwd_dA_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def chunk_bwd_dqk_diagonal_kernel(
+    q,
+    k,
+    g,
+    dA,
+    dqd,
+    dkd,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BKD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The diagonal sub-chunk blocks' share of dQ and dK (chunk_bwd_dqk_kernel's DIAG "grid"),
+    float32 dqd, dkd [B, T, H, K], one sub-chunk per program:
+
+        dq_t = sum_{j <= t} dA_tj k_j o exp2(gc_t - gc_j),   dk_j = sum_{t >= j} dA_tj q_t o exp2(gc_t - gc_j)
+
+    over the tokens t, j of the sub-chunk, the decay cumulated from its start (every ratio
+    <= 1), one column j at a time over all keys: one [BC, BKD] block of ratios serves both.
+    Grid: (NT * 4, B * H).
+    """
+    i_tc, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_c = i_tc // 4, i_tc % 4
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = (tl.load(cu_seqlens + i_n + 1) - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    o_c = tl.arange(0, BC)
+    # [BC] rows of the sub-chunk; [BKD] all keys
+    o_tc = i_t * BT + i_c * BC + o_c
+    m_tc = o_tc < T
+    o_k = tl.arange(0, BKD)
+    m_k = o_k < K
+    # [BC, BKD] the sub-chunk's queries and log2-decay cumulated from its start
+    b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_gcc = tl.cumsum(log2_decay_canonical(g, bos, i_h, o_tc, m_tc, o_k, m_k, H, K), axis=0)
+    # [BKD] the cumulative log2-decay at token j; [BC, BKD] the shares of dq and dk
+    b_gj = tl.zeros([BKD], dtype=tl.float32)
+    b_dq = tl.zeros([BC, BKD], dtype=tl.float32)
+    b_dk = tl.zeros([BC, BKD], dtype=tl.float32)
+    # the sub-chunk's tokens before T (the rows after stay zero)
+    for j in range(0, tl.minimum(BC, T - (i_t * BT + i_c * BC))):
+        # [BKD] key j and its log2-decay; [BC] column j of the block of dA (zero above the diagonal)
+        t_j = i_t * BT + i_c * BC + j
+        b_kj = tl.load(k + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_g = tl.load(g + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+        b_gj += (b_g) * RCP_LN2
+        b_dAj = tl.load(dA + ((bos + o_tc) * H + i_h) * BT + i_c * BC + j, mask=m_tc, other=0.)
+        # [BC, BKD] dA_tj exp2(gc_t - gc_j) (the exponent clamped at 0 where dA is zero)
+        b_w = b_dAj[:, None] * tl.exp2(tl.minimum(b_gcc - b_gj[None, :], 0.))
+        b_dq += b_w * b_kj[None, :]
+        b_dk = tl.where(o_c[:, None] == j, tl.sum(b_w * b_qc, axis=0)[None, :], b_dk)
+    p_x = ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :]
+    tl.store(dqd + p_x, b_dq, mask=m_tc[:, None] & m_k[None, :])
+    tl.store(dkd + p_x, b_dk, mask=m_tc[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
 def chunk_bwd_dqk_kernel(
     q,
     k,
@@ -1343,6 +1412,8 @@ def chunk_bwd_dqk_kernel(
     do,
     dh,
     dA,
+    dqd,
+    dkd,
     dq,
     dk,
     dgk,
@@ -1358,6 +1429,7 @@ def chunk_bwd_dqk_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    DIAG: tl.constexpr,
 ):
     """The queries' and keys' gradients of one chunk, with dA = scale tril(dO V^T):
 
@@ -1370,8 +1442,9 @@ def chunk_bwd_dqk_kernel(
     sub-chunks of BC tokens, as in the attention kernel: between sub-chunks the per-key ratio
     Gamma_ts splits at r, the cumulative decay at the end of a sub-chunk j, into two factors <= 1,
     and the blocks of sub-chunk j are one [BT, BT] x [BT, BK] matmul with the rows or columns
-    outside them masked to zero; within a sub-chunk the ratios are taken elementwise, one
-    token of every sub-chunk at a time ([NC, BC, BK] per token).
+    outside them masked to zero; within a sub-chunk the ratios are taken elementwise: with DIAG
+    "loop" here, one token of every sub-chunk at a time ([NC, BC, BK] per token); with DIAG
+    "grid" chunk_bwd_dqk_diagonal_kernel made them before, and they are read from dqd, dkd.
     Grid: (NK, NT, B * H).
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1446,28 +1519,34 @@ def chunk_bwd_dqk_kernel(
     b_dq += tl.where(o_blk[:, None] == 3, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
     b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
     b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
-    # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
-    # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
-    b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-    b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
-    b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
-    m_dr = (i_t * BT + o_dr) < T
-    for i_c in range(BC):
-        # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
-        # (taken from b_gd)
-        o_tc = i_t * BT + o_s + i_c
-        m_tc = o_tc < T
-        b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-        # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
-        b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
-        b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
-        b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
-        b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
-    b_dq += tl.reshape(b_dqd, [BT, BK])
-    b_dk += tl.reshape(b_dkd, [BT, BK])
+    if DIAG == "grid":
+        # the diagonal blocks' share, from chunk_bwd_dqk_diagonal_kernel
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
+    else:
+        # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
+        # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
+        # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+        b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
+        b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
+        m_dr = (i_t * BT + o_dr) < T
+        for i_c in range(BC):
+            # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
+            # (taken from b_gd)
+            o_tc = i_t * BT + o_s + i_c
+            m_tc = o_tc < T
+            b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+            # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
+            b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
+            b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
+            b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
+            b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
+        b_dq += tl.reshape(b_dqd, [BT, BK])
+        b_dk += tl.reshape(b_dkd, [BT, BK])
     p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
@@ -1550,7 +1629,12 @@ def default_backward_config(K, V):
         # 8 warps: the [BT, BT] blocks of dA and the [BT, BK] float32 operands of dQ and dK fit
         # in registers without spills (bench/compile_report.py, sm_90)
         "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
-        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2),
+        # diag: the diagonal sub-chunk blocks' share of dQ and dK inside the kernel, one token of
+        # every sub-chunk at a time ("loop"), or first, in a grid of diag_warps programs of its
+        # own, one per sub-chunk, through float32 buffers ("grid"; as the forward's attention,
+        # where it took gla from 1.36 to 0.85 ms; untimed here, so off). 2 diagonal warps: no
+        # spills on sm_90 (1 warp spills 404 B)
+        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="loop", diag_warps=2),
         # a sequential scan per program: narrow key blocks for more programs, BT rows per step
         # (not the chunk) for fewer steps
         "decay": dict(BT=256, BK=_block(K, 16), BV=_block(V, 64), num_warps=4, num_stages=2),
@@ -1662,9 +1746,20 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         num_warps=_cfg["dA"]["num_warps"], num_stages=_cfg["dA"]["num_stages"],
     )
     dgk = q.new_empty(B, T, H, K, dtype=torch.float32)  # q o dq - k o dk
+    if _launch["diag"] not in ("loop", "grid"):
+        raise ValueError(f"config dqk diag must be 'loop' or 'grid', got {_launch['diag']!r}")
+    dqd = dkd = None
+    if _launch["diag"] == "grid":
+        # [B, T, H, K] the diagonal sub-chunk blocks' share of dQ and dK, float32
+        dqd, dkd = torch.empty_like(q, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
+        chunk_bwd_dqk_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+            q, k, g, dA, dqd, dkd, cu_seqlens, chunk_indices, T,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
+            num_warps=_launch["diag_warps"], num_stages=1,
+        )
     chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
-        q, k, v, g, h, do, dh, dA, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
-        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN,
+        q, k, v, g, h, do, dh, dA, dqd, dkd, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,
+        H=H, K=K, V=V, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], BV=_launch["BV"], IS_VARLEN=IS_VARLEN, DIAG=_launch["diag"],
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
 
