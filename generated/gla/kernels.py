@@ -100,20 +100,19 @@ def chunk_attention_kernel(
     o_c = tl.arange(0, BC)
     # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    # [BC] rows of each sub-chunk
-    o_t0 = i_t * BT + 0 * BC + o_c
-    m_t0 = o_t0 < T
-    o_t1 = i_t * BT + 1 * BC + o_c
-    m_t1 = o_t1 < T
-    o_t2 = i_t * BT + 2 * BC + o_c
-    m_t2 = o_t2 < T
-    o_t3 = i_t * BT + 3 * BC + o_c
-    m_t3 = o_t3 < T
     if DIAG == "blocks":
-        # [BC, BC] the diagonal blocks, summed over the key blocks
+        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block, summed over the key blocks
+        o_t0 = i_t * BT + 0 * BC + o_c
+        m_t0 = o_t0 < T
         b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t1 = i_t * BT + 1 * BC + o_c
+        m_t1 = o_t1 < T
         b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t2 = i_t * BT + 2 * BC + o_c
+        m_t2 = o_t2 < T
         b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t3 = i_t * BT + 3 * BC + o_c
+        m_t3 = o_t3 < T
         b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -905,20 +904,19 @@ def chunk_attention_canonical_kernel(
     o_c = tl.arange(0, BC)
     # [BT, BT] A off the diagonal blocks
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    # [BC] rows of each sub-chunk
-    o_t0 = i_t * BT + 0 * BC + o_c
-    m_t0 = o_t0 < T
-    o_t1 = i_t * BT + 1 * BC + o_c
-    m_t1 = o_t1 < T
-    o_t2 = i_t * BT + 2 * BC + o_c
-    m_t2 = o_t2 < T
-    o_t3 = i_t * BT + 3 * BC + o_c
-    m_t3 = o_t3 < T
     if DIAG == "blocks":
-        # [BC, BC] the diagonal blocks, summed over the key blocks
+        # [BC] rows of each sub-chunk; [BC, BC] its diagonal block, summed over the key blocks
+        o_t0 = i_t * BT + 0 * BC + o_c
+        m_t0 = o_t0 < T
         b_A00 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t1 = i_t * BT + 1 * BC + o_c
+        m_t1 = o_t1 < T
         b_A11 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t2 = i_t * BT + 2 * BC + o_c
+        m_t2 = o_t2 < T
         b_A22 = tl.zeros([BC, BC], dtype=tl.float32)
+        o_t3 = i_t * BT + 3 * BC + o_c
+        m_t3 = o_t3 < T
         b_A33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -1665,6 +1663,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    if _cfg["dqk"]["diag"] not in ("loop", "grid"):
+        raise ValueError(f"config dqk diag must be 'loop' or 'grid', got {_cfg['dqk']['diag']!r}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = do.contiguous().to(q.dtype)
     g = log_decay.contiguous()
@@ -1746,8 +1746,6 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         num_warps=_cfg["dA"]["num_warps"], num_stages=_cfg["dA"]["num_stages"],
     )
     dgk = q.new_empty(B, T, H, K, dtype=torch.float32)  # q o dq - k o dk
-    if _launch["diag"] not in ("loop", "grid"):
-        raise ValueError(f"config dqk diag must be 'loop' or 'grid', got {_launch['diag']!r}")
     dqd = dkd = None
     if _launch["diag"] == "grid":
         # [B, T, H, K] the diagonal sub-chunk blocks' share of dQ and dK, float32

@@ -294,6 +294,28 @@ def test_backward_rejects_bad_gradients():
         module.backward(q, q, q, gate[:, :10], torch.zeros_like(q))
 
 
+def test_backward_rejects_an_unknown_dqk_diag_before_any_launch(monkeypatch):
+    """A dqk diag other than "loop" or "grid": one ValueError, and no kernel has run."""
+    module = runtime.load_zoo("gla")
+    launched = []
+    for name in [n for n in dir(module) if n.endswith("_kernel")]:
+        monkeypatch.setattr(module, name, _Launches(name, launched))
+    q = torch.randn(1, 20, 1, 16)
+    with pytest.raises(ValueError, match="dqk diag must be 'loop' or 'grid'"):
+        module.backward(q, q, q, -torch.rand_like(q), torch.zeros_like(q), config={"dqk": {"diag": "columns"}})
+    assert launched == []
+
+
+class _Launches:
+    """A kernel's stand-in that records each launch by name."""
+
+    def __init__(self, name, launched):
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.launched.append(self.name)
+
+
 # The reset family's gain reads |k|^2: its chain rule adds 2 k dQ dQ/d|k|^2 to dk. The reset
 # modules get `backward` with their family's core; the per-token kernels are common, so they
 # are rendered here for a reset spec beside its forward module and checked on their own.
