@@ -5,15 +5,16 @@
 
 A fresh GPU machine spends minutes compiling (about 90 s for the Riccati kernel alone on
 Triton 3.6), and a device call's budget is 10 minutes. Triton's cache (TRITON_CACHE_DIR, else
-~/.triton/cache) holds one folder per compiled kernel; `pack` keeps only the folders of
-kernels whose names appear in designmodel's templates (fla's own kernels, which fill most of
-the cache, are left out), newest first and at most LIMIT_MIB (a call carries 64 MiB in all;
-bench/device_call.sh splits the archive into the 16 MiB files a call can return), and
-`unpack` puts them back. Triton checks its cache by a hash of the source, the options and
+~/.triton/cache) holds one folder per compiled kernel; `pack` keeps the folders of kernels
+whose names appear in designmodel's templates, then those of fla's (the reference, whose
+autotuned kernels compile every config on a fresh machine) where room is left, newest first
+and at most LIMIT_MIB (a call carries 64 MiB in all; bench/device_call.sh splits the archive
+into the 16 MiB files a call can return), and `unpack` puts them back. Triton checks its cache by a hash of the source, the options and
 its own version, so an entry made by other code or another Triton is never used by mistake.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -29,13 +30,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
 
 
+def jit_names(paths) -> set[str]:
+    """The names of the @triton.jit functions defined in these files."""
+    names = set()
+    for path in paths:
+        names.update(re.findall(r"@triton\.jit[^\n]*\ndef (\w+)\(", path.read_text()))
+    return names
+
+
 def our_kernel_names() -> set[str]:
     """Every @triton.jit function name of the templates and of the generated zoo (user specs
     compile from the same templates, so their kernels have these names too)."""
-    names = set()
-    for path in [*(ROOT / "templates").rglob("*.j2"), *(ROOT / "generated").rglob("*.py")]:
-        names.update(re.findall(r"@triton\.jit[^\n]*\ndef (\w+)\(", path.read_text()))
-    return names
+    return jit_names([*(ROOT / "templates").rglob("*.j2"), *(ROOT / "generated").rglob("*.py")])
+
+
+def reference_kernel_names() -> set[str]:
+    """The @triton.jit names of fla, the speed reference, where it is importable: its
+    autotuned kernels compile every config on a fresh machine (minutes of a call's budget)."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    return jit_names(p for d in spec.submodule_search_locations for p in Path(d).rglob("*.py"))
 
 
 def ours(entry: Path, names: set[str]) -> bool:
@@ -55,11 +70,13 @@ LIMIT_MIB = 40
 
 
 def pack(archive: Path) -> int:
-    """Our kernels' cache folders into archive, the newest first, halving their number
-    until the archive is under LIMIT_MIB."""
-    names, src = our_kernel_names(), cache_dir()
-    entries = [e for e in src.iterdir() if e.is_dir() and ours(e, names)] if src.is_dir() else []
-    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    """Our kernels' cache folders into archive, the newest first, then fla's, halving their
+    number (fla's go first) until the archive is under LIMIT_MIB."""
+    src = cache_dir()
+    folders = [e for e in src.iterdir() if e.is_dir()] if src.is_dir() else []
+    folders.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    names, reference = our_kernel_names(), reference_kernel_names() - our_kernel_names()
+    entries = [e for e in folders if ours(e, names)] + [e for e in folders if ours(e, reference)]
     tmp = archive.with_name(archive.name + ".part")
     while True:
         with tarfile.open(tmp, "w:gz") as tar:

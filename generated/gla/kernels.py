@@ -1348,6 +1348,7 @@ def chunk_bwd_dqk_diagonal_kernel(
     BC: tl.constexpr,
     BKD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    DK_BY_ROWS: tl.constexpr,
 ):
     """The diagonal sub-chunk blocks' share of dQ and dK (chunk_bwd_dqk_kernel's DIAG "grid"),
     float32 dqd, dkd [B, T, H, K], one sub-chunk per program:
@@ -1355,7 +1356,9 @@ def chunk_bwd_dqk_diagonal_kernel(
         dq_t = sum_{j <= t} dA_tj k_j o exp2(gc_t - gc_j),   dk_j = sum_{t >= j} dA_tj q_t o exp2(gc_t - gc_j)
 
     over the tokens t, j of the sub-chunk, the decay cumulated from its start (every ratio
-    <= 1), one column j at a time over all keys: one [BC, BKD] block of ratios serves both.
+    <= 1), one column j at a time over all keys: one [BC, BKD] block of ratios serves both
+    (dk_j is then a sum over the block's rows), or, with DK_BY_ROWS, dk takes a second loop,
+    one row t at a time, with ratios of its own and no sum across rows.
     Grid: (NT * 4, B * H).
     """
     i_tc, i_bh = tl.program_id(0), tl.program_id(1)
@@ -1384,7 +1387,8 @@ def chunk_bwd_dqk_diagonal_kernel(
     b_dq = tl.zeros([BC, BKD], dtype=tl.float32)
     b_dk = tl.zeros([BC, BKD], dtype=tl.float32)
     # the sub-chunk's tokens before T (the rows after stay zero)
-    for j in range(0, tl.minimum(BC, T - (i_t * BT + i_c * BC))):
+    n_c = tl.minimum(BC, T - (i_t * BT + i_c * BC))
+    for j in range(0, n_c):
         # [BKD] key j and its log2-decay; [BC] column j of the block of dA (zero above the diagonal)
         t_j = i_t * BT + i_c * BC + j
         b_kj = tl.load(k + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
@@ -1394,7 +1398,19 @@ def chunk_bwd_dqk_diagonal_kernel(
         # [BC, BKD] dA_tj exp2(gc_t - gc_j) (the exponent clamped at 0 where dA is zero)
         b_w = b_dAj[:, None] * tl.exp2(tl.minimum(b_gcc - b_gj[None, :], 0.))
         b_dq += b_w * b_kj[None, :]
-        b_dk = tl.where(o_c[:, None] == j, tl.sum(b_w * b_qc, axis=0)[None, :], b_dk)
+        if not DK_BY_ROWS:
+            b_dk = tl.where(o_c[:, None] == j, tl.sum(b_w * b_qc, axis=0)[None, :], b_dk)
+    if DK_BY_ROWS:
+        b_gj = tl.zeros([BKD], dtype=tl.float32)
+        for j in range(0, n_c):
+            # [BKD] query j (a row t of dA) and its cumulative log2-decay; [BC] row j of dA
+            t_j = i_t * BT + i_c * BC + j
+            b_qj = tl.load(q + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            b_g = tl.load(g + ((bos + t_j) * H + i_h) * K + o_k, mask=m_k, other=-1.).to(tl.float32)
+            b_gj += (b_g) * RCP_LN2
+            b_dAj = tl.load(dA + ((bos + t_j) * H + i_h) * BT + i_c * BC + o_c)
+            # [BC, BKD] dA_js q_j exp2(gc_j - gc_s) (zero above the diagonal, as dA)
+            b_dk += b_dAj[:, None] * tl.exp2(tl.minimum(b_gj[None, :] - b_gcc, 0.)) * b_qj[None, :]
     p_x = ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(dqd + p_x, b_dq, mask=m_tc[:, None] & m_k[None, :])
     tl.store(dkd + p_x, b_dk, mask=m_tc[:, None] & m_k[None, :])
@@ -1438,9 +1454,10 @@ def chunk_bwd_dqk_kernel(
     gradient needs q o dq - k o dk per token (chunk_bwd_decay_kernel sums it backwards): it is
     stored here, from the float32 blocks.    dA = scale tril(dO V^T) comes from chunk_bwd_dA_kernel. The chunk is cut into 4
     sub-chunks of BC tokens, as in the attention kernel: between sub-chunks the per-key ratio
-    Gamma_ts splits at r, the cumulative decay at the end of a sub-chunk j, into two factors <= 1,
-    and the blocks of sub-chunk j are one [BT, BT] x [BT, BK] matmul with the rows or columns
-    outside them masked to zero; within a sub-chunk the ratios are taken elementwise: with DIAG
+    Gamma_ts splits into the decay of t since its sub-chunk's start, that of s to its sub-chunk's
+    end, and the whole sub-chunks' decays between them, multiplied in one sub-chunk at a time
+    (every factor <= 1; one [BT, BT] x [BT, BK] matmul per sub-chunk and gradient, the rows
+    outside it masked to zero); within a sub-chunk the ratios are taken elementwise: with DIAG
     "loop" here, one token of every sub-chunk at a time ([NC, BC, BK] per token); with DIAG
     "grid" chunk_bwd_dqk_diagonal_kernel made them before, and they are read from dqd, dkd.
     Grid: (NK, NT, B * H).
@@ -1489,34 +1506,67 @@ def chunk_bwd_dqk_kernel(
     b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
     b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
-    b_glast = tl.sum(b_ld, axis=0)
+    # [BK] r_j, the cumulative log2-decay at the end of sub-chunk j; [BT, BK] per row, r at the
+    # start (b_gs) and at the end (b_ge) of its sub-chunk, and 2^(r at the start), 2^(r_last -
+    # r at the end): the state's shares below split at them into a factor per sub-chunk
+    b_gs = tl.zeros([BT, BK], dtype=tl.float32)
+    b_as = tl.full([BT, BK], 1., dtype=tl.float32)
+    b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+    b_gs = tl.where(o_blk[:, None] == 1, b_r0[None, :], b_gs)
+    b_as = tl.where(o_blk[:, None] == 1, tl.exp2(b_r0)[None, :], b_as)
+    b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+    b_gs = tl.where(o_blk[:, None] == 2, b_r1[None, :], b_gs)
+    b_as = tl.where(o_blk[:, None] == 2, tl.exp2(b_r1)[None, :], b_as)
+    b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+    b_gs = tl.where(o_blk[:, None] == 3, b_r2[None, :], b_gs)
+    b_as = tl.where(o_blk[:, None] == 3, tl.exp2(b_r2)[None, :], b_as)
+    b_r3 = tl.sum(b_ld, axis=0)
+    b_ge = tl.full([BT, BK], 0., dtype=tl.float32) + b_r3[None, :]
+    b_ae = tl.full([BT, BK], 1., dtype=tl.float32)
+    b_ge = tl.where(o_blk[:, None] == 2, b_r2[None, :], b_ge)
+    b_ae = tl.where(o_blk[:, None] == 2, tl.exp2(b_r3 - b_r2)[None, :], b_ae)
+    b_ge = tl.where(o_blk[:, None] == 1, b_r1[None, :], b_ge)
+    b_ae = tl.where(o_blk[:, None] == 1, tl.exp2(b_r3 - b_r1)[None, :], b_ae)
+    b_ge = tl.where(o_blk[:, None] == 0, b_r0[None, :], b_ge)
+    b_ae = tl.where(o_blk[:, None] == 0, tl.exp2(b_r3 - b_r0)[None, :], b_ae)
+    # [BT, BK] the decay of each row since its sub-chunk's start, exp2(gc_t - r_{i-1}), and to its
+    # sub-chunk's end, exp2(r_j - gc_s): the only per-element exp2 of the kernel (both <= 1)
+    b_qf = tl.exp2(b_gc - b_gs)
+    b_kf = tl.exp2(b_ge - b_gc)
     # the state's share: scale (dO S^T) o a and (V dS'^T) o (a_C / a)
-    b_dq *= scale * tl.exp2(b_gc)
-    b_dk *= tl.exp2(b_glast[None, :] - b_gc)
+    b_dq *= scale * b_qf * b_as
+    b_dk *= b_kf * b_ae
     # [BT, BK] queries and keys; [BT, BT] dA (scaled, causal, zero on padding rows)
     b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
     b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
     p_dA = dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :]
     b_dA = tl.load(p_dA, mask=m_t[:, None], other=0.)
-    # off the diagonal blocks, per sub-chunk j with r = gc at its end (float32 operands, tf32 on
-    # the GPU): dq of the rows of sub-chunk j + 1 gets exp2(gc_t - r) (dA (k_s exp2(r - gc_s)))
-    # over the columns s of sub-chunks <= j; dk of the rows of sub-chunk j gets
-    # exp2(r - gc_s) (dA^T (q_t exp2(gc_t - r))) over the rows t of sub-chunks > j
-    b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
-    b_kr = tl.where(o_blk[:, None] <= 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    b_dq += tl.where(o_blk[:, None] == 1, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_dk += tl.where(o_blk[:, None] == 0, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
-    b_kr = tl.where(o_blk[:, None] <= 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    b_dq += tl.where(o_blk[:, None] == 2, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_dk += tl.where(o_blk[:, None] == 1, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
-    b_kr = tl.where(o_blk[:, None] <= 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
-    b_dq += tl.where(o_blk[:, None] == 3, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
-    b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+    # off the diagonal blocks (float32 operands, tf32 on the GPU), with the keys decayed to their
+    # sub-chunk's end and the queries from their sub-chunk's start; between sub-chunks j < i the
+    # ratio is 2^(r_{i-1} - r_j), the product of the whole sub-chunks' decays between them,
+    # multiplied in one sub-chunk at a time (Horner, every factor <= 1):
+    #   R_j = R_{j-1} 2^(r_j - r_{j-1}) + dA[:, j] (k o kf)[j],   dq[j + 1] += qf o R_j
+    #   L_i = L_{i+1} 2^(r_i - r_{i-1}) + dA[i, :]^T (q o qf)[i], dk[i - 1] += kf o L_i
+    b_kd = b_k * b_kf
+    b_R = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dqo = tl.zeros([BT, BK], dtype=tl.float32)
+    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 0, b_kd, 0.), b_R)
+    b_dqo = tl.where(o_blk[:, None] == 1, b_R, b_dqo)
+    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 1, b_kd, 0.), b_R * tl.exp2(b_r1 - b_r0)[None, :])
+    b_dqo = tl.where(o_blk[:, None] == 2, b_R, b_dqo)
+    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 2, b_kd, 0.), b_R * tl.exp2(b_r2 - b_r1)[None, :])
+    b_dqo = tl.where(o_blk[:, None] == 3, b_R, b_dqo)
+    b_dq += b_qf * b_dqo
+    b_qd = b_q * b_qf
+    b_L = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dko = tl.zeros([BT, BK], dtype=tl.float32)
+    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 3, b_qd, 0.), b_L)
+    b_dko = tl.where(o_blk[:, None] == 2, b_L, b_dko)
+    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 2, b_qd, 0.), b_L * tl.exp2(b_r2 - b_r1)[None, :])
+    b_dko = tl.where(o_blk[:, None] == 1, b_L, b_dko)
+    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 1, b_qd, 0.), b_L * tl.exp2(b_r1 - b_r0)[None, :])
+    b_dko = tl.where(o_blk[:, None] == 0, b_L, b_dko)
+    b_dk += b_kf * b_dko
     if DIAG == "grid":
         # the diagonal blocks' share, from chunk_bwd_dqk_diagonal_kernel
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
@@ -1629,10 +1679,12 @@ def default_backward_config(K, V):
         "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
         # diag: the diagonal sub-chunk blocks' share of dQ and dK inside the kernel, one token of
         # every sub-chunk at a time ("loop"), or first, in a grid of diag_warps programs of its
-        # own, one per sub-chunk, through float32 buffers ("grid"; as the forward's attention,
-        # where it took gla from 1.36 to 0.85 ms; untimed here, so off). 2 diagonal warps: no
-        # spills on sm_90 (1 warp spills 404 B)
-        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="loop", diag_warps=2),
+        # own, one per sub-chunk, through float32 buffers ("grid": gla fwd+bwd 4.64 -> 4.20 ms on
+        # an H100, bench/RESULTS.md session 11). 2 diagonal warps: no spills on sm_90 (1 warp
+        # spills 404 B). diag_dk: the diagonal's dK from the same columns of ratios as dQ, by
+        # sums across rows ("columns"), or from a loop over rows of its own ("rows")
+        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="grid", diag_warps=2,
+                    diag_dk="columns"),
         # a sequential scan per program: narrow key blocks for more programs, BT rows per step
         # (not the chunk) for fewer steps
         "decay": dict(BT=256, BK=_block(K, 16), BV=_block(V, 64), num_warps=4, num_stages=2),
@@ -1665,6 +1717,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
     if _cfg["dqk"]["diag"] not in ("loop", "grid"):
         raise ValueError(f"config dqk diag must be 'loop' or 'grid', got {_cfg['dqk']['diag']!r}")
+    if _cfg["dqk"]["diag_dk"] not in ("columns", "rows"):
+        raise ValueError(f"config dqk diag_dk must be 'columns' or 'rows', got {_cfg['dqk']['diag_dk']!r}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = do.contiguous().to(q.dtype)
     g = log_decay.contiguous()
@@ -1753,7 +1807,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         chunk_bwd_dqk_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
             q, k, g, dA, dqd, dkd, cu_seqlens, chunk_indices, T,
             H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
-            num_warps=_launch["diag_warps"], num_stages=1,
+            DK_BY_ROWS=_launch["diag_dk"] == "rows", num_warps=_launch["diag_warps"], num_stages=1,
         )
     chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
         q, k, v, g, h, do, dh, dA, dqd, dkd, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,

@@ -226,9 +226,11 @@ SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(
     # the decay's scan in steps of 32 rows (several per sequence)
     ("gla", {**SMALL_BLOCKS, "attention": dict(BK=16, num_warps=4, num_stages=2),
              "decay": dict(BT=32, BK=16)}),
-    # the diagonal sub-chunk blocks' share of dQ and dK from a grid of its own, over several
-    # key blocks of the main kernel
-    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag="grid")}),
+    # the diagonal sub-chunk blocks' share of dQ and dK inside the main kernel (the default,
+    # "grid", makes them in a grid of its own), over several key blocks
+    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag="loop")}),
+    # the diagonal's dK from a loop over rows of its own
+    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag_dk="rows")}),
 ])
 def test_backward_with_small_blocks(model, config, cache):
     B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
