@@ -1349,17 +1349,21 @@ def chunk_bwd_dqk_diagonal_kernel(
     BKD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DK_BY_ROWS: tl.constexpr,
+    OFF_DIAGONAL: tl.constexpr,
 ):
-    """The diagonal sub-chunk blocks' share of dQ and dK (chunk_bwd_dqk_kernel's DIAG "grid"),
-    float32 dqd, dkd [B, T, H, K], one sub-chunk per program:
+    """The sub-chunk blocks' share of dQ and dK (chunk_bwd_dqk_kernel's DIAG "grid": the
+    diagonal blocks; "intra": all of them), float32 dqd, dkd [B, T, H, K], one sub-chunk and
+    BKD keys per program. On the diagonal:
 
         dq_t = sum_{j <= t} dA_tj k_j o exp2(gc_t - gc_j),   dk_j = sum_{t >= j} dA_tj q_t o exp2(gc_t - gc_j)
 
     over the tokens t, j of the sub-chunk, the decay cumulated from its start (every ratio
-    <= 1), one column j at a time over all keys: one [BC, BKD] block of ratios serves both
-    (dk_j is then a sum over the block's rows), or, with DK_BY_ROWS, dk takes a second loop,
-    one row t at a time, with ratios of its own and no sum across rows.
-    Grid: (NT * 4, B * H).
+    <= 1), one column j at a time: one [BC, BKD] block of ratios serves both (dk_j is then a
+    sum over the block's rows), or, with DK_BY_ROWS, dk takes a second loop, one row t at a
+    time, with ratios of its own and no sum across rows. With OFF_DIAGONAL, also the blocks of
+    the earlier sub-chunks in dq and of the later ones in dk, one [BC, BC] x [BC, BKD] matmul
+    each, the decay split at this sub-chunk's start (dq) or end (dk) into factors <= 1.
+    Grid: (NT * 4, B * H, cdiv(K, BKD)).
     """
     i_tc, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, i_c = i_tc // 4, i_tc % 4
@@ -1374,10 +1378,10 @@ def chunk_bwd_dqk_diagonal_kernel(
         bos = i_b.to(tl.int64) * T
         i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
     o_c = tl.arange(0, BC)
-    # [BC] rows of the sub-chunk; [BKD] all keys
+    # [BC] rows of the sub-chunk; [BKD] the keys of block program_id(2)
     o_tc = i_t * BT + i_c * BC + o_c
     m_tc = o_tc < T
-    o_k = tl.arange(0, BKD)
+    o_k = tl.program_id(2) * BKD + tl.arange(0, BKD)
     m_k = o_k < K
     # [BC, BKD] the sub-chunk's queries and log2-decay cumulated from its start
     b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
@@ -1411,6 +1415,40 @@ def chunk_bwd_dqk_diagonal_kernel(
             b_dAj = tl.load(dA + ((bos + t_j) * H + i_h) * BT + i_c * BC + o_c)
             # [BC, BKD] dA_js q_j exp2(gc_j - gc_s) (zero above the diagonal, as dA)
             b_dk += b_dAj[:, None] * tl.exp2(tl.minimum(b_gj[None, :] - b_gcc, 0.)) * b_qj[None, :]
+    if OFF_DIAGONAL:
+        # dq_t += exp2(gc_t - r) sum_s dA_ts (k_s exp2(r - gc_s)) over the tokens s of the earlier
+        # sub-chunks j, r the cumulative decay at this sub-chunk's start; j goes from the nearest
+        # back, b_gu = r - (the decay at the end of j) growing by each sub-chunk's total
+        b_gu = tl.zeros([BKD], dtype=tl.float32)
+        b_dqo = tl.zeros([BC, BKD], dtype=tl.float32)
+        for i_j in range(0, i_c):
+            # [BC] the tokens of sub-chunk j; [BC, BKD] their keys and log2-decays
+            o_sj = i_t * BT + (i_c - 1 - i_j) * BC + o_c
+            m_sj = o_sj < T
+            b_ks = tl.load(k + ((bos + o_sj[:, None]) * H + i_h) * K + o_k[None, :], mask=m_sj[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_lds = log2_decay_canonical(g, bos, i_h, o_sj, m_sj, o_k, m_k, H, K)
+            b_tot = tl.sum(b_lds, axis=0)
+            # [BC, BC] the block of dA: rows of this sub-chunk, columns of sub-chunk j
+            b_dAb = tl.load(dA + ((bos + o_tc[:, None]) * H + i_h) * BT + (i_c - 1 - i_j) * BC + o_c[None, :], mask=m_tc[:, None], other=0.)
+            b_dqo = tl.dot(b_dAb, b_ks * tl.exp2(b_gu[None, :] + b_tot[None, :] - tl.cumsum(b_lds, axis=0)), b_dqo)
+            b_gu += b_tot
+        b_dq += tl.exp2(b_gcc) * b_dqo
+        # dk_s += exp2(r' - gc_s) sum_t dA_ts (q_t exp2(gc_t - r')) over the tokens t of the later
+        # sub-chunks, r' the cumulative decay at this sub-chunk's end; b_gu = (the decay at the
+        # start of the later sub-chunk) - r'
+        b_gu = tl.zeros([BKD], dtype=tl.float32)
+        b_dko = tl.zeros([BC, BKD], dtype=tl.float32)
+        for i_m in range(i_c + 1, 4):
+            o_sm = i_t * BT + i_m * BC + o_c
+            m_sm = o_sm < T
+            b_qs = tl.load(q + ((bos + o_sm[:, None]) * H + i_h) * K + o_k[None, :], mask=m_sm[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_lds = log2_decay_canonical(g, bos, i_h, o_sm, m_sm, o_k, m_k, H, K)
+            # [BC, BC] the block of dA: rows of the later sub-chunk, columns of this one
+            b_dAb = tl.load(dA + ((bos + o_sm[:, None]) * H + i_h) * BT + i_c * BC + o_c[None, :], mask=m_sm[:, None], other=0.)
+            b_dko = tl.dot(tl.trans(b_dAb), b_qs * tl.exp2(b_gu[None, :] + tl.cumsum(b_lds, axis=0)), b_dko)
+            b_gu += tl.sum(b_lds, axis=0)
+        # r' - gc_s: this sub-chunk's total decay (the last row of b_gcc) less gc_s
+        b_dk += tl.exp2(tl.sum(tl.where(o_c[:, None] == BC - 1, b_gcc, 0.), axis=0)[None, :] - b_gcc) * b_dko
     p_x = ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(dqd + p_x, b_dq, mask=m_tc[:, None] & m_k[None, :])
     tl.store(dkd + p_x, b_dk, mask=m_tc[:, None] & m_k[None, :])
@@ -1454,10 +1492,9 @@ def chunk_bwd_dqk_kernel(
     gradient needs q o dq - k o dk per token (chunk_bwd_decay_kernel sums it backwards): it is
     stored here, from the float32 blocks.    dA = scale tril(dO V^T) comes from chunk_bwd_dA_kernel. The chunk is cut into 4
     sub-chunks of BC tokens, as in the attention kernel: between sub-chunks the per-key ratio
-    Gamma_ts splits into the decay of t since its sub-chunk's start, that of s to its sub-chunk's
-    end, and the whole sub-chunks' decays between them, multiplied in one sub-chunk at a time
-    (every factor <= 1; one [BT, BT] x [BT, BK] matmul per sub-chunk and gradient, the rows
-    outside it masked to zero); within a sub-chunk the ratios are taken elementwise: with DIAG
+    Gamma_ts splits at r, the cumulative decay at the end of a sub-chunk j, into two factors <= 1,
+    and the blocks of sub-chunk j are one [BT, BT] x [BT, BK] matmul with the rows or columns
+    outside them masked to zero; within a sub-chunk the ratios are taken elementwise: with DIAG
     "loop" here, one token of every sub-chunk at a time ([NC, BC, BK] per token); with DIAG
     "grid" chunk_bwd_dqk_diagonal_kernel made them before, and they are read from dqd, dkd.
     Grid: (NK, NT, B * H).
@@ -1506,95 +1543,68 @@ def chunk_bwd_dqk_kernel(
     b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
     b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
     b_gc = tl.cumsum(b_ld, axis=0)
-    # [BK] r_j, the cumulative log2-decay at the end of sub-chunk j; [BT, BK] per row, r at the
-    # start (b_gs) and at the end (b_ge) of its sub-chunk, and 2^(r at the start), 2^(r_last -
-    # r at the end): the state's shares below split at them into a factor per sub-chunk
-    b_gs = tl.zeros([BT, BK], dtype=tl.float32)
-    b_as = tl.full([BT, BK], 1., dtype=tl.float32)
-    b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
-    b_gs = tl.where(o_blk[:, None] == 1, b_r0[None, :], b_gs)
-    b_as = tl.where(o_blk[:, None] == 1, tl.exp2(b_r0)[None, :], b_as)
-    b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
-    b_gs = tl.where(o_blk[:, None] == 2, b_r1[None, :], b_gs)
-    b_as = tl.where(o_blk[:, None] == 2, tl.exp2(b_r1)[None, :], b_as)
-    b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
-    b_gs = tl.where(o_blk[:, None] == 3, b_r2[None, :], b_gs)
-    b_as = tl.where(o_blk[:, None] == 3, tl.exp2(b_r2)[None, :], b_as)
-    b_r3 = tl.sum(b_ld, axis=0)
-    b_ge = tl.full([BT, BK], 0., dtype=tl.float32) + b_r3[None, :]
-    b_ae = tl.full([BT, BK], 1., dtype=tl.float32)
-    b_ge = tl.where(o_blk[:, None] == 2, b_r2[None, :], b_ge)
-    b_ae = tl.where(o_blk[:, None] == 2, tl.exp2(b_r3 - b_r2)[None, :], b_ae)
-    b_ge = tl.where(o_blk[:, None] == 1, b_r1[None, :], b_ge)
-    b_ae = tl.where(o_blk[:, None] == 1, tl.exp2(b_r3 - b_r1)[None, :], b_ae)
-    b_ge = tl.where(o_blk[:, None] == 0, b_r0[None, :], b_ge)
-    b_ae = tl.where(o_blk[:, None] == 0, tl.exp2(b_r3 - b_r0)[None, :], b_ae)
-    # [BT, BK] the decay of each row since its sub-chunk's start, exp2(gc_t - r_{i-1}), and to its
-    # sub-chunk's end, exp2(r_j - gc_s): the only per-element exp2 of the kernel (both <= 1)
-    b_qf = tl.exp2(b_gc - b_gs)
-    b_kf = tl.exp2(b_ge - b_gc)
+    b_glast = tl.sum(b_ld, axis=0)
     # the state's share: scale (dO S^T) o a and (V dS'^T) o (a_C / a)
-    b_dq *= scale * b_qf * b_as
-    b_dk *= b_kf * b_ae
+    b_dq *= scale * tl.exp2(b_gc)
+    b_dk *= tl.exp2(b_glast[None, :] - b_gc)
     # [BT, BK] queries and keys; [BT, BT] dA (scaled, causal, zero on padding rows)
     b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
     b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    p_dA = dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :]
-    b_dA = tl.load(p_dA, mask=m_t[:, None], other=0.)
-    # off the diagonal blocks (float32 operands, tf32 on the GPU), with the keys decayed to their
-    # sub-chunk's end and the queries from their sub-chunk's start; between sub-chunks j < i the
-    # ratio is 2^(r_{i-1} - r_j), the product of the whole sub-chunks' decays between them,
-    # multiplied in one sub-chunk at a time (Horner, every factor <= 1):
-    #   R_j = R_{j-1} 2^(r_j - r_{j-1}) + dA[:, j] (k o kf)[j],   dq[j + 1] += qf o R_j
-    #   L_i = L_{i+1} 2^(r_i - r_{i-1}) + dA[i, :]^T (q o qf)[i], dk[i - 1] += kf o L_i
-    b_kd = b_k * b_kf
-    b_R = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dqo = tl.zeros([BT, BK], dtype=tl.float32)
-    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 0, b_kd, 0.), b_R)
-    b_dqo = tl.where(o_blk[:, None] == 1, b_R, b_dqo)
-    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 1, b_kd, 0.), b_R * tl.exp2(b_r1 - b_r0)[None, :])
-    b_dqo = tl.where(o_blk[:, None] == 2, b_R, b_dqo)
-    b_R = tl.dot(b_dA, tl.where(o_blk[:, None] == 2, b_kd, 0.), b_R * tl.exp2(b_r2 - b_r1)[None, :])
-    b_dqo = tl.where(o_blk[:, None] == 3, b_R, b_dqo)
-    b_dq += b_qf * b_dqo
-    b_qd = b_q * b_qf
-    b_L = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dko = tl.zeros([BT, BK], dtype=tl.float32)
-    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 3, b_qd, 0.), b_L)
-    b_dko = tl.where(o_blk[:, None] == 2, b_L, b_dko)
-    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 2, b_qd, 0.), b_L * tl.exp2(b_r2 - b_r1)[None, :])
-    b_dko = tl.where(o_blk[:, None] == 1, b_L, b_dko)
-    b_L = tl.dot(tl.trans(b_dA), tl.where(o_blk[:, None] == 1, b_qd, 0.), b_L * tl.exp2(b_r1 - b_r0)[None, :])
-    b_dko = tl.where(o_blk[:, None] == 0, b_L, b_dko)
-    b_dk += b_kf * b_dko
-    if DIAG == "grid":
-        # the diagonal blocks' share, from chunk_bwd_dqk_diagonal_kernel
+    if DIAG == "intra":
+        # every intra-chunk block, from chunk_bwd_dqk_diagonal_kernel
         p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
         b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
     else:
-        # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
-        # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
-        # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
-        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-        b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
-        b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
-        m_dr = (i_t * BT + o_dr) < T
-        for i_c in range(BC):
-            # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
-            # (taken from b_gd)
-            o_tc = i_t * BT + o_s + i_c
-            m_tc = o_tc < T
-            b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-            # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
-            b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
-            b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
-            b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
-            b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
-        b_dq += tl.reshape(b_dqd, [BT, BK])
-        b_dk += tl.reshape(b_dkd, [BT, BK])
+        p_dA = dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :]
+        b_dA = tl.load(p_dA, mask=m_t[:, None], other=0.)
+        # off the diagonal blocks, per sub-chunk j with r = gc at its end (float32 operands, tf32 on
+        # the GPU): dq of the rows of sub-chunk j + 1 gets exp2(gc_t - r) (dA (k_s exp2(r - gc_s)))
+        # over the columns s of sub-chunks <= j; dk of the rows of sub-chunk j gets
+        # exp2(r - gc_s) (dA^T (q_t exp2(gc_t - r))) over the rows t of sub-chunks > j
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
+        b_kr = tl.where(o_blk[:, None] <= 0, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_dq += tl.where(o_blk[:, None] == 1, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_qr = tl.where(o_blk[:, None] > 0, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_dk += tl.where(o_blk[:, None] == 0, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
+        b_kr = tl.where(o_blk[:, None] <= 1, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_dq += tl.where(o_blk[:, None] == 2, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_qr = tl.where(o_blk[:, None] > 1, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_dk += tl.where(o_blk[:, None] == 1, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_gr = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        b_kr = tl.where(o_blk[:, None] <= 2, b_k * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        b_dq += tl.where(o_blk[:, None] == 3, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
+        b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
+        if DIAG == "grid":
+            # the diagonal blocks' share, from chunk_bwd_dqk_diagonal_kernel
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
+        else:
+            # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
+            # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
+            # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
+            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+            b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
+            b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
+            m_dr = (i_t * BT + o_dr) < T
+            for i_c in range(BC):
+                # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
+                # (taken from b_gd)
+                o_tc = i_t * BT + o_s + i_c
+                m_tc = o_tc < T
+                b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+                # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
+                b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
+                b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
+                b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
+                b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
+            b_dq += tl.reshape(b_dqd, [BT, BK])
+            b_dk += tl.reshape(b_dkd, [BT, BK])
     p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
@@ -1683,8 +1693,9 @@ def default_backward_config(K, V):
         # an H100, bench/RESULTS.md session 11). 2 diagonal warps: no spills on sm_90 (1 warp
         # spills 404 B). diag_dk: the diagonal's dK from the same columns of ratios as dQ, by
         # sums across rows ("columns"), or from a loop over rows of its own ("rows")
-        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="grid", diag_warps=2,
-                    diag_dk="columns"),
+        # "intra": all the intra-chunk blocks in that grid, the main kernel only the state's share
+        "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="intra", diag_warps=1,
+                    diag_dk="rows", diag_bk=_block(K, 64)),
         # a sequential scan per program: narrow key blocks for more programs, BT rows per step
         # (not the chunk) for fewer steps
         "decay": dict(BT=256, BK=_block(K, 16), BV=_block(V, 64), num_warps=4, num_stages=2),
@@ -1715,8 +1726,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
-    if _cfg["dqk"]["diag"] not in ("loop", "grid"):
-        raise ValueError(f"config dqk diag must be 'loop' or 'grid', got {_cfg['dqk']['diag']!r}")
+    if _cfg["dqk"]["diag"] not in ("loop", "grid", "intra"):
+        raise ValueError(f"config dqk diag must be 'loop', 'grid' or 'intra', got {_cfg['dqk']['diag']!r}")
     if _cfg["dqk"]["diag_dk"] not in ("columns", "rows"):
         raise ValueError(f"config dqk diag_dk must be 'columns' or 'rows', got {_cfg['dqk']['diag_dk']!r}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -1801,13 +1812,14 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     )
     dgk = q.new_empty(B, T, H, K, dtype=torch.float32)  # q o dq - k o dk
     dqd = dkd = None
-    if _launch["diag"] == "grid":
-        # [B, T, H, K] the diagonal sub-chunk blocks' share of dQ and dK, float32
+    if _launch["diag"] in ("grid", "intra"):
+        # [B, T, H, K] the diagonal (or all) sub-chunk blocks' share of dQ and dK, float32
         dqd, dkd = torch.empty_like(q, dtype=torch.float32), torch.empty_like(k, dtype=torch.float32)
-        chunk_bwd_dqk_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H)](
+        chunk_bwd_dqk_diagonal_kernel[(NT * (BT // SUB_CHUNK), B * H, triton.cdiv(K, _launch["diag_bk"]))](
             q, k, g, dA, dqd, dkd, cu_seqlens, chunk_indices, T,
-            H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_block(K, 256), IS_VARLEN=IS_VARLEN,
-            DK_BY_ROWS=_launch["diag_dk"] == "rows", num_warps=_launch["diag_warps"], num_stages=1,
+            H=H, K=K, BT=BT, BC=SUB_CHUNK, BKD=_launch["diag_bk"], IS_VARLEN=IS_VARLEN,
+            DK_BY_ROWS=_launch["diag_dk"] == "rows", OFF_DIAGONAL=_launch["diag"] == "intra",
+            num_warps=_launch["diag_warps"], num_stages=1,
         )
     chunk_bwd_dqk_kernel[(_NK, NT, B * H)](
         q, k, v, g, h, do, dh, dA, dqd, dkd, dq, dk, dgk, cu_seqlens, chunk_indices, scale, T,

@@ -226,11 +226,13 @@ SMALL_BLOCKS = {"dh": dict(BK=16, BV=16), "dv": dict(BK=16, BV=16), "dqk": dict(
     # the decay's scan in steps of 32 rows (several per sequence)
     ("gla", {**SMALL_BLOCKS, "attention": dict(BK=16, num_warps=4, num_stages=2),
              "decay": dict(BT=32, BK=16)}),
-    # the diagonal sub-chunk blocks' share of dQ and dK inside the main kernel (the default,
-    # "grid", makes them in a grid of its own), over several key blocks
+    # the sub-chunk blocks of dQ and dK inside the main kernel, over several key blocks
     ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag="loop")}),
-    # the diagonal's dK from a loop over rows of its own
-    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag_dk="rows")}),
+    # the diagonal ones in a grid of their own (dK from sums across the columns' rows), the
+    # others in the main kernel
+    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag="grid", diag_dk="columns", diag_bk=32)}),
+    # all of them in the sub-chunk grid (the default), over several key blocks there too
+    ("gla", {**SMALL_BLOCKS, "dqk": dict(BK=16, BV=16, diag_bk=16)}),
 ])
 def test_backward_with_small_blocks(model, config, cache):
     B, T, H, K, V, h0, with_dht, cu, dtype = CASES["fp32-varlen-h0"]
@@ -297,13 +299,13 @@ def test_backward_rejects_bad_gradients():
 
 
 def test_backward_rejects_an_unknown_dqk_diag_before_any_launch(monkeypatch):
-    """A dqk diag other than "loop" or "grid": one ValueError, and no kernel has run."""
+    """A dqk diag other than "loop", "grid" or "intra": one ValueError, and no kernel has run."""
     module = runtime.load_zoo("gla")
     launched = []
     for name in [n for n in dir(module) if n.endswith("_kernel")]:
         monkeypatch.setattr(module, name, _Launches(name, launched))
     q = torch.randn(1, 20, 1, 16)
-    with pytest.raises(ValueError, match="dqk diag must be 'loop' or 'grid'"):
+    with pytest.raises(ValueError, match="dqk diag must be 'loop', 'grid' or 'intra'"):
         module.backward(q, q, q, -torch.rand_like(q), torch.zeros_like(q), config={"dqk": {"diag": "columns"}})
     assert launched == []
 
