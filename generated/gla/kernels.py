@@ -123,12 +123,6 @@ def chunk_attention_kernel(
         b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-        if STORE_DECAYED:
-            b_glast = tl.sum(b_ld, axis=0)
-            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # off the diagonal blocks. r_j: gc at the end of sub-chunk j, [BK]; gc_t - gc_s splits
         # into (gc_t - r_i-1) + (r_i-1 - r_j) + (r_j - gc_s) for t in sub-chunk i > j >= blk(s),
         # every part <= 0: queries decayed from their sub-chunk's start, keys to their
@@ -136,12 +130,22 @@ def chunk_attention_kernel(
         b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
         b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
         b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
         # [BT, BK] r before and at the end of each row's sub-chunk (the last sub-chunk's keys
-        # take no part: no column sub-chunk after it)
+        # take no part in the matmuls: they go to the chunk's end, for kd)
         b_rin = tl.where(o_blk[:, None] == 1, b_r0[None, :], tl.where(o_blk[:, None] == 2, b_r1[None, :], tl.where(o_blk[:, None] == 3, b_r2[None, :], 0.)))
-        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_gc)))
+        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_glast[None, :])))
         b_qs = b_q * tl.exp2(b_gc - b_rin)
         b_ks = b_k * tl.exp2(b_rout - b_gc)
+        if STORE_DECAYED:
+            # Q o a and K o (a_C / a) from the same exp2 tiles, times one factor <= 1 per
+            # sub-chunk: 2^r before the rows' sub-chunk, 2^(gc_C - r) at its end
+            b_ain = tl.where(o_blk[:, None] == 1, tl.exp2(b_r0)[None, :], tl.where(o_blk[:, None] == 2, tl.exp2(b_r1)[None, :], tl.where(o_blk[:, None] == 3, tl.exp2(b_r2)[None, :], 1.)))
+            b_aout = tl.where(o_blk[:, None] == 0, tl.exp2(b_glast - b_r0)[None, :], tl.where(o_blk[:, None] == 1, tl.exp2(b_glast - b_r1)[None, :], tl.where(o_blk[:, None] == 2, tl.exp2(b_glast - b_r2)[None, :], 1.)))
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_qs * b_ain).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_ks * b_aout).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # column sub-chunks from the last to the first: b_qj holds the rows after sub-chunk j,
         # decayed to its end; going to j - 1, those take sub-chunk j's total decay and the rows
         # of j join. The products take the input dtype (bf16 inputs: bf16 operands, every
@@ -927,12 +931,6 @@ def chunk_attention_canonical_kernel(
         b_g = tl.load(g + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=-1.).to(tl.float32)
         b_ld = tl.where(m_t[:, None], (b_g) * RCP_LN2, 0.)
         b_gc = tl.cumsum(b_ld, axis=0)
-        if STORE_DECAYED:
-            b_glast = tl.sum(b_ld, axis=0)
-            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-            tl.store(qd + p_x, (b_q * tl.exp2(b_gc)).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-            tl.store(kd + p_x, (b_k * tl.exp2(b_glast[None, :] - b_gc)).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
-            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # off the diagonal blocks. r_j: gc at the end of sub-chunk j, [BK]; gc_t - gc_s splits
         # into (gc_t - r_i-1) + (r_i-1 - r_j) + (r_j - gc_s) for t in sub-chunk i > j >= blk(s),
         # every part <= 0: queries decayed from their sub-chunk's start, keys to their
@@ -940,12 +938,22 @@ def chunk_attention_canonical_kernel(
         b_r0 = tl.sum(tl.where(o_blk[:, None] <= 0, b_ld, 0.), axis=0)
         b_r1 = tl.sum(tl.where(o_blk[:, None] <= 1, b_ld, 0.), axis=0)
         b_r2 = tl.sum(tl.where(o_blk[:, None] <= 2, b_ld, 0.), axis=0)
+        b_glast = tl.sum(b_ld, axis=0)
         # [BT, BK] r before and at the end of each row's sub-chunk (the last sub-chunk's keys
-        # take no part: no column sub-chunk after it)
+        # take no part in the matmuls: they go to the chunk's end, for kd)
         b_rin = tl.where(o_blk[:, None] == 1, b_r0[None, :], tl.where(o_blk[:, None] == 2, b_r1[None, :], tl.where(o_blk[:, None] == 3, b_r2[None, :], 0.)))
-        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_gc)))
+        b_rout = tl.where(o_blk[:, None] == 0, b_r0[None, :], tl.where(o_blk[:, None] == 1, b_r1[None, :], tl.where(o_blk[:, None] == 2, b_r2[None, :], b_glast[None, :])))
         b_qs = b_q * tl.exp2(b_gc - b_rin)
         b_ks = b_k * tl.exp2(b_rout - b_gc)
+        if STORE_DECAYED:
+            # Q o a and K o (a_C / a) from the same exp2 tiles, times one factor <= 1 per
+            # sub-chunk: 2^r before the rows' sub-chunk, 2^(gc_C - r) at its end
+            b_ain = tl.where(o_blk[:, None] == 1, tl.exp2(b_r0)[None, :], tl.where(o_blk[:, None] == 2, tl.exp2(b_r1)[None, :], tl.where(o_blk[:, None] == 3, tl.exp2(b_r2)[None, :], 1.)))
+            b_aout = tl.where(o_blk[:, None] == 0, tl.exp2(b_glast - b_r0)[None, :], tl.where(o_blk[:, None] == 1, tl.exp2(b_glast - b_r1)[None, :], tl.where(o_blk[:, None] == 2, tl.exp2(b_glast - b_r2)[None, :], 1.)))
+            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+            tl.store(qd + p_x, (b_qs * b_ain).to(qd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(kd + p_x, (b_ks * b_aout).to(kd.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
+            tl.store(gl + (i_tg * H + i_h) * K + o_k, b_glast, mask=m_k)
         # column sub-chunks from the last to the first: b_qj holds the rows after sub-chunk j,
         # decayed to its end; going to j - 1, those take sub-chunk j's total decay and the rows
         # of j join. The products take the input dtype (bf16 inputs: bf16 operands, every
