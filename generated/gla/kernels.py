@@ -1505,6 +1505,8 @@ def chunk_bwd_dqk_kernel(
     outside them masked to zero; within a sub-chunk the ratios are taken elementwise: with DIAG
     "loop" here, one token of every sub-chunk at a time ([NC, BC, BK] per token); with DIAG
     "grid" chunk_bwd_dqk_diagonal_kernel made them before, and they are read from dqd, dkd.
+    With DIAG "intra" (the default) that kernel made every intra-chunk block, and this one
+    adds the state's share to them.
     Grid: (NK, NT, B * H).
     """
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1695,13 +1697,15 @@ def default_backward_config(K, V):
         # 8 warps: the [BT, BT] blocks of dA and the [BT, BK] float32 operands of dQ and dK fit
         # in registers without spills (bench/compile_report.py, sm_90)
         "dA": dict(BV=_block(V, 64), num_warps=8, num_stages=2),
-        # diag: the diagonal sub-chunk blocks' share of dQ and dK inside the kernel, one token of
-        # every sub-chunk at a time ("loop"), or first, in a grid of diag_warps programs of its
-        # own, one per sub-chunk, through float32 buffers ("grid": gla fwd+bwd 4.64 -> 4.20 ms on
-        # an H100, bench/RESULTS.md session 11). 2 diagonal warps: no spills on sm_90 (1 warp
-        # spills 404 B). diag_dk: the diagonal's dK from the same columns of ratios as dQ, by
-        # sums across rows ("columns"), or from a loop over rows of its own ("rows")
-        # "intra": all the intra-chunk blocks in that grid, the main kernel only the state's share
+        # diag: where the intra-chunk blocks of dQ and dK are made. "loop": all in the main
+        # kernel, the diagonal ones one token of every sub-chunk at a time; "grid": the diagonal
+        # ones first, in a grid of their own (one program per sub-chunk and diag_bk keys, through
+        # float32 buffers); "intra": all of them in that grid, the off-diagonal ones as [BC, BC]
+        # matmuls, and the main kernel only the state's share (gla fwd+bwd on an H100: loop
+        # 4.64, grid 4.20, intra 3.49 ms against fla's 3.71; bench/RESULTS.md session 11).
+        # diag_dk: the diagonal's dK from the columns of ratios that make dQ, by sums across
+        # rows ("columns"), or from a loop over rows of its own ("rows": 0.75 -> 0.55 ms). 1
+        # diagonal warp and 64 keys: 2 warps ran 1.5x slower, 32 keys 1.4x
         "dqk": dict(BK=_block(K, 32), BV=_block(V, 64), num_warps=8, num_stages=2, diag="intra", diag_warps=1,
                     diag_dk="rows", diag_bk=_block(K, 64)),
         # a sequential scan per program: narrow key blocks for more programs, BT rows per step
