@@ -74,13 +74,15 @@ def module_of(name, cache):
     return op.derivation, op.kernels
 
 
-def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None, saved=False):
+def gradient_errors(d, module, B, T, H, K, V, h0, with_dht, cu, dtype, seed=0, config=None, saved=False,
+                    extra_inputs=None):
     """Relative errors of backward's gradients against autograd through the float64 filter.
     saved: backward takes forward(..., save_for_backward=True)'s tensors (with the final state)
-    instead of recomputing them."""
+    instead of recomputing them; extra_inputs: inputs given instead of random ones."""
     p = make_plan(d)
     names = [i.name for i in p.inputs]
     q, k, v, ins = make_inputs(d.spec.inputs, B, T, H, K, V, seed=seed, unit_keys=d.structure.unit_keys)
+    ins.update(extra_inputs or {})
     if "gamma" in ins and p.model == "retnet":
         ins["gamma"] = ops.retnet_gamma(H)  # RetNet's own decays, as in the forward tests
     N = B if cu is None else len(cu) - 1
@@ -362,3 +364,20 @@ def test_chain_rule_through_the_key_norm_matches_autograd(tmp_path):
                                     H=H, K=K, BT=BT, BK=K)
     for name, x, e in zip(["da", "dc", "dr", "dk"], [*grads, dk], expected):
         assert relative_error(x, e) <= 1e-5, f"{name}: relative error {relative_error(x, e):.2e}"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("diag", ["intra", "grid", "loop"])
+def test_gla_backward_with_decays_that_overflow_above_the_diagonal(diag, cache):
+    """Half the keys forget within a token (log-decay -20 to -40), half barely: every ratio the
+    backward forms must stay <= 1 or be masked, so that no inf or NaN reaches the gradients."""
+    B, T, H, K, V = 1, 100, 2, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    g = torch.cat([-(20 + 20 * torch.rand(B, T, H, K // 2, generator=gen)),
+                   -0.1 * torch.rand(B, T, H, K - K // 2, generator=gen)], -1)
+    d, module = module_of("gla", cache)
+    errors = gradient_errors(d, module, B, T, H, K, V, True, True, None, torch.float32,
+                             config={"dqk": {"diag": diag}}, extra_inputs={"g": g})
+    bad = {n: e for n, e in errors.items() if not e <= TOLERANCE[torch.float32]}
+    assert not bad, f"gla strong decays, dqk diag {diag}: relative errors above {TOLERANCE[torch.float32]}: {bad}"

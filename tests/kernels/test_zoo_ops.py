@@ -96,3 +96,22 @@ def test_zoo_op_variant_matches_float64_filter(model, config, case):
     tol = TOLERANCE[dtype]
     assert err_o <= tol, f"{model} {config} {case}: output relative error {err_o:.2e} > {tol}"
     assert err_s <= tol, f"{model} {config} {case}: final state relative error {err_s:.2e} > {tol}"
+
+
+# the interpreter's numpy reports the overflow the test is about
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("config", [{"attention": {"diag": "grid"}}, {"attention": {"diag": "blocks", "BK": 32}}])
+def test_gla_with_decays_that_overflow_above_the_diagonal(config):
+    """Half the keys forget within a token (log-decay -20 to -40), half barely (0 to -0.1): the
+    diagonal blocks' ratios exp2(gc_t - gc_j) above the diagonal (t < j) overflow to inf there,
+    and must be masked out, not summed into A or the state."""
+    B, T, H, K, V = 1, 100, 2, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    strong = -(20 + 20 * torch.rand(B, T, H, K // 2, generator=gen))
+    weak = -0.1 * torch.rand(B, T, H, K - K // 2, generator=gen)
+    g = torch.cat([strong, weak], -1)
+    err_o, err_s = compare(derive("gla"), run_op_config("gla", config), B, T, H, K, V,
+                           dtype=torch.float32, extra_inputs={"g": g})
+    assert err_o <= TOLERANCE[torch.float32], f"output relative error {err_o:.2e}"
+    assert err_s <= TOLERANCE[torch.float32], f"final state relative error {err_s:.2e}"
