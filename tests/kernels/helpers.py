@@ -30,6 +30,15 @@ def make_inputs(spec_inputs, B, T, H, K, V, seed=0, unit_keys=True):
 
 
 
+def overflowing_decays(B, T, H, K, seed=5) -> torch.Tensor:
+    """Per-key log-decays [B, T, H, K]: half the keys forget within a token (-20 to -40), half
+    barely (0 to -0.1), so that a ratio exp2(gc_t - gc_j) taken the wrong way (t < j)
+    overflows float32 within a sub-chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([-(20 + 20 * torch.rand(B, T, H, K // 2, generator=gen)),
+                      -0.1 * torch.rand(B, T, H, K - K // 2, generator=gen)], -1)
+
+
 def compare(derivation, run, B, T, H, K, V, dtype=torch.float32, initial_state=True,
             cu_seqlens=None, seed=0, extra_inputs=None):
     """Run `run(q, k, v, inputs, initial_state, cu_seqlens)` on `dtype` inputs and the float64
