@@ -1508,6 +1508,11 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        if not isinstance(_overrides, dict):
+            raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
+        _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
+        if _unknown:
+            raise ValueError(f"config: unknown setting {_unknown[0]!r} of backward kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
     # do in the dtype of the output (v) it is the gradient of: the products pair them
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()

@@ -312,6 +312,27 @@ def test_backward_rejects_an_unknown_dqk_diag_before_any_launch(monkeypatch):
     assert launched == []
 
 
+@pytest.mark.parametrize("model,config,match", [
+    ("gla", {"dqk": {"diag_BK": 32}}, "unknown setting 'diag_BK' of backward kernel 'dqk'"),
+    ("gla", {"dqk": 32}, r"config\['dqk'\] must be a dict"),
+    ("gla", {"dgk": {}}, "unknown backward kernel 'dgk'"),
+    # the diagonal's settings belong to the per-key decay's kernels only
+    ("mamba2", {"dqk": {"diag": "grid"}}, "unknown setting 'diag' of backward kernel 'dqk'"),
+])
+def test_backward_rejects_an_unknown_config_before_any_launch(model, config, match, monkeypatch):
+    """A kernel or a setting the defaults lack (a typo): one ValueError naming it, and no
+    kernel has run."""
+    module = runtime.load_zoo(model)
+    launched = []
+    for name in [n for n in dir(module) if n.endswith("_kernel")]:
+        monkeypatch.setattr(module, name, _Launches(name, launched))
+    q = torch.randn(1, 20, 1, 16)
+    g = -torch.rand_like(q) if model == "gla" else -torch.rand(1, 20, 1)
+    with pytest.raises(ValueError, match=match):
+        module.backward(q, q, q, g, torch.zeros_like(q), config=config)
+    assert launched == []
+
+
 class _Launches:
     """A kernel's stand-in that records each launch by name."""
 
