@@ -668,7 +668,15 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
-        _cfg[_kernel] = {**_cfg[_kernel], **_overrides} if isinstance(_overrides, dict) else _overrides
+        if not isinstance(_cfg[_kernel], dict):
+            _cfg[_kernel] = _overrides
+            continue
+        if not isinstance(_overrides, dict):
+            raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
+        _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
+        if _unknown:
+            raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous()
     if cu_seqlens is not None:
@@ -836,6 +844,14 @@ def recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
+        if not isinstance(_cfg[_kernel], dict):
+            _cfg[_kernel] = _overrides
+            continue
+        if not isinstance(_overrides, dict):
+            raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
+        _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
+        if _unknown:
+            raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous()
@@ -1741,6 +1757,9 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        if not isinstance(_cfg[_kernel], dict):
+            _cfg[_kernel] = _overrides
+            continue
         if not isinstance(_overrides, dict):
             raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
         _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]

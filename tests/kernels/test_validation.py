@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from designmodel import ops
+from designmodel.codegen import runtime
 
 
 def qkv(B=1, T=20, H=2, K=16, V=16, dtype=torch.float32):
@@ -114,6 +115,20 @@ def test_unknown_config_kernel():
         ops.linear_attention(q, k, v, config={"nope": {}})
     with pytest.raises(ValueError, match="path must be"):
         ops.linear_attention(q, k, v, config={"path": "sideways"})
+
+
+def test_unknown_config_setting():
+    """A setting a kernel does not have (a typo) or a kernel's settings that are not a dict:
+    one ValueError naming it, in the chunked and the recurrent forms."""
+    q, k, v = qkv()
+    g = -torch.rand_like(q)
+    with pytest.raises(ValueError, match="unknown setting 'bk' of kernel 'attention'"):
+        ops.gla(q, k, v, g, config={"attention": {"bk": 32}})
+    with pytest.raises(ValueError, match=r"config\['state'\] must be a dict"):
+        ops.linear_attention(q, k, v, config={"state": 64})
+    module = runtime.load_zoo("linear_attention")
+    with pytest.raises(ValueError, match="unknown setting 'BKK' of kernel 'recurrent'"):
+        module.recurrent(q, k, v, config={"recurrent": {"BKK": 16}})
 
 
 def test_unknown_attention_diag():
