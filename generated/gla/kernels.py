@@ -232,7 +232,8 @@ def chunk_attention_diagonal_kernel(
     """The diagonal sub-chunk blocks of chunk_attention_kernel's A (its DIAG "grid"), one
     sub-chunk per program: A_tj = sum_m q_tm k_jm exp2(gc_tm - gc_jm) for t, j in the sub-chunk,
     one column j at a time over all keys, the decay cumulated from the sub-chunk's start (every
-    ratio <= 1). Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
+    ratio kept is <= 1; those above the diagonal, which may overflow, are masked at the store).
+    Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
     so many share an SM and hide the column loop's latency. Grid: (NT * 4, B * H).
     """
     i_tc, i_bh = tl.program_id(0), tl.program_id(1)
@@ -1058,7 +1059,8 @@ def chunk_attention_diagonal_canonical_kernel(
     """The diagonal sub-chunk blocks of chunk_attention_kernel's A (its DIAG "grid"), one
     sub-chunk per program: A_tj = sum_m q_tm k_jm exp2(gc_tm - gc_jm) for t, j in the sub-chunk,
     one column j at a time over all keys, the decay cumulated from the sub-chunk's start (every
-    ratio <= 1). Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
+    ratio kept is <= 1; those above the diagonal, which may overflow, are masked at the store).
+    Split from the off-diagonal work, these programs are small ([BC, BKD] blocks),
     so many share an SM and hide the column loop's latency. Grid: (NT * 4, B * H).
     """
     i_tc, i_bh = tl.program_id(0), tl.program_id(1)
