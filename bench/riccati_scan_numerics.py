@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from designmodel.chunked import _chunk_grams
+
 
 def chunk_terms(k, g, r, sigma, C):
     """Per chunk: K^ [.., C, K], M [.., C, C], G [.., C, K], a_C [..], e_C [..] (scalar decay).
@@ -49,9 +51,8 @@ def chunk_terms(k, g, r, sigma, C):
     NT = T // C
     kc, gc = k.reshape(H, NT, C, K), g.reshape(H, NT, C).cumsum(-1)
     rc, sc = r.reshape(H, NT, C), sigma.reshape(H, NT, C)
-    low = torch.ones(C, C, dtype=torch.bool).tril()
-    Gam = (gc[..., :, None] - gc[..., None, :]).masked_fill(~low, float("-inf")).exp()   # [H, NT, C, C]
-    e = (Gam * Gam * sc[..., None, :]).sum(-1)                                           # [H, NT, C]
+    # the decay ratios and accumulated process noise of the PyTorch chunked filter, [H, NT, C, C] and [H, NT, C]
+    Gam, e = (x[..., 0] for x in _chunk_grams(gc[..., None], sc, C))
     a = gc.exp()
     Kh = kc * a[..., None]
     low_m = (kc @ kc.mT) * Gam * e[..., None, :]                                         # t >= j: Gamma_tj e_j k_t.k_j

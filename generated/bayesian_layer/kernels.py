@@ -993,18 +993,23 @@ def _launch_config(K, V, config):
     one ValueError for an unknown kernel or setting, or a precision outside _PRECISIONS
     (None only where the default is None: the readout's, and the covariance groups' own)."""
     _cfg = default_config(K, V)
+    _base = dict(_cfg)  # the merge replaces each kernel's dict, so these stay the defaults
     if not isinstance(config or {}, dict):
         raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
+        if not isinstance(_cfg[_kernel], dict):
+            _cfg[_kernel] = _overrides
+            continue
         if not isinstance(_overrides, dict):
             raise ValueError(f"config[{_kernel!r}] must be a dict of settings, got {type(_overrides).__name__}")
         _unknown = [_n for _n in _overrides if _n not in _cfg[_kernel]]
         if _unknown:
             raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
-        _defaults = _cfg[_kernel]
-        _cfg[_kernel] = {**_defaults, **_overrides}
+        _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    for _kernel, _overrides in (config or {}).items():
+        _defaults = _base[_kernel]
         for _n, _x in _overrides.items():
             if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
                 raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
@@ -1418,6 +1423,8 @@ def recurrent(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_f
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_recurrent_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")

@@ -687,6 +687,8 @@ def forward(q, k, v, beta, g, scale=None, initial_state=None, output_final_state
     BT = CHUNK
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
@@ -857,6 +859,8 @@ def recurrent(q, k, v, beta, g, scale=None, initial_state=None, output_final_sta
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_recurrent_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
@@ -1653,6 +1657,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     BT = CHUNK
     scale = float(scale)
     _cfg = default_backward_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")

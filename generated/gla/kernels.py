@@ -518,6 +518,13 @@ def default_config(K, V):
     }
 
 
+def check_attention_config(cfg):
+    """One ValueError for an attention diag other than "blocks" or "grid", before any launch
+    (the forward and the backward's recomputation of A both read it)."""
+    if cfg["attention"]["diag"] not in ("blocks", "grid"):
+        raise ValueError(f"config attention diag must be 'blocks' or 'grid', got {cfg['attention']['diag']!r}")
+
+
 # "auto" takes the fused path when its N * H * NV programs fill this many waves of the GPU;
 # never with a per-key decay, where each program would recompute the per-key decays of the
 # whole chunk for its V block (measured slower than two passes on an H100)
@@ -666,6 +673,8 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     BT = CHUNK
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r}; known: {', '.join(_cfg)}")
@@ -678,6 +687,7 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
         if _unknown:
             raise ValueError(f"config: unknown setting {_unknown[0]!r} of kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    check_attention_config(_cfg)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.contiguous()
     if cu_seqlens is not None:
@@ -706,8 +716,6 @@ def forward(q, k, v, g, scale=None, initial_state=None, output_final_state=False
     kd = torch.empty_like(k) if _decayed else None
     gl = q.new_empty(saved_for_backward_shapes(q, v, N, cu_seqlens is not None)[4][0], dtype=torch.float32) if _decayed else None
     _launch = _cfg["attention"]
-    if _launch["diag"] not in ("blocks", "grid"):
-        raise ValueError(f"config attention diag must be 'blocks' or 'grid', got {_launch['diag']!r}")
     chunk_attention_kernel[(NT, B * H)](
         q, k, g, A, qd, kd, gl, cu_seqlens, chunk_indices, T,
         H=H, K=K, BT=BT, BC=SUB_CHUNK, BK=_launch["BK"], STORE_DECAYED=_decayed, IS_VARLEN=cu_seqlens is not None,
@@ -842,6 +850,8 @@ def recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_recurrent_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown kernel {_kernel!r} of the recurrent form; known: {', '.join(_cfg)}")
@@ -1582,12 +1592,7 @@ def chunk_bwd_dqk_kernel(
     # [BT, BK] queries and keys; [BT, BT] dA (scaled, causal, zero on padding rows)
     b_q = tl.load(q + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
     b_k = tl.load(k + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    if DIAG == "intra":
-        # every intra-chunk block, from chunk_bwd_dqk_diagonal_kernel
-        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-        b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
-    else:
+    if DIAG != "intra":
         p_dA = dA + ((bos + o_t[:, None]) * H + i_h) * BT + o_r[None, :]
         b_dA = tl.load(p_dA, mask=m_t[:, None], other=0.)
         # off the diagonal blocks, per sub-chunk j with r = gc at its end (float32 operands, tf32 on
@@ -1609,34 +1614,35 @@ def chunk_bwd_dqk_kernel(
         b_dq += tl.where(o_blk[:, None] == 3, tl.dot(b_dA, b_kr) * tl.exp2(b_gc - b_gr[None, :]), 0.)
         b_qr = tl.where(o_blk[:, None] > 2, b_q * tl.exp2(b_gc - b_gr[None, :]), 0.)
         b_dk += tl.where(o_blk[:, None] == 2, tl.dot(tl.trans(b_dA), b_qr) * tl.exp2(b_gr[None, :] - b_gc), 0.)
-        if DIAG == "grid":
-            # the diagonal blocks' share, from chunk_bwd_dqk_diagonal_kernel
-            p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
-            b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
-            b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
-        else:
-            # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
-            # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
-            # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
-            b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
-            b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
-            b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
-            m_dr = (i_t * BT + o_dr) < T
-            for i_c in range(BC):
-                # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
-                # (taken from b_gd)
-                o_tc = i_t * BT + o_s + i_c
-                m_tc = o_tc < T
-                b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-                b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
-                b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
-                # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
-                b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
-                b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
-                b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
-                b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
-            b_dq += tl.reshape(b_dqd, [BT, BK])
-            b_dk += tl.reshape(b_dkd, [BT, BK])
+    if DIAG == "loop":
+        # the diagonal blocks, one token c of every sub-chunk at a time: [NC, BC, BK] ratios
+        # exp2(gc_t - gc_c) elementwise (the exponent is clamped at 0 where dA is zero)
+        # (the decays are cumulated from each sub-chunk's start: the ratios need no offset)
+        b_gd = tl.cumsum(tl.reshape(b_ld, [4, BC, BK]), axis=1)
+        b_dqd = tl.zeros([4, BC, BK], dtype=tl.float32)
+        b_dkd = tl.zeros([4, BC, BK], dtype=tl.float32)
+        m_dr = (i_t * BT + o_dr) < T
+        for i_c in range(BC):
+            # [NC] token c of each sub-chunk; [NC, BK] its query, key and cumulative log2-decay
+            # (taken from b_gd)
+            o_tc = i_t * BT + o_s + i_c
+            m_tc = o_tc < T
+            b_qc = tl.load(q + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_kc = tl.load(k + ((bos + o_tc[:, None]) * H + i_h) * K + o_k[None, :], mask=m_tc[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_gcc = tl.sum(tl.where(o_c[None, :, None] == i_c, b_gd, 0.), axis=1)
+            # [NC, BC, 1] column c of each diagonal block (dA_tc) and its row c (dA_ct)
+            b_dAc = tl.load(dA + ((bos + i_t * BT + o_dr) * H + i_h) * BT + o_s[:, None, None] + i_c, mask=m_dr, other=0.)
+            b_dAr = tl.load(dA + ((bos + o_tc[:, None, None]) * H + i_h) * BT + o_dr, mask=m_tc[:, None, None], other=0.)
+            b_dqd += b_dAc * b_kc[:, None, :] * tl.exp2(tl.minimum(b_gd - b_gcc[:, None, :], 0.))
+            b_dkd += b_dAr * b_qc[:, None, :] * tl.exp2(tl.minimum(b_gcc[:, None, :] - b_gd, 0.))
+        b_dq += tl.reshape(b_dqd, [BT, BK])
+        b_dk += tl.reshape(b_dkd, [BT, BK])
+    else:
+        # the sub-chunk blocks from chunk_bwd_dqk_diagonal_kernel: the diagonal ones ("grid")
+        # or every intra-chunk block ("intra")
+        p_x = ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
+        b_dq += tl.load(dqd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_dk += tl.load(dkd + p_x, mask=m_t[:, None] & m_k[None, :], other=0.)
     p_dq = dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_t[:, None] & m_k[None, :])
     p_dk = dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
@@ -1756,6 +1762,8 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
     BT = CHUNK
     scale = K ** -0.5 if scale is None else float(scale)
     _cfg = default_backward_config(K, V)
+    if not isinstance(config or {}, dict):
+        raise ValueError(f"config must be a dict of per-kernel overrides, got {type(config).__name__}")
     for _kernel, _overrides in (config or {}).items():
         if _kernel not in _cfg:
             raise ValueError(f"config: unknown backward kernel {_kernel!r}; known: {', '.join(_cfg)}")
@@ -1768,6 +1776,7 @@ def backward_core(q, k, v, gain, log_decay, do, dht, scale, initial_state, cu_se
         if _unknown:
             raise ValueError(f"config: unknown setting {_unknown[0]!r} of backward kernel {_kernel!r}; known: {', '.join(_cfg[_kernel])}")
         _cfg[_kernel] = {**_cfg[_kernel], **_overrides}
+    check_attention_config(_cfg)
     if _cfg["dqk"]["diag"] not in ("loop", "grid", "intra"):
         raise ValueError(f"config dqk diag must be 'loop', 'grid' or 'intra', got {_cfg['dqk']['diag']!r}")
     if _cfg["dqk"]["diag_dk"] not in ("columns", "rows"):

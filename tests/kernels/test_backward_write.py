@@ -300,28 +300,21 @@ def test_backward_rejects_bad_gradients():
         module.backward(q, q, q, gate[:, :10], torch.zeros_like(q))
 
 
-def test_backward_rejects_an_unknown_dqk_diag_before_any_launch(monkeypatch):
-    """A dqk diag other than "loop", "grid" or "intra": one ValueError, and no kernel has run."""
-    module = runtime.load_zoo("gla")
-    launched = []
-    for name in [n for n in dir(module) if n.endswith("_kernel")]:
-        monkeypatch.setattr(module, name, _Launches(name, launched))
-    q = torch.randn(1, 20, 1, 16)
-    with pytest.raises(ValueError, match="dqk diag must be 'loop', 'grid' or 'intra'"):
-        module.backward(q, q, q, -torch.rand_like(q), torch.zeros_like(q), config={"dqk": {"diag": "columns"}})
-    assert launched == []
-
-
 @pytest.mark.parametrize("model,config,match", [
+    ("gla", {"dqk": {"diag": "columns"}}, "dqk diag must be 'loop', 'grid' or 'intra'"),
+    ("gla", {"dqk": {"diag_dk": "both"}}, "dqk diag_dk must be 'columns' or 'rows'"),
+    # the recomputation of A reads the forward's attention settings
+    ("gla", {"attention": {"diag": "loop"}}, "attention diag must be 'blocks' or 'grid'"),
+    ("gla", "fast", "config must be a dict of per-kernel overrides, got str"),
     ("gla", {"dqk": {"diag_BK": 32}}, "unknown setting 'diag_BK' of backward kernel 'dqk'"),
     ("gla", {"dqk": 32}, r"config\['dqk'\] must be a dict"),
     ("gla", {"dgk": {}}, "unknown backward kernel 'dgk'"),
     # the diagonal's settings belong to the per-key decay's kernels only
     ("mamba2", {"dqk": {"diag": "grid"}}, "unknown setting 'diag' of backward kernel 'dqk'"),
 ])
-def test_backward_rejects_an_unknown_config_before_any_launch(model, config, match, monkeypatch):
-    """A kernel or a setting the defaults lack (a typo): one ValueError naming it, and no
-    kernel has run."""
+def test_backward_rejects_a_bad_config_before_any_launch(model, config, match, monkeypatch):
+    """A kernel or a setting the defaults lack (a typo), or a value outside a setting's
+    choices: one ValueError naming it, and no kernel has run."""
     module = runtime.load_zoo(model)
     launched = []
     for name in [n for n in dir(module) if n.endswith("_kernel")]:

@@ -126,6 +126,8 @@ def test_unknown_config_setting():
         ops.gla(q, k, v, g, config={"attention": {"bk": 32}})
     with pytest.raises(ValueError, match=r"config\['state'\] must be a dict"):
         ops.linear_attention(q, k, v, config={"state": 64})
+    with pytest.raises(ValueError, match="config must be a dict of per-kernel overrides, got str"):
+        ops.linear_attention(q, k, v, config="fused")
     module = runtime.load_zoo("linear_attention")
     with pytest.raises(ValueError, match="unknown setting 'BKK' of kernel 'recurrent'"):
         module.recurrent(q, k, v, config={"recurrent": {"BKK": 16}})
