@@ -14,6 +14,7 @@ its own version, so an entry made by other code or another Triton is never used 
 """
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -67,26 +68,29 @@ def ours(entry: Path, names: set[str]) -> bool:
 
 # what a device call may carry in all is 64 MiB, the working tree included
 LIMIT_MIB = 40
+# room left for what zlib buffers and the folder being added (the largest are a few MiB)
+MARGIN_MIB = 4
 
 
 def pack(archive: Path) -> int:
-    """Our kernels' cache folders into archive, the newest first, then fla's, halving their
-    number (fla's go first) until the archive is under LIMIT_MIB."""
+    """Our kernels' cache folders into archive, the newest first, then fla's, each while the
+    archive stays under LIMIT_MIB (the folders past it are left out, not half of all)."""
     src = cache_dir()
     folders = [e for e in src.iterdir() if e.is_dir()] if src.is_dir() else []
     folders.sort(key=lambda e: e.stat().st_mtime, reverse=True)
     names, reference = our_kernel_names(), reference_kernel_names() - our_kernel_names()
     entries = [e for e in folders if ours(e, names)] + [e for e in folders if ours(e, reference)]
     tmp = archive.with_name(archive.name + ".part")
-    while True:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for e in entries:
-                tar.add(e, arcname=e.name)
-        if tmp.stat().st_size <= LIMIT_MIB * 2 ** 20 or len(entries) <= 1:
-            break
-        entries = entries[:len(entries) // 2]
+    kept = 0
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for e in entries:
+            # what is compressed so far, less what zlib still buffers (the margin covers that)
+            if raw.tell() + MARGIN_MIB * 2 ** 20 > LIMIT_MIB * 2 ** 20:
+                break
+            tar.add(e, arcname=e.name)
+            kept += 1
     os.replace(tmp, archive)   # never a half-written archive under the final name
-    print(f"packed {len(entries)} kernels, {archive.stat().st_size / 2**20:.1f} MiB -> {archive}")
+    print(f"packed {kept} of {len(entries)} kernels, {archive.stat().st_size / 2**20:.1f} MiB -> {archive}")
     return 0
 
 

@@ -965,10 +965,14 @@ def default_config(K, V):
     (issue 4 asks 1e-3) and 30x off on rls with r = 1e-4 and |k| = 3 (session 6). tf32x3 for
     the innovation group is what spills (sm_90: 5140 against 2652 B). 4 warps: at K = 128 on
     an H100 they beat 8 by 5% and 2 by 8x.
-    The mean's serial pass keeps "tf32x3" (its rounding would accumulate over the chunks). The
-    readout, which feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and
-    "tf32" (about 5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones, whose
-    split operands would otherwise spill.
+    The gain, mean and readout kernels take precision None: "tf32x3" for float32 inputs and
+    one-pass "tf32" for 16-bit ones, whose own rounding is far coarser. On an H100 at
+    (4, 4096, 16, 128) bf16, tf32 took the gain kernel from 1.52 to 0.82 ms (0.51 at 4 warps,
+    which tf32's unsplit operands leave room for) and the mean's serial pass from 0.92 to 0.42,
+    the forward from 7.02 to 5.50 ms, with the same error against float64 (o 2.7e-3, S 1.6e-3;
+    issue 4 allows 2e-2). Float32 inputs keep tf32x3: with tf32 in both, S was 1.1e-3 off
+    (bench/RESULTS.md, session 12). The gain's num_warps None: 4, or 8 for tf32x3 at K > 64
+    (sm_90 spills 2420 -> 904 bytes per thread, 3% faster).
     """
     return {
         # update_rows: the depth of the update's dots, the chunk (one per quarter of P) or 16
@@ -977,13 +981,12 @@ def default_config(K, V):
         # sm_90 spills more (4056 against 3368 B); bench/riccati_phases.py times the update
         "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=CHUNK,
                            **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
-        # 8 warps at K = 128: sm_90 spills 2420 -> 904 bytes per thread, 3% faster on an H100
-        "gain": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=1, precision="tf32x3"),
+        "gain": dict(BV=_block(V, 64), num_warps=None, num_stages=1, precision=None),
         # BV 64: at (4, 4096, 16, 128) its 128 programs (2 value blocks x 64 heads; at 8 warps
         # and 255 registers one fits per SM) run in one wave on an H100's 132 SMs, where BV 32's
         # 256 take two: the mean kernel 0.979 -> 0.885 ms, the bf16 forward 7.360 -> 7.212,
         # though sm_90 spills more (624 -> 1036 B)
-        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
+        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision=None),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
 
@@ -991,7 +994,8 @@ def default_config(K, V):
 def _launch_config(K, V, config):
     """default_config(K, V) with the caller's per-kernel overrides, checked before any launch:
     one ValueError for an unknown kernel or setting, or a precision outside _PRECISIONS
-    (None only where the default is None: the readout's, and the covariance groups' own)."""
+    (None only where the default is None: the gain's, mean's and readout's, and the covariance
+    groups' own)."""
     _cfg = default_config(K, V)
     _base = dict(_cfg)  # the merge replaces each kernel's dict, so these stay the defaults
     if not isinstance(config or {}, dict):
@@ -1032,6 +1036,12 @@ def _covariance_precisions(launch, dtype):
     _by_dtype = "tf32x3" if dtype == torch.float32 else "tf32"
     return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] or _by_dtype
             for _g in _COVARIANCE_GROUPS}
+
+
+def _dot_precision(launch, dtype):
+    """A per-chunk kernel's dot precision: its own `precision`, else "tf32x3" for float32
+    inputs and "tf32" for 16-bit ones (default_config says why)."""
+    return launch["precision"] or ("tf32x3" if dtype == torch.float32 else "tf32")
 
 
 DOMAIN_TEXT = {"real": "finite", "positive": "> 0", "nonnegative": ">= 0", "unit": "in (0, 1)",
@@ -1198,8 +1208,9 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     chunk_gain_kernel[(triton.cdiv(T, BT), N * H)](
         q, k, v, g, p0, r, sigma, _w, _u, _Bm, _L, _D, _U, _var, cu_seqlens, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], BC=16, OUTPUT_VARIANCE=output_variance,
-        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_launch["precision"],
-        num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(_launch, q.dtype),
+        num_warps=_launch["num_warps"] or (8 if K > 64 and _dot_precision(_launch, q.dtype) == "tf32x3" else 4),
+        num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     _h = q.new_empty(NS, H, K, V, dtype=v.dtype)
@@ -1210,7 +1221,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         _w, _u, _z, g, _h, _e, _S0, ht, cu_seqlens, _chunk_offsets, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_STATE=_S0 is not None,
         STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=_launch["precision"], num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        DOT_PRECISION=_dot_precision(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: the readout
     o = torch.empty_like(v)
@@ -1218,7 +1229,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
     chunk_readout_kernel[(triton.cdiv(V, _launch["BV"]), triton.cdiv(T, BT), N * H)](
         q, _Bm, g, _h, _e, o, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=_launch["precision"] or ("tf32x3" if v.dtype == torch.float32 else "tf32"),
+        DOT_PRECISION=_dot_precision(_launch, q.dtype),
         num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     _final = (ht, _Pt) if output_final_state else None

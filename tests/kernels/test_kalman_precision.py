@@ -90,6 +90,9 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     assert bf16 == marked({"covariance": {"precision": "tf32x3" if model == "bayesian_layer_diag" else "tf32"}},
                           torch.bfloat16)
     assert bf16 > 0   # the readout's dots run tf32 for 16-bit inputs
+    # so do the gain's and the mean's: tf32x3 for any one of them takes dots away
+    for kernel in ("mean", "readout") if model == "bayesian_layer_diag" else ("gain", "mean", "readout"):
+        assert marked({kernel: {"precision": "tf32x3"}}, torch.bfloat16) < bf16, kernel
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
