@@ -158,8 +158,8 @@ def chunk_riccati_kernel(
     tf32x3 while the others run one-pass tf32: the innovation (K^ P, S_in, q^^T P q^), the
     factorization (the LDL's panels and Schur complements), the solve (Y) and the update
     (P'); the ldl_block's own dots are always ieee. Grid: (N * H,).
-    With STORE_CHUNK_COV (for a backward) it also stores P at every chunk's start, before
-    that chunk's update, into _Pc ([NS, H, K, K], indexed like the mean kernel's chunk-start
+    With STORE_CHUNK_COV (for a backward) it also stores P at every chunk's start (the
+    previous chunk's update, from registers; the first chunk's: the initial P) into _Pc ([NS, H, K, K], indexed like the mean kernel's chunk-start
     means: chunk i_t of sequence i_n at chunk_offsets[i_n] + i_t, else i_n * NT + i_t).
     """
     i_nh = tl.program_id(0)
@@ -212,14 +212,14 @@ def chunk_riccati_kernel(
             boc = tl.load(chunk_offsets + i_n).to(tl.int64)
         else:
             boc = i_n.to(tl.int64) * tl.cdiv(T, BT)
+        # [K, K] the first chunk's P; every later chunk's is stored by the update before it,
+        # from registers, so that no chunk reads P back for this
+        p_Pc = _Pc + (boc * H + i_h) * K * K
+        tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], tl.load(p_Paa, mask=m_Paa, other=0.), mask=m_Paa)
+        tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], tl.load(p_Pab, mask=m_Pab, other=0.), mask=m_Pab)
+        tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.load(p_Pba, mask=m_Pba, other=0.), mask=m_Pba)
+        tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], tl.load(p_Pbb, mask=m_Pbb, other=0.), mask=m_Pbb)
     for i_t in range(tl.cdiv(T, BT)):
-        if STORE_CHUNK_COV:
-            # [K, K] P at this chunk's start, by quarters (the last chunk's update or the initial P)
-            p_Pc = _Pc + ((boc + i_t) * H + i_h) * K * K
-            tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], tl.load(p_Paa, mask=m_Paa, other=0.), mask=m_Paa)
-            tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], tl.load(p_Pab, mask=m_Pab, other=0.), mask=m_Pab)
-            tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.load(p_Pba, mask=m_Pba, other=0.), mask=m_Pba)
-            tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], tl.load(p_Pbb, mask=m_Pbb, other=0.), mask=m_Pbb)
         # the whole chunk's dots at once: 64-row dots keep every warp on rows of its own, where
         # 16-row ones leave all but one warp repeating the same rows
         o_t = i_t * BT + o_c
@@ -488,7 +488,13 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_ka[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_ka[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        tl.store(p_Paa, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Paa)
+        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
+        tl.store(p_Paa, b_Pn, mask=m_Paa)
+        if STORE_CHUNK_COV:
+            if (i_t + 1) * BT < T:
+                # P at the next chunk's start (none after the last chunk)
+                p_Pc = _Pc + ((boc + i_t + 1) * H + i_h) * K * K
+                tl.store(p_Pc + o_ka[:, None] * K + o_ka[None, :], b_Pn, mask=m_Paa)
         b_Pn = tl.load(p_Pab, mask=m_Pab, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
         tl.debug_barrier()
@@ -515,6 +521,12 @@ def chunk_riccati_kernel(
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
         tl.store(p_Pab, b_Pn, mask=m_Pab)
         tl.store(p_Pba, tl.trans(b_Pn), mask=m_Pba)
+        if STORE_CHUNK_COV:
+            if (i_t + 1) * BT < T:
+                # P at the next chunk's start (none after the last chunk)
+                p_Pc = _Pc + ((boc + i_t + 1) * H + i_h) * K * K
+                tl.store(p_Pc + o_ka[:, None] * K + o_kb[None, :], b_Pn, mask=m_Pab)
+                tl.store(p_Pc + o_kb[:, None] * K + o_ka[None, :], tl.trans(b_Pn), mask=m_Pba)
         b_Pn = tl.load(p_Pbb, mask=m_Pbb, other=0.)
         # every thread's read of this quarter is done before any thread writes it back
         tl.debug_barrier()
@@ -540,7 +552,13 @@ def chunk_riccati_kernel(
             b_Zx = tl.load(_z + ((bos + i_t * BT + 3 * BC + o_s[:, None]) * H + i_h) * K + o_kb[None, :], mask=((i_t * BT + 3 * BC + o_s[:, None] < T) & m_kb[None, :]), other=0.)
             b_Zy = b_Zx
             b_Pn = tl.dot(-tl.trans(b_Zx * b_D3[:, None]), b_Zy, b_Pn, input_precision=UPDATE_PRECISION)
-        tl.store(p_Pbb, 0.5 * (b_Pn + tl.trans(b_Pn)), mask=m_Pbb)
+        b_Pn = 0.5 * (b_Pn + tl.trans(b_Pn))
+        tl.store(p_Pbb, b_Pn, mask=m_Pbb)
+        if STORE_CHUNK_COV:
+            if (i_t + 1) * BT < T:
+                # P at the next chunk's start (none after the last chunk)
+                p_Pc = _Pc + ((boc + i_t + 1) * H + i_h) * K * K
+                tl.store(p_Pc + o_kb[:, None] * K + o_kb[None, :], b_Pn, mask=m_Pbb)
         tl.debug_barrier()
 
 
