@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="bayesian_layer and rls only, fewest compiles")
     ap.add_argument("--lean", action="store_true",
-                    help="only time bayesian_layer (default and 4-warp Riccati) at the first shape, "
+                    help="only time bayesian_layer (default and FAST_CONFIG) at the first shape, "
                          "with its error against the PyTorch chunked filter and the per-kernel split")
     ap.add_argument("--variants", default=None,
                     help='with --lean: JSON {name: config} of bayesian_layer launch settings to check against '
@@ -370,7 +370,9 @@ def main(argv=None) -> int:
                 print(f"breakdown {n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         variant_table(variants, rows, args.stress)
     elif args.lean:
-        extra = {"cov_w4": {"covariance": {"num_warps": 4}}}
+        # the generated module's FAST_CONFIG (one-pass tf32 dots) beside the default
+        from designmodel.codegen import runtime
+        extra = {"fast": runtime.load_zoo("bayesian_layer").FAST_CONFIG}
         timings(SHAPES[:1], rows, {"ours_bl": ("bayesian_layer", None),
                                    **{f"ours_bl_{n}": ("bayesian_layer", c) for n, c in extra.items()}})
         print(f"[{time.time() - t0:.0f}s]", flush=True)

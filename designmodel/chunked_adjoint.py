@@ -32,7 +32,6 @@ kalman_adjoint_chunks.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 
@@ -581,8 +580,10 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         sequences), or None to recompute them here (`kalman_checkpoints`);
     cu_seqlens: [N + 1] packed sequence boundaries (B = 1) or None; each sequence is swept
         on its own, from its own initial state and final-state gradients;
-    tf32: run the float32 matrix products on a GPU's TF32 tensor cores (about 1e-3 relative;
-        the forward kernels' covariance precision for 16-bit inputs), else in full float32;
+    tf32: the backward kernels' float32 dots take "tf32x3" (three TF32 passes, near float32;
+        for 16-bit inputs) instead of "ieee"; PyTorch's own products always run in float32:
+        one-pass TF32 made the gradients infinite for bf16 inputs with no decay and r = 1e-4
+        (bench/RESULTS.md, session 12);
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
     steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "quantities", step 2,
@@ -633,13 +634,12 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
             states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2) for x in checkpoints)
         x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
                                        tok(process_noise), prior, scale, None)
-        with _matmul_tf32(tf32):
-            grads, dS0, dP0 = _sweep_chunks(
-                {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
-                _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
-                None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
-                one(dS_end), one(dP_end), prior_timing, sweeps, tf32,
-                _use_compiled(q) if compiled is None else compiled, steps)
+        grads, dS0, dP0 = _sweep_chunks(
+            {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
+            _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
+            None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
+            one(dS_end), one(dP_end), prior_timing, sweeps, tf32,
+            _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     if len(parts) == 1:                                                  # no copy for one sequence
         grads, dS0, dP0 = parts[0]
@@ -650,27 +650,11 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                     initial_state, scale_)
 
 
-@contextlib.contextmanager
-def _matmul_tf32(on):
-    """Within the block, float32 matrix products on CUDA take TF32 when `on` (restored after)."""
-    matmul = torch.backends.cuda.matmul
-    if not on:
-        yield
-        return
-    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    old = getattr(matmul, name)
-    setattr(matmul, name, "tf32" if name == "fp32_precision" else True)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, old)
-
-
 def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     """Step 3 chunk by chunk: dS = F^T dS' + (Q^ - W Wk)^T dO with F = a_C I - Yt^T Wk, i.e.
     dS = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO). Yt, Wk, Qh [B, H, NC, C, K], W [B, H, NC,
     C, C], dO [B, H, NC, C, V], aC [B, H, NC], dS_end [B, H, K, V] or None. Returns (dS at
-    every chunk end [B, H, NC, K, V], dS at the start). (tf32: the caller's context sets it.)"""
+    every chunk end [B, H, NC, K, V], dS at the start). (tf32: unused, in float32.)"""
     B, H, NC, C, K = Yt.shape
     dS = Yt.new_zeros(B, H, K, dO.shape[-1]) if dS_end is None else dS_end
     dS_ends = Yt.new_empty(B, H, NC, K, dO.shape[-1])

@@ -863,46 +863,51 @@ def default_config(K, V):
     precision_<group> (None: the kernel's `precision`): innovation (the products with P that
     form K^ P, S_in and q^^T P q^), factor (the LDL's panels and Schur complements), solve
     (Y = L^-1 U^) and update (P', whose rounding carries over every later chunk).
-    The covariance path is float32 throughout. The update's dots run "tf32x3" (near float32:
-    P' carries its rounding into every later chunk); the others take precision None: "tf32x3"
-    for float32 inputs and one-pass "tf32" for 16-bit ones. On an H100 at (4, 4096, 16, 128)
-    bf16 the layer took 7.36 ms with tf32 against 10.1 to 12.3 with tf32x3 throughout, the
-    stress grid and rls at T = 65536, r = 1e-4 finite (bench/RESULTS.md, session 5); but
-    float32 inputs need tf32x3: with tf32 they were 1.8e-3 off float64 on packed sequences
-    (issue 4 asks 1e-3) and 30x off on rls with r = 1e-4 and |k| = 3 (session 6). tf32x3 for
-    the innovation group is what spills (sm_90: 5140 against 2652 B). 4 warps: at K = 128 on
-    an H100 they beat 8 by 5% and 2 by 8x.
-    The gain, mean and readout kernels take precision None: "tf32x3" for float32 inputs and
-    one-pass "tf32" for 16-bit ones, whose own rounding is far coarser. On an H100 at
-    (4, 4096, 16, 128) bf16, tf32 took the gain kernel from 1.52 to 0.82 ms (0.51 at 4 warps,
-    which tf32's unsplit operands leave room for) and the mean's serial pass from 0.92 to 0.42,
-    the forward from 7.02 to 5.50 ms, with the same error against float64 (o 2.7e-3, S 1.6e-3;
-    issue 4 allows 2e-2). Float32 inputs keep tf32x3: with tf32 in both, S was 1.1e-3 off
-    (bench/RESULTS.md, session 12). The gain's num_warps None: 4, or 8 for tf32x3 at K > 64
-    (sm_90 spills 2420 -> 904 bytes per thread, 3% faster).
+    The covariance path is float32 throughout, its dots "tf32x3" (near float32) for every
+    input dtype. One-pass "tf32" (FAST_CONFIG) is 1.8x faster in the Riccati kernel, but where
+    the filter is ill-conditioned (no decay and small r: P's spread grows with the tokens seen)
+    it loses everything: bf16 inputs with no decay, no process noise and |k| = 3 came out 1.6e-1
+    off float64 at r = 1e-2 and 1e3 off at r = 1e-4, where tf32x3 gives 4e-3 to 5e-3 (an H100,
+    bench/kalman_hard_cases.py; bench/RESULTS.md, session 12). 4 warps: at K = 128 on an H100
+    they beat 8 by 5% and 2 by 8x.
+    The gain and mean kernels' dots run "tf32x3" too (the gain's num_warps None: 8 for tf32x3
+    at K > 64, where sm_90 spills 2420 -> 904 bytes per thread, else 4). The readout, which
+    feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and "tf32" (about
+    5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones.
     """
     return {
         # update_rows: the depth of the update's dots, the chunk (one per quarter of P) or 16
         # (one per LDL block, four per quarter). On an H100 at (4, 4096, 16, 128) bf16 the chunk
         # took the forward from 7.360 to 7.237 ms (the Riccati kernel 4.696 -> 4.524), though
         # sm_90 spills more (4056 against 3368 B); bench/riccati_phases.py times the update
-        "covariance": dict(num_warps=4, num_stages=1, precision=None, update_rows=CHUNK,
-                           **{f"precision_{_g}": "tf32x3" if _g == "update" else None for _g in _COVARIANCE_GROUPS}),
-        "gain": dict(BV=_block(V, 64), num_warps=None, num_stages=1, precision=None),
+        "covariance": dict(num_warps=4, num_stages=1, precision="tf32x3", update_rows=CHUNK,
+                           **{f"precision_{_g}": None for _g in _COVARIANCE_GROUPS}),
+        "gain": dict(BV=_block(V, 64), num_warps=None, num_stages=1, precision="tf32x3"),
         # BV 64: at (4, 4096, 16, 128) its 128 programs (2 value blocks x 64 heads; at 8 warps
         # and 255 registers one fits per SM) run in one wave on an H100's 132 SMs, where BV 32's
         # 256 take two: the mean kernel 0.979 -> 0.885 ms, the bf16 forward 7.360 -> 7.212,
         # though sm_90 spills more (624 -> 1036 B)
-        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision=None),
+        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
     }
+
+
+# Faster settings, as config=FAST_CONFIG, for inputs whose filter stays well-conditioned (a
+# decay or process noise that keeps P from shrinking towards singular): one-pass tf32 dots but
+# for the update of P. On an H100 at (4, 4096, 16, 128) bf16 with g = logsigmoid(x + 4) the
+# forward took 5.6 ms against 10.3 for the default, with the same error (2.7e-3 for o); with no
+# decay and small r it is orders of magnitude off (default_config; bench/kalman_hard_cases.py)
+FAST_CONFIG = {
+    "covariance": {"precision": "tf32", "precision_update": "tf32x3"},
+    "gain": {"precision": "tf32", "num_warps": 4},
+    "mean": {"precision": "tf32"},
+}
 
 
 def _launch_config(K, V, config):
     """default_config(K, V) with the caller's per-kernel overrides, checked before any launch:
     one ValueError for an unknown kernel or setting, or a precision outside _PRECISIONS
-    (None only where the default is None: the gain's, mean's and readout's, and the covariance
-    groups' own)."""
+    (None only where the default is None: the readout's, and the covariance groups' own)."""
     _cfg = default_config(K, V)
     _base = dict(_cfg)  # the merge replaces each kernel's dict, so these stay the defaults
     if not isinstance(config or {}, dict):
@@ -936,18 +941,16 @@ def _launch_config(K, V, config):
     return _cfg
 
 
-def _covariance_precisions(launch, dtype):
+def _covariance_precisions(launch):
     """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
-    each group's own precision_<group>, else the kernel's `precision`, else by the inputs'
-    dtype: "tf32x3" for float32, "tf32" for 16-bit inputs (default_config says why)."""
-    _by_dtype = "tf32x3" if dtype == torch.float32 else "tf32"
-    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"] or _by_dtype
+    each group's own precision_<group>, else the kernel's `precision`."""
+    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"]
             for _g in _COVARIANCE_GROUPS}
 
 
 def _dot_precision(launch, dtype):
-    """A per-chunk kernel's dot precision: its own `precision`, else "tf32x3" for float32
-    inputs and "tf32" for 16-bit ones (default_config says why)."""
+    """A per-chunk kernel's dot precision: its own `precision`, else (the readout's default)
+    "tf32x3" for float32 inputs and "tf32" for 16-bit ones (default_config says why)."""
     return launch["precision"] or ("tf32x3" if dtype == torch.float32 else "tf32")
 
 
@@ -1100,7 +1103,7 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
         q, k, p0, r, _z, _L, _D, _U, _var, _P0, _Pt, _Pc, _Sc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, BT=BT, BK=BK, BC=16, HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        UPDATE_ROWS=_launch["update_rows"], **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        UPDATE_ROWS=_launch["update_rows"], **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]
@@ -1537,8 +1540,11 @@ def covariance_adjoint_sweep_kernel(
 
 
 def _sweep_precision(tf32):
-    """tl.dot's input precision for the sweeps' float32 products."""
-    return "tf32" if tf32 else "ieee"
+    """tl.dot's input precision for the backward kernels' float32 products: "tf32x3" (three
+    TF32 passes, near float32) for 16-bit inputs, "ieee" for float32 ones. One-pass "tf32"
+    gave infinite gradients for bf16 inputs with no decay and r = 1e-4, and 1.8e-1 off float64
+    at r = 1e-2 (an H100, bench/kalman_hard_cases.py --grads, bench/RESULTS.md session 12)."""
+    return "tf32x3" if tf32 else "ieee"
 
 
 def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):

@@ -19,7 +19,7 @@ from .helpers import relative_error
 from .test_kalman import draw, initial, reference, to_dev
 
 # fp32 inputs against float64: 1e-4 in the interpreter; on a GPU test_kalman's 1e-3 (the
-# covariance's dots but its update run one-pass tf32 by default)
+# covariance path runs tf32x3 dots)
 TOL = 1e-3 if HAS_CUDA else 1e-4
 
 
