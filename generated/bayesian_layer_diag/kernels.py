@@ -442,7 +442,11 @@ def default_config(K, V):
     rounding carries over every later chunk).
     The covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
     K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
-    its dots run in tf32 (about 1e-3 relative).
+    its dots run in tf32 (sm_90: 262 KB of shared memory with tf32x3, against 227 KB). That is
+    about 1e-3 relative where decay or process noise keep the filter well-conditioned; without
+    them and with small r, one-pass tf32 was orders of magnitude off in the scalar-decay
+    kernel (bench/RESULTS.md, session 12), and this kernel at K = 128 has not been measured
+    there: a known gap.
     The gain and mean kernels' dots run "tf32x3" too (the gain's num_warps None: 8 for tf32x3
     at K > 64, where sm_90 spills 2420 -> 904 bytes per thread, else 4). The readout, which
     feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and "tf32" (about
