@@ -581,7 +581,8 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
     cu_seqlens: [N + 1] packed sequence boundaries (B = 1) or None; each sequence is swept
         on its own, from its own initial state and final-state gradients;
     tf32: the backward kernels' float32 dots take "tf32x3" (three TF32 passes, near float32;
-        for 16-bit inputs) instead of "ieee"; PyTorch's own products always run in float32:
+        for 16-bit inputs) instead of "ieee", or the precision named by a string ("tf32": one
+        pass, for well-conditioned filters only); PyTorch's own products always run in float32:
         one-pass TF32 made the gradients infinite for bf16 inputs with no decay and r = 1e-4
         (bench/RESULTS.md, session 12);
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated

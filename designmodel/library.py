@@ -152,7 +152,7 @@ class LibraryOp:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 2))
             saved = ", Tensor[] saved" if self.saves else ""
             schema = (f"(Tensor q, Tensor k, Tensor v{ins}, Tensor do, Tensor? dS, Tensor? dP, Tensor? dvar, "
-                      f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens{saved}) "
+                      f"float? scale, Tensor? initial_state, Tensor? initial_covariance, Tensor? cu_seqlens, str? config{saved}) "
                       f"-> ({grads})")
         else:
             grads = ", ".join(["Tensor"] * (3 + len(self.inputs) + 1))
@@ -251,6 +251,7 @@ class LibraryOp:
             ctx.save_for_backward(q, k, v, *ins, opt["initial_state"], opt["initial_covariance"],
                                   opt["cu_seqlens"], *kept)
             ctx.output_variance = opt["output_variance"]
+            ctx.config = opt["config"]   # the kalman backward reads its own settings from it
         else:
             # the saving op's kept tensors (between o and the final state), in the order of
             # SAVED_FOR_BACKWARD, and the final state where it is named; none from the others
@@ -275,7 +276,7 @@ class LibraryOp:
             return x.contiguous() if asked and x is not None else None
         out = self._backward_op(q, k, v, *ins, do.contiguous(), given(dS, ctx.output_final_state),
                                 given(dP, ctx.output_final_state), given(dvar, ctx.output_variance),
-                                ctx.scale, S0, P0, cu, *kept)
+                                ctx.scale, S0, P0, cu, ctx.config, *kept)
         dq, dk, dv, dins = out[0], out[1], out[2], list(out[3:3 + n])
         dS0, dP0 = out[3 + n], out[4 + n]
         # one gradient per op argument: q, k, v, inputs, scale, initial_state,
@@ -307,9 +308,10 @@ class LibraryOp:
                                       "backward yet (module.backward is missing)")
         kw = {}
         if self.kalman:
-            do, dS, dP, dvar, scale, S0, P0, cu = rest[n:n + 8]
+            do, dS, dP, dvar, scale, S0, P0, cu, config = rest[n:n + 9]
             if self.saves:
-                kw["saved"] = _given(rest[n + 8])
+                kw["saved"] = _given(rest[n + 9])
+            kw["config"] = None if config is None else json.loads(config)
             state = None if S0 is None and P0 is None else (S0, P0)
             dht = None if dS is None and dP is None else (dS, dP)
             out = fn(q, k, v, *ins, do, dht=dht, dvar=dvar, scale=scale, initial_state=state, cu_seqlens=cu, **kw)

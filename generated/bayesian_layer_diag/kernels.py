@@ -450,7 +450,9 @@ def default_config(K, V):
     The gain and mean kernels' dots run "tf32x3" too (the gain's num_warps None: 8 for tf32x3
     at K > 64, where sm_90 spills 2420 -> 904 bytes per thread, else 4). The readout, which
     feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and "tf32" (about
-    5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones.
+    5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones. "adjoint" is the
+    backward's: its kernels' dots in "tf32x3" for 16-bit inputs and "ieee" for float32 ones
+    (precision None); one-pass "tf32" made the gradients infinite without decay (session 12).
     """
     return {
         "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
@@ -463,6 +465,9 @@ def default_config(K, V):
         # though sm_90 spills more (624 -> 1036 B)
         "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
+        # the backward's kernels (read by backward, not by the forward): precision None is
+        # "tf32x3" for 16-bit inputs and "ieee" for float32 ones
+        "adjoint": dict(precision=None),
     }
 
 
@@ -1140,6 +1145,8 @@ def _sweep_precision(tf32):
     TF32 passes, near float32) for 16-bit inputs, "ieee" for float32 ones. One-pass "tf32"
     gave infinite gradients for bf16 inputs with no decay and r = 1e-4, and 1.8e-1 off float64
     at r = 1e-2 (an H100, bench/kalman_hard_cases.py --grads, bench/RESULTS.md session 12)."""
+    if isinstance(tf32, str):   # a precision named by config["adjoint"]
+        return tf32
     return "tf32x3" if tf32 else "ieee"
 
 
@@ -1724,7 +1731,9 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
     Arguments as for `forward` (the inputs are not checked against their domains again), plus
     do: [B, T, H, V] the gradient w.r.t. o; dht: (dS [N, H, K, V], dP [N, H, K, K]) the
     gradients w.r.t. the final state, either or both None; dvar: [B, T, H] the gradient
-    w.r.t. the predictive variance, or None. config: unused (no backward kernels to tune).
+    w.r.t. the predictive variance, or None. config: the forward's (default_config), of which
+    the backward reads "adjoint": the dot precision of its kernels (None: "tf32x3" for 16-bit
+    inputs, "ieee" for float32; FAST_CONFIG takes "tf32").
     saved: what `forward(..., save_for_backward=True)` returned as saved, or None to recompute it.
     Returns (dq, dk, dv, dg, dp0, dr, dsigma, (dS0, dP0)): each gradient in the shape and dtype of its input
     (constants summed over batch and tokens); the last item is None without an initial state,
@@ -1754,6 +1763,8 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
             _got = tuple(_x.shape) if isinstance(_x, torch.Tensor) else type(_x).__name__
             raise ValueError(f"{_name} must be {list(_shape)}, got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
+    _precision = _launch_config(K, V, config)["adjoint"]["precision"]
+    _tf32 = _precision if _precision is not None else q.dtype != torch.float32
     g = g.contiguous()
     p0 = p0.contiguous()
     r = r.contiguous()
@@ -1778,7 +1789,7 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
         prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
         initial_state=initial_state if initial_state is None else _split_state(initial_state),
         chunk=CHUNK, prior_timing=False, checkpoints=saved, cu_seqlens=cu_seqlens,
-        tf32=q.dtype != torch.float32, sweeps=ADJOINT_SWEEPS, steps=ADJOINT_STEPS)
+        tf32=_tf32, sweeps=ADJOINT_SWEEPS, steps=ADJOINT_STEPS)
     dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
     dlog_decay = _grads["log_decay"]
     dnoise = _grads["noise"]

@@ -150,3 +150,32 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         with pytest.raises(ValueError, match=message):
             call(model, cfg, **x)
     assert dots == []
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
+@pytest.mark.parametrize("config", ["default", "adjoint", "fast"])
+def test_backward_dots_follow_config_adjoint(config, dots):
+    """Through the op's autograd the backward's kernels take config["adjoint"]: tf32x3 for
+    bf16 inputs by default (no one-pass tf32 dot, which made gradients infinite without decay
+    on a GPU), one-pass tf32 when it is named or with FAST_CONFIG. The gradients agree with
+    autograd through the float64 filter on the rounded inputs either way."""
+    cfg = {"default": None, "adjoint": {"adjoint": {"precision": "tf32"}},
+           "fast": runtime.load_zoo("bayesian_layer").FAST_CONFIG}[config]
+    q, k, v, ins, p0 = draw("bayesian_layer", 1, 70, 1, 16, 16, seed=3)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    names = ("q", "k", "v", "g", "r", "sigma")
+    mine = [x.to(DEVICE).requires_grad_() for x in (q, k, v, ins["g"], ins["r"], ins["sigma"])]
+    o, _ = ops.bayesian_layer(*mine, p0=p0.to(DEVICE), config=cfg)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    dots.clear()
+    got = torch.autograd.grad((o.float() * w.float().to(DEVICE)).sum(), mine)
+    seen = Counter(dots)
+    if config == "default":
+        assert seen["tf32"] == 0 and seen["tf32x3"] > 0, seen
+    else:
+        assert seen["tf32x3"] == 0 and seen["tf32"] > 0, seen
+    leaves = [x.detach().cpu().double().requires_grad_() for x in mine]
+    ref = reference("bayesian_layer", *leaves[:3], dict(zip(names[3:], leaves[3:])), p0)
+    want = torch.autograd.grad((ref.o * w).sum(), leaves)
+    for n, x, y in zip(names, got, want):
+        assert relative_error(x, y) <= TOLERANCE[torch.bfloat16], f"d{n}: {relative_error(x, y):.2e}"
