@@ -80,8 +80,12 @@ def inputs(model, B, T, H, D, seed=0, requires_grad=True, device="cuda"):
     return q, k, v, x
 
 
+# the op's config for every model timed (--config), None for the defaults
+CONFIG = None
+
+
 def ours_call(model, q, k, v, x):
-    return getattr(ops, model)(q, k, v, **x, check_domain=False)[0]
+    return getattr(ops, model)(q, k, v, **x, check_domain=False, config=CONFIG)[0]
 
 
 def fwd_bwd(fn, do):
@@ -188,8 +192,17 @@ def main(argv=None) -> int:
     ap.add_argument("--backward-config", default=None,
                     help='JSON overrides of the generated backward\'s default_backward_config for every model, '
                          'e.g. \'{"dqk": {"diag": "grid"}}\' (ops take no backward config: this patches the defaults)')
+    ap.add_argument("--config", default=None,
+                    help='JSON config passed to the op (forward and, for the kalman family, backward), or "fast" for '
+                         "the generated module's FAST_CONFIG (the Bayesian Layer's one-pass tf32 settings)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_bwd.json"))
     args = ap.parse_args(argv)
+    global CONFIG
+    if args.config == "fast":
+        from designmodel.codegen import runtime
+        CONFIG = runtime.load_zoo("bayesian_layer").FAST_CONFIG
+    elif args.config:
+        CONFIG = json.loads(args.config)
     if args.backward_config:
         override_backward_config([m for m in args.models.split(",") if m], json.loads(args.backward_config))
     if not torch.cuda.is_available():
