@@ -63,6 +63,34 @@ def inputs(model, alpha, r, sigma, norm, B=1, T=512, H=2, K=128, seed=0):
     return q, k, v, ins
 
 
+def case_errors(model, alpha, r, sigma, norm, dtype, configs, T=512, K=128, device="cuda", grads=False):
+    """One case with inputs in dtype, for each config: (error of o, error of the final P), or
+    with grads (worst error over the inputs' gradients of sum(o w), its input's name)."""
+    q, k, v, ins = inputs(model, alpha, r, sigma, norm, T=T, K=K)
+    d = derive(model)
+    d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
+    qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+    # the float64 filter on the inputs as rounded to dtype (under autograd with grads)
+    leaves = {"q": qd.double(), "k": kd.double(), "v": vd.double(), **{n: x.double() for n, x in ins.items()}}
+    for x in leaves.values():
+        x.requires_grad_(grads)
+    ref = recurrent(d, leaves["q"] * K ** -0.5, leaves["k"], leaves["v"],
+                    {**{n: leaves[n] for n in ins}, "p0": torch.ones(q.shape[2], dtype=torch.float64)})
+    w = torch.randn(ref.o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    if grads:
+        want = dict(zip(leaves, torch.autograd.grad((ref.o * w).sum(), list(leaves.values()))))
+    out = []
+    for cfg in configs:
+        mine = {n: x.to(device).requires_grad_(grads) for n, x in (("q", qd), ("k", kd), ("v", vd), *ins.items())}
+        o, (_, P) = getattr(ops, model)(**mine, output_final_state=True, check_domain=False, config=cfg)
+        if grads:
+            got = torch.autograd.grad((o.float() * w.float().to(device)).sum(), list(mine.values()))
+            out.append(max((relative(g, want[n]), n) for g, n in zip(got, mine)))
+        else:
+            out.append((relative(o, ref.o.detach()), relative(P, ref.covariance.detach())))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default='{"default": null}', help="JSON {name: config or null}")
@@ -76,33 +104,11 @@ def main(argv=None) -> int:
     what = "grads" if args.grads else "o / P"
     print("| model | alpha | r | sigma | |k| | inputs | " + " | ".join(f"{n}: {what}" for n in configs) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(configs))
-    for model, alpha, r, sigma, norm in (c for c in CASES if c[0] in args.models.split(",")):
-        q, k, v, ins = inputs(model, alpha, r, sigma, norm, T=args.T, K=args.K)
-        d = derive(model)
-        d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
+    for case in (c for c in CASES if c[0] in args.models.split(",")):
         for dtype in (torch.float32, torch.bfloat16):
-            qd, kd, vd = (x.to(dtype) for x in (q, k, v))
-            K = q.shape[-1]
-            # the float64 filter on the inputs as rounded to dtype (under autograd with --grads)
-            leaves = {"q": qd.double(), "k": kd.double(), "v": vd.double(), **{n: x.double() for n, x in ins.items()}}
-            for x in leaves.values():
-                x.requires_grad_(args.grads)
-            ref = recurrent(d, leaves["q"] * K ** -0.5, leaves["k"], leaves["v"],
-                            {**{n: leaves[n] for n in ins}, "p0": torch.ones(q.shape[2], dtype=torch.float64)})
-            w = torch.randn(ref.o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            if args.grads:
-                want = dict(zip(leaves, torch.autograd.grad((ref.o * w).sum(), list(leaves.values()))))
-            cells = []
-            for cfg in configs.values():
-                mine = {n: x.to(args.device).requires_grad_(args.grads)
-                        for n, x in (("q", qd), ("k", kd), ("v", vd), *ins.items())}
-                o, (_, P) = getattr(ops, model)(**mine, output_final_state=True, check_domain=False, config=cfg)
-                if args.grads:
-                    got = torch.autograd.grad((o.float() * w.float().to(args.device)).sum(), list(mine.values()))
-                    worst = max((relative(g, want[n]), n) for g, n in zip(got, mine))
-                    cells.append(f"{worst[0]:.1e} (d{worst[1]})")
-                else:
-                    cells.append(f"{relative(o, ref.o.detach()):.1e} / {relative(P, ref.covariance.detach()):.1e}")
+            errs = case_errors(*case, dtype, list(configs.values()), T=args.T, K=args.K, device=args.device, grads=args.grads)
+            cells = [f"{a:.1e} (d{b})" if args.grads else f"{a:.1e} / {b:.1e}" for a, b in errs]
+            model, alpha, r, sigma, norm = case
             print(f"| {model} | {alpha} | {r:g} | {sigma} | {norm} | {str(dtype)[6:]} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
