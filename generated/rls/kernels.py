@@ -1114,11 +1114,12 @@ def forward(q, k, v, p0, r, scale=None, initial_state=None, output_final_state=F
     )
     # per chunk, in parallel: W, U_v, B and the rest of the variance
     _launch = _cfg["gain"]
+    _precision = _dot_precision(_launch, q.dtype)
     chunk_gain_kernel[(triton.cdiv(T, BT), N * H)](
         q, k, v, p0, r, _w, _u, _Bm, _L, _D, _U, _var, cu_seqlens, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], BC=16, OUTPUT_VARIANCE=output_variance,
-        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_dot_precision(_launch, q.dtype),
-        num_warps=_launch["num_warps"] or (8 if K > 64 and _dot_precision(_launch, q.dtype) == "tf32x3" else 4),
+        IS_VARLEN=cu_seqlens is not None, DOT_PRECISION=_precision,
+        num_warps=_launch["num_warps"] or (8 if K > 64 and _precision == "tf32x3" else 4),
         num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
