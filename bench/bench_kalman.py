@@ -358,6 +358,8 @@ def main(argv=None) -> int:
                     help="with --lean: then the stress grid at T = 65536 (with --variants: for every variant)")
     ap.add_argument("--workers", type=int, default=min(16, max(1, (os.cpu_count() or 2) - 2)),
                     help="with --variants: processes that run the variants' checks (and compiles) at once")
+    ap.add_argument("--diag", action="store_true",
+                    help="with --lean: time bayesian_layer_diag instead (default and one-pass tf32 covariance)")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip optional stages past this")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kalman.json"))
     args = ap.parse_args(argv)
@@ -383,6 +385,10 @@ def main(argv=None) -> int:
             except Exception as e:
                 print(f"breakdown {n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         variant_table(variants, rows, args.stress)
+    elif args.lean and args.diag:
+        # the per-key kernel's default beside one-pass tf32 in its covariance kernel
+        timings(SHAPES[:1], rows, {"ours_diag": ("bayesian_layer_diag", None),
+                                   "ours_diag_tf32": ("bayesian_layer_diag", {"covariance": {"precision": "tf32"}})})
     elif args.lean:
         # the generated module's FAST_CONFIG (one-pass tf32 dots) beside the default
         from designmodel.codegen import runtime

@@ -40,6 +40,12 @@ CASES = [
     ("bayesian_layer", 0.9, 1e-4, 1.0, 3.0),
     ("bayesian_layer", 0.99, 1e-2, 1e-2, 1.0),
     ("bayesian_layer", 0.95, 1.0, 0.1, 1.0),
+    # the per-key decay's kernel keeps one-pass tf32 at K = 128 (tf32x3 does not fit its shared memory)
+    ("bayesian_layer_diag", 1.0, 1e-3, 0.0, 3.0),
+    ("bayesian_layer_diag", 1.0, 1e-2, 0.0, 3.0),
+    ("bayesian_layer_diag", 1.0, 1e-2, 0.0, 1.0),
+    ("bayesian_layer_diag", 0.9, 1e-4, 1.0, 3.0),
+    ("bayesian_layer_diag", 0.99, 1e-2, 1e-2, 1.0),
 ]
 
 
@@ -58,7 +64,8 @@ def inputs(model, alpha, r, sigma, norm, B=1, T=512, H=2, K=128, seed=0):
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) * norm
     ins = {"r": torch.full((B, T, H), r)}
     if model != "rls":
-        ins["g"] = torch.full((B, T, H), math.log(alpha))
+        # the per-key decay model takes one log-decay per key
+        ins["g"] = torch.full((B, T, H, K) if model.endswith("_diag") else (B, T, H), math.log(alpha))
         ins["sigma"] = torch.full((B, T, H), sigma)
     return q, k, v, ins
 

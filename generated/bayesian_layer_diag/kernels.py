@@ -64,6 +64,22 @@ def select_rows(b_x, o_r, o_k):
     return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
 
 
+@triton.jit
+def times_covariance(b_x, b_P, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """[BT, BK] x P for [BT, BK] rows x and the [BK, BK] covariance P. Above K = 64 by halves
+    of the key dimension, x_a P_a + x_b P_b (P_a, P_b: P's row halves): tf32x3 keeps split
+    copies of both operands in shared memory, and whole-P ones do not fit at K = 128 (sm_90:
+    262 KB against 227 KB), halves do."""
+    if BK > 64:
+        BKH: tl.constexpr = BK // 2
+        # [BT, BKH] x's column halves and [BKH, BK] P's row halves, both in their own order
+        b_xa, b_xb = tl.split(tl.permute(tl.reshape(b_x, [BT, 2, BKH]), [0, 2, 1]))
+        b_Pa, b_Pb = tl.split(tl.permute(tl.reshape(b_P, [2, BKH, BK]), [1, 2, 0]))
+        return tl.dot(b_xb, b_Pb, tl.dot(b_xa, b_Pa, input_precision=PRECISION), input_precision=PRECISION)
+    else:
+        return tl.dot(b_x, b_P, input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=["T"])
 def chunk_covariance_kernel(
     q,
@@ -174,7 +190,7 @@ def chunk_covariance_kernel(
         b_kh = b_k * b_a
         b_qh = b_q * b_a
         # [BT, BK] a o (K^ P)
-        b_KP = tl.dot(b_kh, b_P, input_precision=INNOVATION_PRECISION)
+        b_KP = times_covariance(b_kh, b_P, BT, BK, INNOVATION_PRECISION)
         b_aKP = b_KP * b_a
         # the decayed grams column by column: Gamma_tj = exp2(gc_t - gc_j) <= 1 per key, t >= j
         b_e = tl.zeros([BT, BK], dtype=tl.float32)
@@ -234,7 +250,7 @@ def chunk_covariance_kernel(
         tl.store(_Bm + ((bos + o_t[:, None]) * H + i_h) * BT + o_c[None, :], b_B.to(_Bm.dtype.element_ty), mask=m_t[:, None])
         if OUTPUT_VARIANCE:
             # [BT] q^T P_t q = q^^T P q^ + e |q|^2 - sum_j B_tj^2 D_j
-            b_var = tl.sum(tl.dot(b_qh, b_P, input_precision=INNOVATION_PRECISION) * b_qh, axis=1) - tl.sum(b_B * b_B * b_D[None, :], axis=1)
+            b_var = tl.sum(times_covariance(b_qh, b_P, BT, BK, INNOVATION_PRECISION) * b_qh, axis=1) - tl.sum(b_B * b_B * b_D[None, :], axis=1)
             b_var += tl.sum(b_q * b_q * b_e, axis=1)
             tl.store(_var + (bos + o_t) * H + i_h, b_var, mask=m_t)
         # U_v = L^-1 V: [BT, BV] blocks
@@ -440,13 +456,13 @@ def default_config(K, V):
     precision_<group> (None: the kernel's `precision`): innovation (the products with P that
     form K^ P, S_in and q^^T P q^), solve (the products with L^-1) and update (P', whose
     rounding carries over every later chunk).
-    The covariance path is float32 throughout, its dots "tf32x3" (near float32) up to K = 64; at
-    K = 128 the split operands of tf32x3 ([K, K] P twice over) do not fit in shared memory, so
-    its dots run in tf32 (sm_90: 262 KB of shared memory with tf32x3, against 227 KB). That is
-    about 1e-3 relative where decay or process noise keep the filter well-conditioned; without
-    them and with small r, one-pass tf32 was orders of magnitude off in the scalar-decay
-    kernel (bench/RESULTS.md, session 12), and this kernel at K = 128 has not been measured
-    there: a known gap.
+    The covariance path is float32 throughout, its dots "tf32x3" (near float32) for every K and
+    input dtype; at K = 128 the products with P go by halves of the keys (times_covariance), so
+    that tf32x3's split operands fit in shared memory (sm_90: 131 KB, against 262 KB whole).
+    One-pass "tf32", this kernel's default at K = 128 until session 13, was 7.1e-2 off float64
+    with fp32 inputs and 6.7e-2 with bf16 at r = 1e-2, |k| = 3 and no decay (1e1 to 7e1 at
+    r = 1e-3), where tf32x3 gives 8.5e-5 and 3.9e-3 (an H100, bench/kalman_hard_cases.py). It
+    costs 12% of the forward at (4, 4096, 16, 128) bf16: 62.7 against 56.1 ms.
     The gain and mean kernels' dots run "tf32x3" too (the gain's num_warps None: 8 for tf32x3
     at K > 64, where sm_90 spills 2420 -> 904 bytes per thread, else 4). The readout, which
     feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and "tf32" (about
@@ -456,14 +472,16 @@ def default_config(K, V):
     """
     return {
         "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
-                           precision="tf32x3" if K <= 64 else "tf32",
+                           precision="tf32x3",
                            **{f"precision_{_g}": None for _g in _COVARIANCE_GROUPS}),
         "gain": dict(BV=_block(V, 64), num_warps=None, num_stages=1, precision="tf32x3"),
         # BV 64: at (4, 4096, 16, 128) its 128 programs (2 value blocks x 64 heads; at 8 warps
         # and 255 registers one fits per SM) run in one wave on an H100's 132 SMs, where BV 32's
         # 256 take two: the mean kernel 0.979 -> 0.885 ms, the bf16 forward 7.360 -> 7.212,
         # though sm_90 spills more (624 -> 1036 B)
-        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
+        # (8 warps only with BV >= 32: at BV 16 they fault, see _config)
+        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 and _block(V, 64) >= 32 else 4, num_stages=2,
+                     precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
         # the backward's kernels (read by backward, not by the forward): precision None is
         # "tf32x3" for 16-bit inputs and "ieee" for float32 ones
@@ -497,6 +515,13 @@ def _launch_config(K, V, config):
             if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
                 raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
+    # refused, not left to crash: the mean kernel at 8 warps with a 16-wide value block and
+    # tf32 or tf32x3 dots faulted (illegal address) or came out wrong (o 0.69 off) on an H100
+    # with Triton 3.6 at K = 128, V = 16; 4 warps, BV 32 or "ieee" dots ran right (session 13)
+    _mean = _cfg["mean"]
+    if _mean["BV"] < 32 and _mean["num_warps"] >= 8 and _mean["precision"] != "ieee":
+        raise ValueError("config['mean']: BV below 32 with 8 or more warps faults on the GPU with tf32 "
+                         "dots (Triton 3.6, sm_90); use BV 32 or more, 4 warps or precision 'ieee'")
     return _cfg
 
 

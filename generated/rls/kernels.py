@@ -889,7 +889,9 @@ def default_config(K, V):
         # and 255 registers one fits per SM) run in one wave on an H100's 132 SMs, where BV 32's
         # 256 take two: the mean kernel 0.979 -> 0.885 ms, the bf16 forward 7.360 -> 7.212,
         # though sm_90 spills more (624 -> 1036 B)
-        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 else 4, num_stages=2, precision="tf32x3"),
+        # (8 warps only with BV >= 32: at BV 16 they fault, see _config)
+        "mean": dict(BV=_block(V, 64), num_warps=8 if K > 64 and _block(V, 64) >= 32 else 4, num_stages=2,
+                     precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
         # the backward's kernels (read by backward, not by the forward): precision None is
         # "tf32x3" for 16-bit inputs and "ieee" for float32 ones
@@ -939,6 +941,13 @@ def _launch_config(K, V, config):
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
             if _n == "update_rows" and _x not in (16, CHUNK):
                 raise ValueError(f"config[{_kernel!r}]['update_rows'] must be 16 or the chunk ({CHUNK}), got {_x!r}")
+    # refused, not left to crash: the mean kernel at 8 warps with a 16-wide value block and
+    # tf32 or tf32x3 dots faulted (illegal address) or came out wrong (o 0.69 off) on an H100
+    # with Triton 3.6 at K = 128, V = 16; 4 warps, BV 32 or "ieee" dots ran right (session 13)
+    _mean = _cfg["mean"]
+    if _mean["BV"] < 32 and _mean["num_warps"] >= 8 and _mean["precision"] != "ieee":
+        raise ValueError("config['mean']: BV below 32 with 8 or more warps faults on the GPU with tf32 "
+                         "dots (Triton 3.6, sm_90); use BV 32 or more, 4 warps or precision 'ieee'")
     # refused, not left to crash: the update by LDL blocks at 8 warps faulted (illegal address)
     # on an H100 with Triton 3.6 at T = 300 and 320, with and without an initial state, where
     # the source checks clean in the interpreter (bench/RESULTS.md, session 10)

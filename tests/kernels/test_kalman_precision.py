@@ -142,6 +142,8 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer", {"covariance": {"update_rows": 32}}, r"update_rows.*must be 16 or the chunk"),
         ("bayesian_layer", {"covariance": {"update_rows": 16, "num_warps": 8}}, r"update_rows 16 with 8 or more warps"),
         ("bayesian_layer_diag", {"covariance": {"update_rows": 64}}, r"unknown setting 'update_rows'"),
+        ("rls", {"mean": {"BV": 16, "num_warps": 8}}, r"config\['mean'\]: BV below 32 with 8 or more warps"),
+        ("bayesian_layer_diag", {"mean": {"num_warps": 8, "precision": "tf32"}}, r"BV below 32 with 8 or more warps"),
     ]
     for model, cfg, message in cases:
         x = {"r": ins["r"]} if model == "rls" else bl
