@@ -512,8 +512,9 @@ def _launch_config(K, V, config):
     for _kernel, _overrides in (config or {}).items():
         _defaults = _base[_kernel]
         for _n, _x in _overrides.items():
-            if _n.startswith("precision") and _x not in _PRECISIONS and not (_x is None and _defaults[_n] is None):
-                raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _PRECISIONS))}"
+            _allowed = _PRECISIONS
+            if _n.startswith("precision") and _x not in _allowed and not (_x is None and _defaults[_n] is None):
+                raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _allowed))}"
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
     # refused, not left to crash: the mean kernel at 8 warps with a 16-wide value block and
     # tf32 or tf32x3 dots faulted (illegal address) or came out wrong (o 0.69 off) on an H100
@@ -525,11 +526,12 @@ def _launch_config(K, V, config):
     return _cfg
 
 
-def _covariance_precisions(launch):
+def _covariance_precisions(launch, dtype):
     """The covariance kernel's per-group dot precisions (its constexprs <GROUP>_PRECISION):
     each group's own precision_<group>, else the kernel's `precision`."""
-    return {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"]
+    _out = {f"{_g.upper()}_PRECISION": launch[f"precision_{_g}"] or launch["precision"]
             for _g in _COVARIANCE_GROUPS}
+    return _out
 
 
 def _dot_precision(launch, dtype):
@@ -691,7 +693,7 @@ def forward(q, k, v, g, p0, r, sigma, scale=None, initial_state=None, output_fin
         q, k, v, g, p0, r, sigma, _w, _u, _z, _Bm, _var, _P0, _Pt, _Pc, cu_seqlens, _chunk_offsets, scale, T,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=_launch["BV"], HAS_INITIAL_COV=_P0 is not None,
         STORE_FINAL_COV=output_final_state, STORE_CHUNK_COV=save_for_backward, OUTPUT_VARIANCE=output_variance, IS_VARLEN=cu_seqlens is not None,
-        **_covariance_precisions(_launch), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
+        **_covariance_precisions(_launch, q.dtype), num_warps=_launch["num_warps"], num_stages=_launch["num_stages"],
     )
     # per state (mean): S at every chunk's start and the innovations E, in the input's dtype
     _h = q.new_empty(NS, H, K, V, dtype=v.dtype)

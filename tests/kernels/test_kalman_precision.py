@@ -86,13 +86,18 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
     assert sum(per_group.values()) == everything, (per_group, everything)
     overridden = {f"precision_{g}": "tf32x3" for g in GROUPS[model]}
     assert marked({"covariance": {"precision": "tf32", **overridden}}) == 0
-    # the default: tf32x3 for fp32 and bf16 inputs alike (the per-key kernel at K <= 64), but
-    # for the readout's dots, which run tf32 for 16-bit inputs
+    # the default: tf32x3 for fp32 and bf16 inputs alike, but for the readout's dots, which run
+    # tf32 for 16-bit inputs, and (scalar decay) the innovation's, tf32x2 for 16-bit inputs
     assert marked(None) == 0
-    bf16 = marked(None, torch.bfloat16)
+    x3 = {} if model == "bayesian_layer_diag" else {"covariance": {"precision_innovation": "tf32x3"}}
+    bf16 = marked(x3, torch.bfloat16)
     assert bf16 > 0
-    assert marked({"readout": {"precision": "tf32x3"}}, torch.bfloat16) == 0
+    assert marked({"readout": {"precision": "tf32x3"}, **x3}, torch.bfloat16) == 0
     if model != "bayesian_layer_diag":
+        # tf32x2: two one-pass dots for each of the innovation's, but K K^T's (inputs both
+        # sides: one), 2 chunks x 2 halves of the keys of them with process noise
+        kkt = 4 if model == "bayesian_layer" else 0
+        assert marked(None, torch.bfloat16) - bf16 == 2 * per_group["innovation"] - kkt
         # FAST_CONFIG: one-pass tf32 in every covariance group but the update, and in the gain
         # and mean kernels, on top of the readout's dots
         gain, mean = marked({"gain": {"precision": "tf32"}}), marked({"mean": {"precision": "tf32"}})
@@ -124,6 +129,28 @@ def test_update_by_ldl_blocks_matches_float64(model, dots):
     assert counts == {16: 2 * 3 * 4, "default": 2 * 3}, counts
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's float32 dots: a GPU's tf32 passes differ")
+@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
+def test_innovation_split_of_16_bit_inputs_matches_float64(model, dots):
+    """bf16 inputs by default, and fp32 ones when asked, run the innovation as tf32x2: the
+    keys and queries as loaded in the dots, the computed operand split into tf32 hi + lo, the
+    decay and scale applied after. The interpreter computes every dot in float32, so the two
+    halves must add back to the whole: the float32 outputs (S, P, the variance) agree with
+    the float64 filter on the rounded inputs to the fp32 bound (1e-4), where the bf16 bound
+    is 2e-2; o is stored in bf16. Both halves of each split dot are seen."""
+    q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=7)
+    S0, P0 = initial(1, 1, 32, 16, seed=7)
+    for dtype, config in ((torch.bfloat16, None), (torch.float32, {"covariance": {"precision_innovation": "tf32x2"}})):
+        dots.clear()
+        o, S, P, var = run(model, (q, k, v, ins, p0, S0, P0), config, dtype)
+        want = reference(model, *(x.to(dtype).float() for x in (q, k, v)), ins, p0, S0, P0)
+        for name, x, y in zip(("S", "P", "var"), (S, P, var), (want.state, want.covariance, want.variance)):
+            err = relative_error(x, y)
+            assert err <= TOLERANCE[torch.float32], f"{model} {dtype}: {name} relative error {err:.2e}"
+        assert relative_error(o, want.o) <= TOLERANCE[torch.bfloat16 if dtype == torch.bfloat16 else torch.float32]
+        assert Counter(dots)["tf32"] > 0
+
+
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
     """Unknown values, unknown or misspelt keys, a group the kernel lacks, None where a
     precision is needed: ValueError naming the setting, and no kernel has run."""
@@ -142,6 +169,8 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer", {"covariance": {"update_rows": 32}}, r"update_rows.*must be 16 or the chunk"),
         ("bayesian_layer", {"covariance": {"update_rows": 16, "num_warps": 8}}, r"update_rows 16 with 8 or more warps"),
         ("bayesian_layer_diag", {"covariance": {"update_rows": 64}}, r"unknown setting 'update_rows'"),
+        ("bayesian_layer", {"covariance": {"precision_update": "tf32x2"}}, r"'precision_update'.*must be one of"),
+        ("bayesian_layer_diag", {"covariance": {"precision_innovation": "tf32x2"}}, r"'precision_innovation'.*must be one of"),
         ("rls", {"mean": {"BV": 16, "num_warps": 8}}, r"config\['mean'\]: BV below 32 with 8 or more warps"),
         ("bayesian_layer_diag", {"mean": {"num_warps": 8, "precision": "tf32"}}, r"BV below 32 with 8 or more warps"),
     ]
