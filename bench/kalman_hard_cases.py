@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--models", default="rls,bayesian_layer", help="the cases of these models only")
     ap.add_argument("--grads", action="store_true", help="the gradients' errors instead of the forward's")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="input dtypes (bf16x3 configs take bfloat16 only)")
     ap.add_argument("--device", default="cuda", help="cpu: a quick look in Triton's interpreter (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     configs = json.loads(args.configs)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     print("| model | alpha | r | sigma | |k| | inputs | " + " | ".join(f"{n}: {what}" for n in configs) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(configs))
     for case in (c for c in CASES if c[0] in args.models.split(",")):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (getattr(torch, n) for n in args.dtypes.split(",")):
             errs = case_errors(*case, dtype, list(configs.values()), T=args.T, K=args.K, device=args.device, grads=args.grads)
             cells = [f"{a:.1e} (d{b})" if args.grads else f"{a:.1e} / {b:.1e}" for a, b in errs]
             model, alpha, r, sigma, norm = case

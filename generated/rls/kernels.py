@@ -102,15 +102,40 @@ def tf32_rounded(b_x):
 
 
 @triton.jit
+def bf16_pieces(b_x):
+    """x = x1 + x2 + x3 (to about 2^-24 of x), each a bf16 rounded to nearest: three 8-bit
+    slices of float32's 24-bit significand."""
+    b_x1 = b_x.to(tl.bfloat16)
+    b_r = b_x - b_x1.to(tl.float32)
+    b_x2 = b_r.to(tl.bfloat16)
+    return b_x1, b_x2, (b_r - b_x2.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def dot_input(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + x y where one operand is an input as loaded, x if INPUT_LEFT else y.
 
-    "tf32x2": that operand is taken as exact in tf32 (16-bit inputs: bf16 and fp16 carry 8
-    and 11 significant bits, tf32 11), so only the other is split, into hi (rounded to tf32)
-    and lo = the rest: two one-pass dots give tf32x3's products, whose third pass (the
-    input's lo times the other's hi) would add zero, at two thirds of its work. Any other
-    precision is tl.dot's own."""
-    if PRECISION == "tf32x2":
+    Two splits take that operand as exact and split only the other: "tf32x2" for 16-bit
+    inputs (bf16 and fp16 carry 8 and 11 significant bits, tf32 11), the other in tf32 hi
+    (rounded to nearest) + lo, two one-pass dots: tf32x3's products, whose third pass (the
+    input's lo times the other's hi) would add zero, at two thirds of its work; "bf16x3" for
+    bf16 inputs, the other in three bf16 pieces (bf16_pieces), three bf16 dots (twice tf32's
+    rate on an H100: about 1.5 tf32 passes of work) that keep about float32's 24 bits, smallest
+    first. Any other precision is tl.dot's own."""
+    if PRECISION == "bf16x3":
+        if INPUT_LEFT:
+            b_e = b_x.to(tl.bfloat16)
+            b_1, b_2, b_3 = bf16_pieces(b_y)
+            acc = tl.dot(b_e, b_3, acc)
+            acc = tl.dot(b_e, b_2, acc)
+            return tl.dot(b_e, b_1, acc)
+        else:
+            b_e = b_y.to(tl.bfloat16)
+            b_1, b_2, b_3 = bf16_pieces(b_x)
+            acc = tl.dot(b_3, b_e, acc)
+            acc = tl.dot(b_2, b_e, acc)
+            return tl.dot(b_1, b_e, acc)
+    elif PRECISION == "tf32x2":
         if INPUT_LEFT:
             b_hi = tf32_rounded(b_y)
             acc = tl.dot(b_x, b_y - b_hi, acc, input_precision="tf32")
@@ -125,9 +150,11 @@ def dot_input(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def dot_inputs(b_x, b_y, acc, PRECISION: tl.constexpr):
-    """acc + x y where both operands are inputs as loaded: under "tf32x2" (exact in tf32) one
-    pass gives tf32x3's products."""
-    if PRECISION == "tf32x2":
+    """acc + x y where both operands are inputs as loaded: under "tf32x2" and "bf16x3" (exact
+    in tf32, in bf16) one pass of that kind gives tf32x3's products."""
+    if PRECISION == "bf16x3":
+        return tl.dot(b_x.to(tl.bfloat16), b_y.to(tl.bfloat16), acc)
+    elif PRECISION == "tf32x2":
         return tl.dot(b_x, b_y, acc, input_precision="tf32")
     else:
         return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
@@ -913,7 +940,9 @@ def default_config(K, V):
     13; the decay and the scale are applied after the dots, so that the operand stays exact).
     For fp32 inputs the keys are not exact in tf32 ("tf32x2" there reads them truncated to
     tf32: 2e-3 off float64 in an emulation, above the 1e-3 bound), so the innovation keeps
-    tf32x3. One-pass "tf32" (FAST_CONFIG) is 1.8x faster in the Riccati kernel, but where
+    tf32x3. "bf16x3" (bf16 inputs only) splits the other operand into three bf16 pieces for
+    bf16 dots instead: as accurate on the hard cases and 7.35 against 7.67 ms in one run
+    (session 13), its gradients not yet measured, so not the default. One-pass "tf32" (FAST_CONFIG) is 1.8x faster in the Riccati kernel, but where
     the filter is ill-conditioned (no decay and small r: P's spread grows with the tokens seen)
     it loses everything: bf16 inputs with no decay, no process noise and |k| = 3 came out 1.6e-1
     off float64 at r = 1e-2 and 1e3 off at r = 1e-4, where tf32x3 gives 4e-3 to 5e-3 (an H100,
@@ -986,7 +1015,7 @@ def _launch_config(K, V, config):
         _defaults = _base[_kernel]
         for _n, _x in _overrides.items():
             # the innovation's products have an input operand: it alone may split only the other
-            _allowed = _PRECISIONS + ("tf32x2",) if _n == "precision_innovation" else _PRECISIONS
+            _allowed = _PRECISIONS + ("tf32x2", "bf16x3") if _n == "precision_innovation" else _PRECISIONS
             if _n.startswith("precision") and _x not in _allowed and not (_x is None and _defaults[_n] is None):
                 raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _allowed))}"
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
@@ -1016,6 +1045,9 @@ def _covariance_precisions(launch, dtype):
             for _g in _COVARIANCE_GROUPS}
     if launch["precision_innovation"] is None and launch["precision"] == "tf32x3" and dtype != torch.float32:
         _out["INNOVATION_PRECISION"] = "tf32x2"
+    if _out["INNOVATION_PRECISION"] == "bf16x3" and dtype != torch.bfloat16:
+        # its input operand goes to the tensor core as bf16: exact only for bf16 inputs
+        raise ValueError(f"config['covariance']['precision_innovation'] 'bf16x3' needs bfloat16 q and k, got {dtype}")
     return _out
 
 

@@ -134,13 +134,21 @@ def test_update_by_ldl_blocks_matches_float64(model, dots):
 def test_innovation_split_of_16_bit_inputs_matches_float64(model, dots):
     """bf16 inputs by default, and fp32 ones when asked, run the innovation as tf32x2: the
     keys and queries as loaded in the dots, the computed operand split into tf32 hi + lo, the
-    decay and scale applied after. The interpreter computes every dot in float32, so the two
-    halves must add back to the whole: the float32 outputs (S, P, the variance) agree with
-    the float64 filter on the rounded inputs to the fp32 bound (1e-4), where the bf16 bound
-    is 2e-2; o is stored in bf16. Both halves of each split dot are seen."""
+    decay and scale applied after; bf16 inputs also as bf16x3 (three bf16 pieces of it). The
+    interpreter computes every dot in float32, so the pieces must add back to the whole: the
+    float32 outputs (S, P, the variance) agree with the float64 filter on the rounded inputs
+    to the fp32 bound (1e-4), where the bf16 bound is 2e-2; o is stored in bf16."""
     q, k, v, ins, p0 = draw(model, 1, 100, 1, 32, 16, seed=7)
     S0, P0 = initial(1, 1, 32, 16, seed=7)
-    for dtype, config in ((torch.bfloat16, None), (torch.float32, {"covariance": {"precision_innovation": "tf32x2"}})):
+    base = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        dots.clear()
+        run(model, (q, k, v, ins, p0, S0, P0), {"covariance": {"precision_innovation": "tf32x3"}}, dtype)
+        base[dtype] = Counter(dots)
+    kkt = 4 if model == "bayesian_layer" else 0   # K K^T's dots (inputs both sides): 2 chunks x 2 halves
+    for dtype, config, passes in ((torch.bfloat16, None, 2),
+                                  (torch.float32, {"covariance": {"precision_innovation": "tf32x2"}}, 2),
+                                  (torch.bfloat16, {"covariance": {"precision_innovation": "bf16x3"}}, 3)):
         dots.clear()
         o, S, P, var = run(model, (q, k, v, ins, p0, S0, P0), config, dtype)
         want = reference(model, *(x.to(dtype).float() for x in (q, k, v)), ins, p0, S0, P0)
@@ -148,7 +156,11 @@ def test_innovation_split_of_16_bit_inputs_matches_float64(model, dots):
             err = relative_error(x, y)
             assert err <= TOLERANCE[torch.float32], f"{model} {dtype}: {name} relative error {err:.2e}"
         assert relative_error(o, want.o) <= TOLERANCE[torch.bfloat16 if dtype == torch.bfloat16 else torch.float32]
-        assert Counter(dots)["tf32"] > 0
+        # each of the innovation's tf32x3 dots became `passes` one-pass dots (K K^T's: one;
+        # the interpreter records bf16 dots under the default input precision, tf32)
+        moved = base[dtype]["tf32x3"] - Counter(dots)["tf32x3"]
+        added = Counter(dots)["tf32"] - base[dtype]["tf32"]
+        assert moved > kkt and added == passes * moved - (passes - 1) * kkt, (moved, added)
 
 
 def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
@@ -170,6 +182,7 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer", {"covariance": {"update_rows": 16, "num_warps": 8}}, r"update_rows 16 with 8 or more warps"),
         ("bayesian_layer_diag", {"covariance": {"update_rows": 64}}, r"unknown setting 'update_rows'"),
         ("bayesian_layer", {"covariance": {"precision_update": "tf32x2"}}, r"'precision_update'.*must be one of"),
+        ("rls", {"covariance": {"precision_innovation": "bf16x3"}}, r"'bf16x3' needs bfloat16 q and k"),
         ("bayesian_layer_diag", {"covariance": {"precision_innovation": "tf32x2"}}, r"'precision_innovation'.*must be one of"),
         ("rls", {"mean": {"BV": 16, "num_warps": 8}}, r"config\['mean'\]: BV below 32 with 8 or more warps"),
         ("bayesian_layer_diag", {"mean": {"num_warps": 8, "precision": "tf32"}}, r"BV below 32 with 8 or more warps"),
