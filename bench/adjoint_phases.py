@@ -93,9 +93,9 @@ def main(argv=None):
     module.NSTAMP = len(names)
     module._TM = torch.zeros(B * H * NC, len(names), dtype=torch.int64, device=x["q"].device)
     if args.step == "mean":
-        run = lambda m: m.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, tf32=True)
+        run = lambda m: m.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, precision="tf32x3")
     else:
-        run = lambda m: (m.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, tf32=True), None)
+        run = lambda m: (m.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, precision="tf32x3"), None)
     run(module)                                                         # compile
     module._TM.zero_()
     got, want = run(module)[0], run(plain)[0]

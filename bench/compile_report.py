@@ -107,7 +107,7 @@ def record(model, shape, dtype, backward=False, backward_config=None, **kw):
         inputs[name] = torch.full(size, 0.5 if domain in ("unit", "positive", "nonnegative") else -0.1)
     module.forward(q, k, v, **inputs, **kw)
     if backward and module.FAMILY == "kalman":
-        _record_kalman_backward(module, B, T, H, K, V, tf32=dtype != torch.float32)
+        _record_kalman_backward(module, B, T, H, K, V, "tf32x3" if dtype != torch.float32 else "ieee")
     elif backward:
         kw.pop("output_variance", None)
         kw.pop("save_for_backward", None)
@@ -117,7 +117,7 @@ def record(model, shape, dtype, backward=False, backward_config=None, **kw):
     return [(name, *signature(fn, a, dict(k))) for name, fn, a, k in launches]
 
 
-def _record_kalman_backward(module, B, T, H, K, V, tf32):
+def _record_kalman_backward(module, B, T, H, K, V, precision):
     """The kalman backward's kernel launches: its chunk quantities, sweeps and chunk adjoints called directly on
     zeros of the shapes they get at (B, T, H, K, V) (the backward itself needs the forward's
     results, which a recorded forward does not make)."""
@@ -133,14 +133,14 @@ def _record_kalman_backward(module, B, T, H, K, V, tf32):
     blocks = module.CHUNK_QUANTITIES_BLOCKS
     for factor_warps in (blocks[3], 0 if blocks[3] else 4):              # the default, then the other way
         module.CHUNK_QUANTITIES_BLOCKS = blocks[:3] + (factor_warps,)
-        module.ADJOINT_STEPS["quantities"](x, states, covs, False, tf32=tf32)
+        module.ADJOINT_STEPS["quantities"](x, states, covs, False, precision=precision)
     module.CHUNK_QUANTITIES_BLOCKS = blocks
     mean_sweep, covariance_sweep = module.ADJOINT_SWEEPS
-    mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, tf32=tf32)
-    covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, tf32=tf32)
-    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, tf32=tf32)
-    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, tf32=tf32, dvar=z(C))
-    module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, tf32=tf32)
+    mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, precision=precision)
+    covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, precision=precision)
+    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision)
+    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision, dvar=z(C))
+    module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, precision=precision)
 
 
 def main(argv=None) -> int:

@@ -56,13 +56,13 @@ def child(step, config, shape):
     bk, bv, warps = config[:3]
     if step == "quantities":
         module.CHUNK_QUANTITIES_BLOCKS = config                          # and the factorization's warps (0: inline)
-        run = lambda: module.chunk_quantities(x, S, P, False, tf32=True)
+        run = lambda: module.chunk_quantities(x, S, P, False, precision="tf32x3")
     else:
         module.CHUNK_ADJOINT_BLOCKS[step] = (bk, bv, warps)
         if step == "mean":
-            run = lambda: module.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, tf32=True)
+            run = lambda: module.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, precision="tf32x3")
         else:
-            run = lambda: module.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, tf32=True)
+            run = lambda: module.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, precision="tf32x3")
     t0 = time.time()
     run()
     torch.cuda.synchronize()

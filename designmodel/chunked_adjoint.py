@@ -565,7 +565,7 @@ def _from_chunks(x, T):
 
 def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, dht=None, dvar=None,
                           scale=None, initial_state=None, chunk=64, prior_timing=False,
-                          checkpoints=None, cu_seqlens=None, tf32=False, sweeps=None, steps=None,
+                          checkpoints=None, cu_seqlens=None, precision="ieee", sweeps=None, steps=None,
                           compiled=None):
     """`kalman_adjoint_two_sweeps` with every chunk at once: the backward a GPU runs.
 
@@ -580,11 +580,11 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         sequences), or None to recompute them here (`kalman_checkpoints`);
     cu_seqlens: [N + 1] packed sequence boundaries (B = 1) or None; each sequence is swept
         on its own, from its own initial state and final-state gradients;
-    tf32: the backward kernels' float32 dots take "tf32x3" (three TF32 passes, near float32;
-        for 16-bit inputs) instead of "ieee", or the precision named by a string ("tf32": one
-        pass, for well-conditioned filters only); PyTorch's own products always run in float32:
-        one-pass TF32 made the gradients infinite for bf16 inputs with no decay and r = 1e-4
-        (bench/RESULTS.md, session 12);
+    precision: the input precision of the backward kernels' float32 dots: "ieee", "tf32x3"
+        (three TF32 passes, near float32; the generated backward's choice for 16-bit inputs)
+        or "tf32" (one pass, for well-conditioned filters only); PyTorch's own products always
+        run in float32: one-pass TF32 made the gradients infinite for bf16 inputs with no decay
+        and r = 1e-4 (bench/RESULTS.md, session 12);
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
     steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "quantities", step 2,
@@ -639,7 +639,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
             {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
             _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
             None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
-            one(dS_end), one(dP_end), prior_timing, sweeps, tf32,
+            one(dS_end), one(dP_end), prior_timing, sweeps, precision,
             _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     if len(parts) == 1:                                                  # no copy for one sequence
@@ -651,11 +651,11 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                     initial_state, scale_)
 
 
-def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
+def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
     """Step 3 chunk by chunk: dS = F^T dS' + (Q^ - W Wk)^T dO with F = a_C I - Yt^T Wk, i.e.
     dS = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO). Yt, Wk, Qh [B, H, NC, C, K], W [B, H, NC,
     C, C], dO [B, H, NC, C, V], aC [B, H, NC], dS_end [B, H, K, V] or None. Returns (dS at
-    every chunk end [B, H, NC, K, V], dS at the start). (tf32: unused, in float32.)"""
+    every chunk end [B, H, NC, K, V], dS at the start). (precision: unused, in float32.)"""
     B, H, NC, C, K = Yt.shape
     dS = Yt.new_zeros(B, H, K, dO.shape[-1]) if dS_end is None else dS_end
     dS_ends = Yt.new_empty(B, H, NC, K, dO.shape[-1])
@@ -666,7 +666,7 @@ def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     return dS_ends, dS
 
 
-def _covariance_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
+def _covariance_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee"):
     """Step 5 chunk by chunk: dP = F^T dP' F + Src with F = a_C I - Yt^T Wk, i.e. (X = Yt dP')
     dP = a_C^2 dP' - a_C (X^T Wk + Wk^T X) + Wk^T (X Yt^T) Wk + Src. Yt, Wk [B, H, NC, C, K],
     sources [B, H, NC, K, K], aC [B, H, NC], dP_end [B, H, K, K] (symmetric) or None. Returns
@@ -718,7 +718,7 @@ def _or_eager(compiled, eager):
     return run
 
 
-def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, tf32=False,
+def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, precision="ieee",
                   compiled=False, steps=None):
     """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
     chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
@@ -738,26 +738,26 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
     # PyTorch adjoint reads more of them)
     if all_kernels:
-        c = kernels["quantities"](x, states, covs, strict, tf32=tf32)
+        c = kernels["quantities"](x, states, covs, strict, precision=precision)
     else:
         c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
     mean_sweep, covariance_sweep = sweeps or (_mean_sweep, _covariance_sweep)
     Wk = c["Wk"] if "Wk" in c else c["Li"] @ c["Kh"]                    # whitened keys [C, K]
     # (3) dS at every chunk end, sequential
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
-                             None if dS_end is None else dS_end.to(f), tf32=tf32)
+                             None if dS_end is None else dS_end.to(f), precision=precision)
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
     if "mean" in kernels:
-        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, tf32=tf32, dvar=dvar)
+        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, precision=precision, dvar=dvar)
     else:
         grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
                                     dS_ends, None, strict, carry_mean=False)
     # (5) dP at every chunk end, sequential
     dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
-                                   None if dP_end is None else _sym(dP_end.to(f)), tf32=tf32)
+                                   None if dP_end is None else _sym(dP_end.to(f)), precision=precision)
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
     if "covariance" in kernels:
-        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, tf32=tf32)
+        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, precision=precision)
     else:
         more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
                              dP_ends, strict, carry_mean=False, carry_covariance=False)

@@ -1643,17 +1643,7 @@ def covariance_adjoint_sweep_kernel(
     tl.store(dP0 + i_bh * K * K + p_kk, b_dP, mask=m_kk)
 
 
-def _sweep_precision(tf32):
-    """tl.dot's input precision for the backward kernels' float32 products: "tf32x3" (three
-    TF32 passes, near float32) for 16-bit inputs, "ieee" for float32 ones. One-pass "tf32"
-    gave infinite gradients for bf16 inputs with no decay and r = 1e-4, and 1.8e-1 off float64
-    at r = 1e-2 (an H100, bench/kalman_hard_cases.py --grads, bench/RESULTS.md session 12)."""
-    if isinstance(tf32, str):   # a precision named by config["adjoint"]
-        return tf32
-    return "tf32x3" if tf32 else "ieee"
-
-
-def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
+def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
     """Step 3: dS at every chunk end and at the start, from Yt, Wk, Qh [B, H, NC, C, K], the
     scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] (or [B, H, NC, K] for a
     per-key decay) and the final gradient dS_end [B, H, K, V] (or None). Returns
@@ -1670,11 +1660,11 @@ def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, tf32=False):
     # on sm_90 (templates/reset/backward.py.j2)
     mean_adjoint_sweep_kernel[(triton.cdiv(V, BV), B * H)](
         *args, end, dS_ends, dS0, NC, K=K, V=V, C=C, BK=BK, BV=BV, HAS_END=end is not None,
-        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=4, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=precision, num_warps=4, num_stages=1)
     return dS_ends, dS0
 
 
-def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
+def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee"):
     """Step 5: dP at every chunk end and at the start, from Yt, Wk [B, H, NC, C, K], the
     chunks' sources [B, H, NC, K, K], a_C [B, H, NC] (or [B, H, NC, K]) and the final gradient
     dP_end [B, H, K, K] (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K])."""
@@ -1686,7 +1676,7 @@ def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, tf32=False):
     end = None if dP_end is None else dP_end.float().contiguous()
     covariance_adjoint_sweep_kernel[(B * H,)](
         *args, end, dP_ends, dP0, NC, K=K, C=C, BK=BK, HAS_END=end is not None,
-        PER_KEY=aC.dim() == 4, PRECISION=_sweep_precision(tf32), num_warps=8, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=precision, num_warps=8, num_stages=1)
     return dP_ends, dP0
 
 
@@ -1880,7 +1870,7 @@ def _chunk_starts(t):
     return t, t.stride()[:3]
 
 
-def chunk_quantities(x, states, covs, strict, tf32=False):
+def chunk_quantities(x, states, covs, strict, precision="ieee"):
     """Step 2 on every chunk at once, for a scalar decay: the quantities of every chunk from
     its inputs x (q scaled, k, v [B, H, NC, C, *], g, r, sigma [B, H, NC, C]) and its start
     state (states [B, H, NC, K, V], covs [B, H, NC, K, K], views of any strides: see
@@ -1902,7 +1892,7 @@ def chunk_quantities(x, states, covs, strict, tf32=False):
     grid = (B * H * NC,)
     launch = lambda part: chunk_quantities_kernel[grid](
         *f, *out.values(), H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
-        STRICT=strict, PRECISION=_sweep_precision(tf32), PART=part, num_warps=warps, num_stages=1)
+        STRICT=strict, PRECISION=precision, PART=part, num_warps=warps, num_stages=1)
     if factor_warps:
         launch(1)
         innovation_factor_kernel[grid](out["Lc"], out["Li"], C=C, num_warps=factor_warps)
@@ -2172,7 +2162,7 @@ def chunk_adjoint_kernel(
 CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
 
 
-def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, tf32=False,
+def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, precision="ieee",
                           dvar=None):
     """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V],
     dS_ends [B, H, NC, K, V] and dvar [B, H, NC, C] or None, or step 6 with dP_ends
@@ -2198,14 +2188,14 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     chunk_adjoint_kernel[(B * H * NC,)](
         *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
-        FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=_sweep_precision(tf32), num_warps=warps, num_stages=1)
+        FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=precision, num_warps=warps, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
     if mean:
         grads.update(q=dq, v=dv)
     return grads, src
 
 
-def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, tf32=False, dvar=None):
+def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee", dvar=None):
     """Step 4 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from dO [B, H, NC, C, V], the variance readout's gradient dvar [B, H, NC, C] (or
     None) and the gradient dS_ends [B, H, NC, K, V] of its end mean, and its covariance source
@@ -2213,15 +2203,15 @@ def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, tf32=False, dvar
     designmodel.chunked_adjoint._chunk_adjoint(..., dO, dvar, dS_ends, None, carry_mean=False)
     gives them. x: the inputs in chunks, c: step 2's quantities, states and covs: S and P at
     every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src)."""
-    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, tf32=tf32, dvar=dvar)
+    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, precision=precision, dvar=dvar)
 
 
-def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, tf32=False):
+def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, precision="ieee"):
     """Step 6 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from the gradient dP_ends [B, H, NC, K, K] of its end covariance, as
     designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them. Returns
     {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
-    return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, tf32=tf32)[0]
+    return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, precision=precision)[0]
 
 
 # the parallel steps that run as kernels (the others run in PyTorch): 2, 4 and 6
@@ -2267,7 +2257,10 @@ def backward(q, k, v, p0, r, do, dht=None, dvar=None, scale=None, initial_state=
             raise ValueError(f"{_name} must be {list(_shape)}, got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
     _precision = _launch_config(K, V, config)["adjoint"]["precision"]
-    _tf32 = _precision if _precision is not None else q.dtype != torch.float32
+    # the backward kernels' float32 dots: "tf32x3" (three TF32 passes, near float32) for 16-bit
+    # inputs, "ieee" for float32 ones. One-pass "tf32" gave infinite gradients for bf16 inputs
+    # with no decay and r = 1e-4, and 1.8e-1 off float64 at r = 1e-2 (an H100, session 12)
+    _precision = _precision if _precision is not None else ("tf32x3" if q.dtype != torch.float32 else "ieee")
     p0 = p0.contiguous()
     r = r.contiguous()
     k = k.contiguous()
@@ -2288,7 +2281,7 @@ def backward(q, k, v, p0, r, do, dht=None, dvar=None, scale=None, initial_state=
         prior.reshape(NR, H)[0], do, dht=None if dS is None and dP is None else (dS, dP), dvar=dvar, scale=scale,
         initial_state=initial_state if initial_state is None else _split_state(initial_state),
         chunk=CHUNK, prior_timing=False, checkpoints=saved, cu_seqlens=cu_seqlens,
-        tf32=_tf32, sweeps=ADJOINT_SWEEPS, steps=ADJOINT_STEPS)
+        precision=_precision, sweeps=ADJOINT_SWEEPS, steps=ADJOINT_STEPS)
     dq, dk, dv = _grads["q"], _grads["k"], _grads["v"]
     dnoise = _grads["noise"]
     # the prior is one number per head: its gradient sits on the first row, the chain rule
