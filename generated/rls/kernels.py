@@ -189,7 +189,7 @@ def chunk_riccati_kernel(
     STORE_CHUNK_COV: tl.constexpr,   # store P at every chunk start into _Pc (for a backward)
     OUTPUT_VARIANCE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    INNOVATION_PRECISION: tl.constexpr,   # K^ P, S_in = K^ P K^^T (+ K K^T), q^^T P q^ (or "tf32x2": dot_input)
+    INNOVATION_PRECISION: tl.constexpr,   # K^ P, S_in = K^ P K^^T (+ K K^T), q^^T P q^ (or "tf32x2", "bf16x3": dot_input)
     FACTOR_PRECISION: tl.constexpr,       # the blocked LDL's panels X and Schur complements
     SOLVE_PRECISION: tl.constexpr,        # Y = L^-1 U^ by blocks
     UPDATE_PRECISION: tl.constexpr,       # P' = a_C^2 P + e_C I - Y^T D^-1 Y
@@ -980,9 +980,9 @@ def default_config(K, V):
 # Faster settings, as config=FAST_CONFIG, for inputs whose filter stays well-conditioned (a
 # decay or process noise that keeps P from shrinking towards singular): one-pass tf32 dots but
 # for the update of P. On an H100 at (4, 4096, 16, 128) bf16 with g = logsigmoid(x + 4) the
-# forward took 5.6 ms against 10.3 for the default, with the same error (2.7e-3 for o), and the
-# fwd+bwd 17.8 against 35.2; with no decay and small r it is orders of magnitude off and its
-# gradients infinite (default_config; bench/kalman_hard_cases.py)
+# forward took 5.35 ms against 7.60 for the default (o 5e-3 and 4e-3 off the PyTorch chunked
+# filter), and the fwd+bwd 17.9 against 31.8 (session 13); with no decay and small r it is
+# orders of magnitude off and its gradients infinite (default_config; bench/kalman_hard_cases.py)
 FAST_CONFIG = {
     "covariance": {"precision": "tf32", "precision_update": "tf32x3"},
     "gain": {"precision": "tf32", "num_warps": 4},
