@@ -70,10 +70,10 @@ def inputs(model, alpha, r, sigma, norm, B=1, T=512, H=2, K=128, seed=0):
     return q, k, v, ins
 
 
-def case_errors(model, alpha, r, sigma, norm, dtype, configs, T=512, K=128, device="cuda", grads=False):
+def case_errors(model, alpha, r, sigma, norm, dtype, configs, T=512, K=128, device="cuda", grads=False, seed=0):
     """One case with inputs in dtype, for each config: (error of o, error of the final P), or
     with grads (worst error over the inputs' gradients of sum(o w), its input's name)."""
-    q, k, v, ins = inputs(model, alpha, r, sigma, norm, T=T, K=K)
+    q, k, v, ins = inputs(model, alpha, r, sigma, norm, T=T, K=K, seed=seed)
     d = derive(model)
     d = derive(replace(d.spec, readout=replace(d.spec.readout, variance=True)))
     qd, kd, vd = (x.to(dtype) for x in (q, k, v))
@@ -83,7 +83,7 @@ def case_errors(model, alpha, r, sigma, norm, dtype, configs, T=512, K=128, devi
         x.requires_grad_(grads)
     ref = recurrent(d, leaves["q"] * K ** -0.5, leaves["k"], leaves["v"],
                     {**{n: leaves[n] for n in ins}, "p0": torch.ones(q.shape[2], dtype=torch.float64)})
-    w = torch.randn(ref.o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = torch.randn(ref.o.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     if grads:
         want = dict(zip(leaves, torch.autograd.grad((ref.o * w).sum(), list(leaves.values()))))
     out = []
@@ -106,15 +106,18 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="rls,bayesian_layer", help="the cases of these models only")
     ap.add_argument("--grads", action="store_true", help="the gradients' errors instead of the forward's")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="input dtypes (bf16x3 configs take bfloat16 only)")
+    ap.add_argument("--seed", type=int, default=0, help="the inputs' (and the loss weights') random seed")
+    ap.add_argument("--r-max", type=float, default=None, help="only the cases with r at most this")
     ap.add_argument("--device", default="cuda", help="cpu: a quick look in Triton's interpreter (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     configs = json.loads(args.configs)
     what = "grads" if args.grads else "o / P"
     print("| model | alpha | r | sigma | |k| | inputs | " + " | ".join(f"{n}: {what}" for n in configs) + " |")
     print("|---|---|---|---|---|---|" + "---|" * len(configs))
-    for case in (c for c in CASES if c[0] in args.models.split(",")):
+    for case in (c for c in CASES if c[0] in args.models.split(",") and (args.r_max is None or c[2] <= args.r_max)):
         for dtype in (getattr(torch, n) for n in args.dtypes.split(",")):
-            errs = case_errors(*case, dtype, list(configs.values()), T=args.T, K=args.K, device=args.device, grads=args.grads)
+            errs = case_errors(*case, dtype, list(configs.values()), T=args.T, K=args.K, device=args.device,
+                               grads=args.grads, seed=args.seed)
             cells = [f"{a:.1e} (d{b})" if args.grads else f"{a:.1e} / {b:.1e}" for a, b in errs]
             model, alpha, r, sigma, norm = case
             print(f"| {model} | {alpha} | {r:g} | {sigma} | {norm} | {str(dtype)[6:]} | " + " | ".join(cells) + " |", flush=True)

@@ -584,7 +584,13 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         (three TF32 passes, near float32; the generated backward's choice for 16-bit inputs)
         or "tf32" (one pass, for well-conditioned filters only); PyTorch's own products always
         run in float32: one-pass TF32 made the gradients infinite for bf16 inputs with no decay
-        and r = 1e-4 (bench/RESULTS.md, session 12);
+        and r = 1e-4 (bench/RESULTS.md, session 12). Or a dict: a precision per step in
+        ADJOINT_PRECISION_STEPS ("quantities", "sweeps", "chunk_adjoint") and optionally
+        "inputs", the precision of the dots with the keys or dO as loaded on one side (also
+        the 16-bit chunk-start means) in every step: by default "tf32x2" (only the other
+        operand split: tf32x3's products in two passes, see _step_precisions) in the
+        quantities and the sweeps where k and do are 16-bit and the step runs "tf32x3", else
+        the step's;
     sweeps: (mean sweep, covariance sweep), the two sequential steps as kernels (a generated
         module's ADJOINT_SWEEPS), or None to loop over the chunks in PyTorch;
     steps: parallel steps as kernels (a generated module's ADJOINT_STEPS: "quantities", step 2,
@@ -639,7 +645,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
             {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
             _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
             None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
-            one(dS_end), one(dP_end), prior_timing, sweeps, precision,
+            one(dS_end), one(dP_end), prior_timing, sweeps, _step_precisions(precision, k, do),
             _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     if len(parts) == 1:                                                  # no copy for one sequence
@@ -651,11 +657,38 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
                     initial_state, scale_)
 
 
-def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
+ADJOINT_PRECISION_STEPS = ("quantities", "sweeps", "chunk_adjoint")
+_PRECISION_KEYS = ADJOINT_PRECISION_STEPS + ("inputs",)
+# the steps whose input dots split by default. The chunk adjoint's do not: on an H100 (session
+# 14, bench/kalman_hard_cases.py --grads, bf16, no decay, |k| = 3, r = 1e-4) its split put dk
+# 1.2e-1 to 2.0e-1 off float64 over three seeds where tf32x3 gave 1.9e-2 to 4.2e-2, as far off
+# as float32 ("ieee") dots there; the steps before it split with no change in any case
+_SPLIT_BY_DEFAULT = ("quantities", "sweeps")
+
+
+def _step_precisions(precision, k, do):
+    """{step: (precision, input precision)} for each of ADJOINT_PRECISION_STEPS, from
+    kalman_adjoint_chunks' `precision` (a string for every step, or a dict). bf16 and fp16
+    values are exact in tf32, so where k and do are 16-bit a product with the keys or dO as
+    loaded needs only its other operand split ("tf32x2"): the input precision of a "tf32x3"
+    step in _SPLIT_BY_DEFAULT, unless the dict's "inputs" names one for every step."""
+    given = precision if isinstance(precision, dict) else dict.fromkeys(ADJOINT_PRECISION_STEPS, precision)
+    unknown = sorted(set(given) - set(_PRECISION_KEYS))
+    missing = [n for n in ADJOINT_PRECISION_STEPS if given.get(n) is None]
+    if unknown or missing:
+        raise ValueError(f"precision: a string or a dict with {', '.join(ADJOINT_PRECISION_STEPS)} "
+                         f"(and optionally 'inputs'); unknown {unknown}, missing {missing}")
+    exact = all(x.dtype in (torch.bfloat16, torch.float16) for x in (k, do))
+    split = lambda n, p: "tf32x2" if exact and p == "tf32x3" and n in _SPLIT_BY_DEFAULT else p
+    return {n: (given[n], given.get("inputs") or split(n, given[n])) for n in ADJOINT_PRECISION_STEPS}
+
+
+def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee", input_precision=None):
     """Step 3 chunk by chunk: dS = F^T dS' + (Q^ - W Wk)^T dO with F = a_C I - Yt^T Wk, i.e.
     dS = a_C dS' + Q^^T dO - Wk^T (Yt dS' + W^T dO). Yt, Wk, Qh [B, H, NC, C, K], W [B, H, NC,
     C, C], dO [B, H, NC, C, V], aC [B, H, NC], dS_end [B, H, K, V] or None. Returns (dS at
-    every chunk end [B, H, NC, K, V], dS at the start). (precision: unused, in float32.)"""
+    every chunk end [B, H, NC, K, V], dS at the start). (precision, input_precision: unused,
+    in float32.)"""
     B, H, NC, C, K = Yt.shape
     dS = Yt.new_zeros(B, H, K, dO.shape[-1]) if dS_end is None else dS_end
     dS_ends = Yt.new_empty(B, H, NC, K, dO.shape[-1])
@@ -666,7 +699,7 @@ def _mean_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
     return dS_ends, dS
 
 
-def _covariance_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee"):
+def _covariance_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee", input_precision=None):
     """Step 5 chunk by chunk: dP = F^T dP' F + Src with F = a_C I - Yt^T Wk, i.e. (X = Yt dP')
     dP = a_C^2 dP' - a_C (X^T Wk + Wk^T X) + Wk^T (X Yt^T) Wk + Src. Yt, Wk [B, H, NC, C, K],
     sources [B, H, NC, K, K], aC [B, H, NC], dP_end [B, H, K, K] (symmetric) or None. Returns
@@ -718,15 +751,18 @@ def _or_eager(compiled, eager):
     return run
 
 
-def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, precision="ieee",
+def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None, precision=None,
                   compiled=False, steps=None):
     """Steps 2 to 6 on every chunk at once: x the inputs [B, H, NC, C, *], states and covs the
     chunk-start means and covariances [B, H, NC, K, *], dO [B, H, NC, C, V], dvar [B, H, NC, C]
     or None, dS_end and dP_end the final state's gradients or None; sweeps: (mean sweep,
     covariance sweep) with the signatures of `_mean_sweep` and `_covariance_sweep` (the
     generated modules' Triton kernels), or None for those; compiled: the parallel steps through
-    torch.compile; steps: parallel steps as kernels (see kalman_adjoint_chunks). Returns (the gradients [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma;
-    dS0; dP0)."""
+    torch.compile; steps: parallel steps as kernels (see kalman_adjoint_chunks); precision:
+    {step: (precision, input precision)} (_step_precisions), None for "ieee" throughout.
+    Returns (the gradients [B, H, NC, C, *] of q (scaled), k, v, g, r, sigma; dS0; dP0)."""
+    precision = precision or dict.fromkeys(ADJOINT_PRECISION_STEPS, ("ieee", "ieee"))
+    at = lambda step: dict(zip(("precision", "input_precision"), precision[step]))
     quantities, adjoint = _compiled_steps() if compiled else (_chunk_quantities, _chunk_adjoint)
     per_key = x["g"].dim() == x["q"].dim()
     f = x["q"].dtype
@@ -738,26 +774,26 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     # (2) the chunks' quantities: as a kernel where steps 4 and 6 are kernels too (the
     # PyTorch adjoint reads more of them)
     if all_kernels:
-        c = kernels["quantities"](x, states, covs, strict, precision=precision)
+        c = kernels["quantities"](x, states, covs, strict, **at("quantities"))
     else:
         c = quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], states, covs, strict)
     mean_sweep, covariance_sweep = sweeps or (_mean_sweep, _covariance_sweep)
     Wk = c["Wk"] if "Wk" in c else c["Li"] @ c["Kh"]                    # whitened keys [C, K]
     # (3) dS at every chunk end, sequential
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
-                             None if dS_end is None else dS_end.to(f), precision=precision)
+                             None if dS_end is None else dS_end.to(f), **at("sweeps"))
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
     if "mean" in kernels:
-        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, precision=precision, dvar=dvar)
+        grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, dvar=dvar, **at("chunk_adjoint"))
     else:
         grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
                                     dS_ends, None, strict, carry_mean=False)
     # (5) dP at every chunk end, sequential
     dP_ends, dP = covariance_sweep(c["Yt"], Wk, sources, c["aC"],
-                                   None if dP_end is None else _sym(dP_end.to(f)), precision=precision)
+                                   None if dP_end is None else _sym(dP_end.to(f)), **at("sweeps"))
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
     if "covariance" in kernels:
-        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, precision=precision)
+        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, **at("chunk_adjoint"))
     else:
         more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
                              dP_ends, strict, carry_mean=False, carry_covariance=False)

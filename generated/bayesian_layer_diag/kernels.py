@@ -64,6 +64,104 @@ def select_rows(b_x, o_r, o_k):
     return tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_x[None, :], 0.), axis=1)
 
 
+# --- dots with an operand exact in tf32 (the Riccati kernel's innovation, the backward) --------
+# bf16 and fp16 values (8 and 11 significant bits) are exact in tf32 (11): in a product with
+# such an operand on one side, splitting only the other gives tf32x3's products in two passes.
+
+
+@triton.jit
+def tf32_rounded(b_x):
+    """x rounded to tf32 (10 explicit mantissa bits, to nearest, ties away from zero), as a
+    float32: adding half of the dropped bits' unit to the magnitude and clearing them."""
+    return ((b_x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_pieces(b_x):
+    """x = x1 + x2 + x3 (to about 2^-24 of x), each a bf16 rounded to nearest: three 8-bit
+    slices of float32's 24-bit significand."""
+    b_x1 = b_x.to(tl.bfloat16)
+    b_r = b_x - b_x1.to(tl.float32)
+    b_x2 = b_r.to(tl.bfloat16)
+    return b_x1, b_x2, (b_r - b_x2.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def dot_input(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + x y where one operand is an input as loaded, x if INPUT_LEFT else y.
+
+    Two splits take that operand as exact and split only the other: "tf32x2" for 16-bit
+    inputs (bf16 and fp16 carry 8 and 11 significant bits, tf32 11), the other in tf32 hi
+    (rounded to nearest) + lo, two one-pass dots: tf32x3's products, whose third pass (the
+    input's lo times the other's hi) would add zero, at two thirds of its work; "bf16x3" for
+    bf16 inputs, the other in three bf16 pieces (bf16_pieces), three bf16 dots (twice tf32's
+    rate on an H100: about 1.5 tf32 passes of work) that keep about float32's 24 bits, smallest
+    first. Any other precision is tl.dot's own."""
+    if PRECISION == "bf16x3":
+        if INPUT_LEFT:
+            b_e = b_x.to(tl.bfloat16)
+            b_1, b_2, b_3 = bf16_pieces(b_y)
+            acc = tl.dot(b_e, b_3, acc)
+            acc = tl.dot(b_e, b_2, acc)
+            return tl.dot(b_e, b_1, acc)
+        else:
+            b_e = b_y.to(tl.bfloat16)
+            b_1, b_2, b_3 = bf16_pieces(b_x)
+            acc = tl.dot(b_3, b_e, acc)
+            acc = tl.dot(b_2, b_e, acc)
+            return tl.dot(b_1, b_e, acc)
+    elif PRECISION == "tf32x2":
+        if INPUT_LEFT:
+            b_hi = tf32_rounded(b_y)
+            acc = tl.dot(b_x, b_y - b_hi, acc, input_precision="tf32")
+            return tl.dot(b_x, b_hi, acc, input_precision="tf32")
+        else:
+            b_hi = tf32_rounded(b_x)
+            acc = tl.dot(b_x - b_hi, b_y, acc, input_precision="tf32")
+            return tl.dot(b_hi, b_y, acc, input_precision="tf32")
+    else:
+        return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_inputs(b_x, b_y, acc, PRECISION: tl.constexpr):
+    """acc + x y where both operands are inputs as loaded: under "tf32x2" and "bf16x3" (exact
+    in tf32, in bf16) one pass of that kind gives tf32x3's products."""
+    if PRECISION == "bf16x3":
+        return tl.dot(b_x.to(tl.bfloat16), b_y.to(tl.bfloat16), acc)
+    elif PRECISION == "tf32x2":
+        return tl.dot(b_x, b_y, acc, input_precision="tf32")
+    else:
+        return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_exact(b_x, b_y, acc, X_EXACT: tl.constexpr, Y_EXACT: tl.constexpr, SPLIT: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """acc + x y where X_EXACT / Y_EXACT say which operands hold values exact in tf32 (keys,
+    cotangents or states as loaded from 16-bit tensors). Under SPLIT "tf32x2": one pass if both
+    are exact, else two on the other's split, hi first (as tf32x3 orders its passes: where acc
+    and the product nearly cancel, the lo part is added after the cancellation, not lost
+    before it); with neither exact, PRECISION. Any other SPLIT is tl.dot's own precision
+    (SPLIT is the precision of such dots: "tf32x2" only where the caller knows its operands
+    are exact)."""
+    if SPLIT == "tf32x2":
+        if X_EXACT and Y_EXACT:
+            return tl.dot(b_x, b_y, acc, input_precision="tf32")
+        elif X_EXACT:
+            b_hi = tf32_rounded(b_y)
+            acc = tl.dot(b_x, b_hi, acc, input_precision="tf32")
+            return tl.dot(b_x, b_y - b_hi, acc, input_precision="tf32")
+        elif Y_EXACT:
+            b_hi = tf32_rounded(b_x)
+            acc = tl.dot(b_hi, b_y, acc, input_precision="tf32")
+            return tl.dot(b_x - b_hi, b_y, acc, input_precision="tf32")
+        else:
+            return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(b_x, b_y, acc, input_precision=SPLIT)
+
+
 @triton.jit
 def times_covariance(b_x, b_P, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """[BT, BK] x P for [BT, BK] rows x and the [BK, BK] covariance P. Above K = 64 by halves
@@ -445,6 +543,8 @@ def _block(n, cap):
 # the input precisions tl.dot takes for float32 operands
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 # the covariance kernel's groups of dots, each with a precision of its own (MATH.md 6.3)
+# the backward's groups of dots with a precision of their own (designmodel.chunked_adjoint)
+_ADJOINT_GROUPS = ("quantities", "sweeps", "chunk_adjoint", "inputs")
 _COVARIANCE_GROUPS = ("innovation", "solve", "update")
 
 
@@ -468,7 +568,13 @@ def default_config(K, V):
     feeds nothing forward, takes precision None: "tf32x3" for float32 inputs and "tf32" (about
     5e-4 relative, far inside a 16-bit input's own rounding) for 16-bit ones. "adjoint" is the
     backward's: its kernels' dots in "tf32x3" for 16-bit inputs and "ieee" for float32 ones
-    (precision None); one-pass "tf32" made the gradients infinite without decay (session 12).
+    (precision None); one-pass "tf32" made the gradients infinite without decay (session 12),
+    and no one of its steps (precision_quantities, _sweeps, _chunk_adjoint) tolerates it there
+    (session 14). precision_inputs None: for 16-bit inputs the quantities' and sweeps' dots
+    with the keys or dO as loaded split only their other operand ("tf32x2", the same
+    gradients on the hard cases, 1.1 ms less kernel time at (4, 4096, 16, 128)); "tf32x2"
+    asks for it in the chunk adjoint too, where it put dk 3x to 8x further from float64 on
+    the ill-conditioned hard cases (bench/RESULTS.md, session 14).
     """
     return {
         "covariance": dict(BV=_block(V, 64), num_warps=4 if K <= 64 else 8, num_stages=1,
@@ -484,8 +590,11 @@ def default_config(K, V):
                      precision="tf32x3"),
         "readout": dict(BV=_block(V, 64), num_warps=4, num_stages=2, precision=None),
         # the backward's kernels (read by backward, not by the forward): precision None is
-        # "tf32x3" for 16-bit inputs and "ieee" for float32 ones
-        "adjoint": dict(precision=None),
+        # "tf32x3" for 16-bit inputs and "ieee" for float32 ones; each step's own precision
+        # (quantities, sweeps, chunk_adjoint) None for `precision`; inputs None: "tf32x2" for
+        # the dots with the keys or dO as loaded where those are 16-bit and the step is tf32x3,
+        # in the quantities and sweeps only (designmodel.chunked_adjoint._SPLIT_BY_DEFAULT)
+        "adjoint": dict(precision=None, **{f"precision_{_s}": None for _s in _ADJOINT_GROUPS}),
     }
 
 
@@ -512,7 +621,10 @@ def _launch_config(K, V, config):
     for _kernel, _overrides in (config or {}).items():
         _defaults = _base[_kernel]
         for _n, _x in _overrides.items():
+            # products with an input operand may split only the other: the innovation's, the backward's "inputs"
             _allowed = _PRECISIONS
+            if _kernel == "adjoint" and _n == "precision_inputs":
+                _allowed = _PRECISIONS + ("tf32x2",)
             if _n.startswith("precision") and _x not in _allowed and not (_x is None and _defaults[_n] is None):
                 raise ValueError(f"config[{_kernel!r}][{_n!r}] must be one of {', '.join(map(repr, _allowed))}"
                                  f"{' or None' if _defaults[_n] is None else ''}, got {_x!r}")
@@ -1091,8 +1203,9 @@ TOKEN_ROWS = 64  # rows per program of the per-token kernels
 def mean_adjoint_sweep_kernel(
     Yt, Wk, Qh, Wr, dO, aC, dS_end, dS_ends, dS0, NC,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_END: tl.constexpr, PER_KEY: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_END: tl.constexpr, PER_KEY: tl.constexpr, PRECISION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    # the dots with dO as loaded on one side run INPUT_PRECISION (dot_exact)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, BK)
@@ -1116,13 +1229,13 @@ def mean_adjoint_sweep_kernel(
         b_dO = tl.load(dO + n * C * V + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0.0)   # [C, BV]
         # X = Yt dS' + W^T dO  [C, BV]
         b_X = tl.dot(b_Yt, b_dS, input_precision=PRECISION)
-        b_X += tl.dot(tl.trans(b_W), b_dO, input_precision=PRECISION)
+        b_X = dot_exact(tl.trans(b_W), b_dO, b_X, False, True, INPUT_PRECISION, PRECISION)
         if PER_KEY:
             b_a = tl.load(aC + n * K + o_k, mask=o_k < K, other=0.0)    # [BK]
             b_dS = b_a[:, None] * b_dS
         else:
             b_dS = tl.load(aC + n) * b_dS
-        b_dS += tl.dot(tl.trans(b_Qh), b_dO, input_precision=PRECISION)
+        b_dS = dot_exact(tl.trans(b_Qh), b_dO, b_dS, False, True, INPUT_PRECISION, PRECISION)
         b_dS -= tl.dot(tl.trans(b_Wk), b_X, input_precision=PRECISION)
     tl.store(dS0 + i_bh * K * V + p_kv, b_dS, mask=m_kv)
 
@@ -1167,11 +1280,13 @@ def covariance_adjoint_sweep_kernel(
     tl.store(dP0 + i_bh * K * K + p_kk, b_dP, mask=m_kk)
 
 
-def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
+def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee", input_precision=None):
     """Step 3: dS at every chunk end and at the start, from Yt, Wk, Qh [B, H, NC, C, K], the
     scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] (or [B, H, NC, K] for a
     per-key decay) and the final gradient dS_end [B, H, K, V] (or None). Returns
-    (dS_ends [B, H, NC, K, V], dS0 [B, H, K, V])."""
+    (dS_ends [B, H, NC, K, V], dS0 [B, H, K, V]). precision: the dots' input precision;
+    input_precision: that of the dots with dO on one side, None for precision ("tf32x2" only
+    where dO is exact in tf32: dot_exact)."""
     B, H, NC, C, K = Yt.shape
     V = dO.shape[-1]
     BK = max(16, triton.next_power_of_2(K))
@@ -1184,14 +1299,16 @@ def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee"):
     # on sm_90 (templates/reset/backward.py.j2)
     mean_adjoint_sweep_kernel[(triton.cdiv(V, BV), B * H)](
         *args, end, dS_ends, dS0, NC, K=K, V=V, C=C, BK=BK, BV=BV, HAS_END=end is not None,
-        PER_KEY=aC.dim() == 4, PRECISION=precision, num_warps=4, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=precision, INPUT_PRECISION=input_precision or precision,
+        num_warps=4, num_stages=1)
     return dS_ends, dS0
 
 
-def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee"):
+def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee", input_precision=None):
     """Step 5: dP at every chunk end and at the start, from Yt, Wk [B, H, NC, C, K], the
     chunks' sources [B, H, NC, K, K], a_C [B, H, NC] (or [B, H, NC, K]) and the final gradient
-    dP_end [B, H, K, K] (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K])."""
+    dP_end [B, H, K, K] (symmetric, or None). Returns (dP_ends [B, H, NC, K, K], dP0 [B, H, K, K]).
+    (input_precision: unused, no dot here has an input operand.)"""
     B, H, NC, C, K = Yt.shape
     BK = max(16, triton.next_power_of_2(K))
     dP_ends = Yt.new_empty(B, H, NC, K, K)
@@ -1263,8 +1380,11 @@ def chunk_quantities_kernel(
     H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, S_EXACT: tl.constexpr,
     PART: tl.constexpr,   # 0: all; 1: up to S_in (left in Lc's rows), 2: from Lc^-1 on
 ):
+    # the dots with the keys as loaded (and the chunk-start means where S_EXACT: stored in a
+    # 16-bit dtype) on one side run INPUT_PRECISION (dot_exact), the decay applied after them
     n = tl.program_id(0).to(tl.int64)
     # this chunk's start mean S [K, V] and covariance P [K, K], wherever the caller keeps them
     # (the forward's checkpoints are chunk-major, [B NC, H, *], and are read in place)
@@ -1284,6 +1404,7 @@ def chunk_quantities_kernel(
         b_QU = tl.load(QU + p_cc)
         b_gC = tl.load(gC + n * C + o_c)
         b_Li = tl.load(Li + p_cc)
+        b_a = tl.load(a + n * C + o_c)
     else:
         # the decays: b = cumsum(g), a = exp(b), Gamma_tj = a_t / a_j (t >= j; masked before exp),
         # e_t = sum_j Gamma_tj^2 sigma_j, gC = Gamma's last row = a_C / a
@@ -1297,8 +1418,8 @@ def chunk_quantities_kernel(
         tl.store(gC + n * C + o_c, b_gC)
         tl.store(aC + n, tl.sum(tl.where(last, b_a, 0.), axis=0))
         tl.store(Gam + p_cc, b_Gam)
-        # by key blocks: K^P = sum_i K^_i P_ij, U = a o K^P + e o K; the [C, C] sums K^P K^^T,
-        # K K^T and Q U^T
+        # by key blocks: K^P = a o sum_i K_i P_ij, U = a o K^P + e o K; the [C, C] sums
+        # K^P K^^T (= (K^P K^T) o a^T), K K^T and Q U^T
         b_KPK = tl.zeros([C, C], dtype=tl.float32)
         b_M = tl.zeros([C, C], dtype=tl.float32)
         b_QU = tl.zeros([C, C], dtype=tl.float32)
@@ -1307,21 +1428,21 @@ def chunk_quantities_kernel(
             m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
             p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
             b_Kj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)                 # [C, BK]
-            b_Khj = b_a[:, None] * b_Kj
             b_KhP = tl.zeros([C, BK], dtype=tl.float32)
             for i in range(NKB):
                 o_ki = i * BK + o_b
-                b_Khi = b_a[:, None] * tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                                               mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
+                b_Ki = tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                               mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
                 b_Pij = tl.load(P + o_ki[:, None] * K + o_kj[None, :],
                                 mask=(o_ki < K)[:, None] & (o_kj < K)[None, :], other=0.)   # [BK, BK]
-                b_KhP += tl.dot(b_Khi, b_Pij, input_precision=PRECISION)
+                b_KhP = dot_exact(b_Ki, b_Pij, b_KhP, True, False, INPUT_PRECISION, PRECISION)
+            b_KhP = b_a[:, None] * b_KhP
             b_U = b_a[:, None] * b_KhP + b_e[:, None] * b_Kj
             b_Qj = tl.load(Q + p_ckj, mask=m_ckj, other=0.)
-            b_KPK += tl.dot(b_KhP, tl.trans(b_Khj), input_precision=PRECISION)
-            b_M += tl.dot(b_Kj, tl.trans(b_Kj), input_precision=PRECISION)
+            b_KPK = dot_exact(b_KhP, tl.trans(b_Kj), b_KPK, False, True, INPUT_PRECISION, PRECISION)
+            b_M = dot_exact(b_Kj, tl.trans(b_Kj), b_M, True, True, INPUT_PRECISION, PRECISION)
             b_QU += tl.dot(b_Qj, tl.trans(b_U), input_precision=PRECISION)
-            tl.store(Kh + p_ckj, b_Khj, mask=m_ckj)
+            tl.store(Kh + p_ckj, b_a[:, None] * b_Kj, mask=m_ckj)
             tl.store(Qh + p_ckj, b_a[:, None] * b_Qj, mask=m_ckj)
             tl.store(KhP + p_ckj, b_KhP, mask=m_ckj)
             tl.store(U + p_ckj, b_U, mask=m_ckj)
@@ -1329,7 +1450,7 @@ def chunk_quantities_kernel(
         # made symmetric
         b_Cm = b_Gam * b_e[None, :]
         b_Cs = b_Cm + tl.trans(b_Cm) - tl.where(m_eye, b_Cm, 0.)
-        b_Sin = b_KPK + b_M * b_Cs + tl.where(m_eye, tl.load(r + n * C + o_c)[:, None], 0.)
+        b_Sin = b_KPK * b_a[None, :] + b_M * b_Cs + tl.where(m_eye, tl.load(r + n * C + o_c)[:, None], 0.)
         tl.store(M + p_cc, b_M)
         tl.store(Cs + p_cc, b_Cs)
         tl.store(QU + p_cc, b_QU)
@@ -1347,28 +1468,31 @@ def chunk_quantities_kernel(
         else:
             tl.store(W + p_cc, tl.where(m_low, b_R, 0.))
         tl.debug_barrier()                                                  # U and K^ read back by other threads
-        # by key blocks: Yt = Lc^-1 (gC o U), Wk = Lc^-1 K^
+        # by key blocks: Yt = Lc^-1 (gC o U), Wk = Lc^-1 K^ = (Lc^-1 diag(a)) K
+        b_La = b_Li * b_a[None, :]
         for j in range(NKB):
             o_kj = j * BK + o_b
             m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
             p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
             b_Uj = b_gC[:, None] * tl.load(U + p_ckj, mask=m_ckj, other=0.)
             tl.store(Yt + p_ckj, tl.dot(b_Li, b_Uj, input_precision=PRECISION), mask=m_ckj)
-            b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
-            tl.store(Wk + p_ckj, tl.dot(b_Li, b_Khj, input_precision=PRECISION), mask=m_ckj)
-        # by value blocks: Et = Lc^-1 (V - K^ S)
+            b_Kj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
+            tl.store(Wk + p_ckj, dot_exact(b_La, b_Kj, tl.zeros([C, BK], dtype=tl.float32), False, True,
+                                           INPUT_PRECISION, PRECISION), mask=m_ckj)
+        # by value blocks: Et = Lc^-1 (V - a o (K S))
         for v in range(NVB):
             o_v = v * BV + o_w
             m_cv = (o_c[:, None] < C) & (o_v[None, :] < V)
             p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
-            b_X = tl.load(Vc + p_cv, mask=m_cv, other=0.)                   # [C, BV]
+            b_KS = tl.zeros([C, BV], dtype=tl.float32)
             for i in range(NKB):
                 o_ki = i * BK + o_b
-                b_Khi = tl.load(Kh + n * C * K + o_c[:, None] * K + o_ki[None, :],
-                                mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
+                b_Ki = tl.load(Kc + n * C * K + o_c[:, None] * K + o_ki[None, :],
+                               mask=(o_ki < K)[None, :] & (o_c[:, None] < C), other=0.)
                 b_Si = tl.load(S + o_ki[:, None] * V + o_v[None, :],
                                mask=(o_ki < K)[:, None] & (o_v < V)[None, :], other=0.).to(tl.float32)   # [BK, BV]
-                b_X -= tl.dot(b_Khi, b_Si, input_precision=PRECISION)
+                b_KS = dot_exact(b_Ki, b_Si, b_KS, True, S_EXACT, INPUT_PRECISION, PRECISION)
+            b_X = tl.load(Vc + p_cv, mask=m_cv, other=0.) - b_a[:, None] * b_KS   # [C, BV]
             tl.store(Et + p_cv, tl.dot(b_Li, b_X, input_precision=PRECISION), mask=m_cv)
 
 
@@ -1394,7 +1518,7 @@ def _chunk_starts(t):
     return t, t.stride()[:3]
 
 
-def chunk_quantities(x, states, covs, strict, precision="ieee"):
+def chunk_quantities(x, states, covs, strict, precision="ieee", input_precision=None):
     """Step 2 on every chunk at once, for a scalar decay: the quantities of every chunk from
     its inputs x (q scaled, k, v [B, H, NC, C, *], g, r, sigma [B, H, NC, C]) and its start
     state (states [B, H, NC, K, V], covs [B, H, NC, K, K], views of any strides: see
@@ -1402,7 +1526,9 @@ def chunk_quantities(x, states, covs, strict, precision="ieee"):
     designmodel.chunked_adjoint._chunk_quantities gives them for the sweeps and the chunk
     adjoints: a dict of float32 tensors a, e, gC [B, H, NC, C], aC [B, H, NC], Gam, M, Cs, QU,
     R, W, Lc, Li [B, H, NC, C, C], Kh, Qh, KhP, U, Yt, Wk [B, H, NC, C, K], Et [B, H, NC, C, V]
-    (and per_key=False)."""
+    (and per_key=False). precision: the dots' input precision; input_precision: that of the
+    dots with the keys as loaded (and 16-bit chunk-start means) on one side, None for
+    precision ("tf32x2" only where the keys are exact in tf32: dot_exact)."""
     B, H, NC, C, K = x["q"].shape
     V = x["v"].shape[-1]
     bk, bv, warps, factor_warps = CHUNK_QUANTITIES_BLOCKS
@@ -1416,7 +1542,8 @@ def chunk_quantities(x, states, covs, strict, precision="ieee"):
     grid = (B * H * NC,)
     launch = lambda part: chunk_quantities_kernel[grid](
         *f, *out.values(), H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
-        STRICT=strict, PRECISION=precision, PART=part, num_warps=warps, num_stages=1)
+        STRICT=strict, PRECISION=precision, INPUT_PRECISION=input_precision or precision,
+        S_EXACT=S.dtype != torch.float32, PART=part, num_warps=warps, num_stages=1)
     if factor_warps:
         launch(1)
         innovation_factor_kernel[grid](out["Lc"], out["Li"], C=C, num_warps=factor_warps)
@@ -1446,14 +1573,18 @@ def chunk_quantities(x, states, covs, strict, precision="ieee"):
 
 @triton.jit
 def chunk_adjoint_kernel(
-    Q, Kc, sigma, S, P, Yt, U, KhP, Kh, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
+    Q, Kc, sigma, S, P, Yt, U, KhP, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
     dO, dS1, dP1, dvar,
     dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
     H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
     FROM_COVARIANCE: tl.constexpr, HAS_VAR: tl.constexpr, PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, S_EXACT: tl.constexpr,
 ):
+    # the dots with the keys or dO as loaded (and the chunk-start means where S_EXACT: stored
+    # in a 16-bit dtype) on one side run INPUT_PRECISION (dot_exact); the decays a that K^ and
+    # Q^ carry are applied to the other operand, so that the input stays exact
     n = tl.program_id(0).to(tl.int64)
     # this chunk's start mean S [K, V] and covariance P [K, K], wherever the caller keeps them
     # (the forward's checkpoints are chunk-major, [B NC, H, *], and are read in place), and
@@ -1490,7 +1621,8 @@ def chunk_adjoint_kernel(
             p_cv = n * C * V + o_c[:, None] * V + o_v[None, :]
             b_Et = tl.load(Et + p_cv, mask=m_cv, other=0.)               # [C, BV]
             b_dO = tl.load(dO + p_cv, mask=m_cv, other=0.)
-            b_dEt = tl.dot(tl.load(Wr + p_ccT), b_dO, input_precision=PRECISION)
+            b_dEt = dot_exact(tl.load(Wr + p_ccT), b_dO, tl.zeros([C, BV], dtype=tl.float32), False, True,
+                              INPUT_PRECISION, PRECISION)
             for i in range(NKB):
                 o_ki = i * BK + o_b
                 m_kv = (o_ki[:, None] < K) & (o_v[None, :] < V)
@@ -1503,7 +1635,7 @@ def chunk_adjoint_kernel(
             b_dX = tl.dot(tl.load(Li + p_ccT), b_dEt, input_precision=PRECISION)   # [C, BV]
             tl.store(dv + p_cv, b_dX, mask=m_cv)
             b_dLc -= tl.dot(b_dX, tl.trans(b_Et), input_precision=PRECISION)
-            b_dW += tl.dot(b_dO, tl.trans(b_Et), input_precision=PRECISION)
+            b_dW = dot_exact(b_dO, tl.trans(b_Et), b_dW, True, False, INPUT_PRECISION, PRECISION)
         if HAS_VAR:
             # the variance readout var = rowsum((Q^ P) o Q^) + e |q|^2 - rowsum(W o W)
             b_dW -= 2. * tl.load(dvar + n * C + o_c)[:, None] * tl.load(Wr + p_cc)
@@ -1539,8 +1671,10 @@ def chunk_adjoint_kernel(
                 b_S = tl.load(S + p_kv, mask=m_kv, other=0.).to(tl.float32)   # [BK, BV]
                 b_dYt += tl.dot(tl.load(Et + p_cv, mask=m_cv, other=0.),
                                 tl.trans(tl.load(dS1 + p_kv, mask=m_kv, other=0.)), input_precision=PRECISION)
-                b_dKhr -= tl.dot(tl.load(dv + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
-                b_dQh += tl.dot(tl.load(dO + p_cv, mask=m_cv, other=0.), tl.trans(b_S), input_precision=PRECISION)
+                b_dKhr = dot_exact(-tl.load(dv + p_cv, mask=m_cv, other=0.), tl.trans(b_S), b_dKhr, False, S_EXACT,
+                                   INPUT_PRECISION, PRECISION)
+                b_dQh = dot_exact(tl.load(dO + p_cv, mask=m_cv, other=0.), tl.trans(b_S), b_dQh, True, S_EXACT,
+                                  INPUT_PRECISION, PRECISION)
         if FROM_COVARIANCE:
             for i in range(NKB):
                 o_ki = i * BK + o_b
@@ -1607,28 +1741,31 @@ def chunk_adjoint_kernel(
     tl.store(dGam_s + p_cc, tl.load(dGam_s + p_cc) + b_dCm * tl.load(e + n * C + o_c)[None, :])
     tl.store(p_tok + 3 * C, tl.sum(b_dCm * tl.load(Gam + p_cc), axis=0))
     tl.debug_barrier()
-    # (C) d(K^P) = a o dU + dS_in K^, kept for the product with P
+    # (C) d(K^P) = a o dU + (dS_in diag(a)) K, kept for the product with P
+    b_dSa = b_dS * tl.load(a + n * C + o_c)[None, :]
     for j in range(NKB):
         o_kj = j * BK + o_b
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = (o_kj < K)[None, :] & (o_c[:, None] < C)
         b_dKhP = tl.load(a + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
-        b_dKhP += tl.dot(b_dS, tl.load(Kh + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        b_dKhP = dot_exact(b_dSa, tl.load(Kc + p_ckj, mask=m_ckj, other=0.), b_dKhP, False, True,
+                           INPUT_PRECISION, PRECISION)
         tl.store(dKhP_s + p_ckj, b_dKhP, mask=m_ckj)
     tl.debug_barrier()
     # (D) dK^ = (readout) + dS_in (K^P) + d(K^P) P; dk = e o dU + 2 (dS_in o Cs) K + a o dK^;
-    # step 4 also writes Src = sym(K^^T d(K^P)), block (i, j)
+    # step 4 also writes Src = sym(K^^T d(K^P)) = sym(K^T (a o d(K^P))), block (i, j)
     b_da = tl.zeros([C], dtype=tl.float32)
+    b_a = tl.load(a + n * C + o_c)
     for j in range(NKB):
         o_kj = j * BK + o_b
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = m_kj[None, :] & (o_c[:, None] < C)
         b_dKh = tl.dot(b_dS, tl.load(KhP + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         if FROM_MEAN:
             b_dKh += tl.load(dKhr_s + p_ckj, mask=m_ckj, other=0.)
-            b_Khj = tl.load(Kh + p_ckj, mask=m_ckj, other=0.)
-            b_dKhPj = tl.load(dKhP_s + p_ckj, mask=m_ckj, other=0.)
+            b_adKhPj = b_a[:, None] * tl.load(dKhP_s + p_ckj, mask=m_ckj, other=0.)
         for i in range(NKB):
             o_ki = i * BK + o_b
             m_ki = o_ki < K
@@ -1639,9 +1776,11 @@ def chunk_adjoint_kernel(
             b_dKhPi = tl.load(dKhP_s + p_cki, mask=m_cki, other=0.)
             b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
             if FROM_MEAN:
-                b_Khi = tl.load(Kh + p_cki, mask=m_cki, other=0.)
-                b_src = tl.dot(tl.trans(b_Khi), b_dKhPj, input_precision=PRECISION)
-                b_src += tl.dot(tl.trans(b_dKhPi), b_Khj, input_precision=PRECISION)
+                b_Kci = tl.load(Kc + p_cki, mask=m_cki, other=0.)
+                b_src = dot_exact(tl.trans(b_Kci), b_adKhPj, tl.zeros([BK, BK], dtype=tl.float32), True, False,
+                                  INPUT_PRECISION, PRECISION)
+                b_src = dot_exact(tl.trans(b_a[:, None] * b_dKhPi), b_Kcj, b_src, False, True,
+                                  INPUT_PRECISION, PRECISION)
                 b_src *= 0.5
                 if HAS_VAR:
                     # the variance's share Q^^T diag(dvar) Q^ (symmetric already)
@@ -1650,11 +1789,10 @@ def chunk_adjoint_kernel(
                     b_Qhj = (b_av * tl.load(dvar + n * C + o_c))[:, None] * tl.load(Q + p_ckj, mask=m_ckj, other=0.)
                     b_src += tl.dot(tl.trans(b_Qhi), b_Qhj, input_precision=PRECISION)
                 tl.store(Src + p_kk, b_src, mask=m_kk)
-        b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         b_da += tl.sum(b_dKh * b_Kcj, axis=1)
         b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
-        b_dk += tl.dot(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, input_precision=PRECISION)
-        b_dk += tl.load(a + n * C + o_c)[:, None] * b_dKh
+        b_dk = dot_exact(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, b_dk, False, True, INPUT_PRECISION, PRECISION)
+        b_dk += b_a[:, None] * b_dKh
         tl.store(dk + p_ckj, b_dk, mask=m_ckj)
     tl.store(p_tok + 4 * C, b_da)
     tl.debug_barrier()
@@ -1687,10 +1825,12 @@ CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, precision="ieee",
-                          dvar=None):
+                          dvar=None, input_precision=None):
     """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V],
     dS_ends [B, H, NC, K, V] and dvar [B, H, NC, C] or None, or step 6 with dP_ends
-    [B, H, NC, K, K]."""
+    [B, H, NC, K, K]. input_precision: the dots' with the keys or dO as loaded (or 16-bit
+    chunk-start means) on one side, None for precision ("tf32x2" only where those are exact
+    in tf32: dot_exact)."""
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
     mean = dO is not None
@@ -1699,7 +1839,7 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     (S, sS), (P, sP) = _chunk_starts(states), _chunk_starts(covs)
     f32 = lambda *ts: [t.float().contiguous() for t in ts]
     f = f32(x["q"], x["k"], x["sigma"]) + [S, P] + f32(
-        c["Yt"], c["U"], c["KhP"], c["Kh"], c["Et"], c["Li"], c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"],
+        c["Yt"], c["U"], c["KhP"], c["Et"], c["Li"], c["Lc"], c["R"], c["W"], c["Gam"], c["QU"], c["M"],
         c["Cs"], c["a"], c["e"], c["gC"], c["aC"])
     cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends, dvar)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
@@ -1712,14 +1852,15 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     chunk_adjoint_kernel[(B * H * NC,)](
         *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
-        FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=precision, num_warps=warps, num_stages=1)
+        FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=precision,
+        INPUT_PRECISION=input_precision or precision, S_EXACT=S.dtype != torch.float32, num_warps=warps, num_stages=1)
     grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
     if mean:
         grads.update(q=dq, v=dv)
     return grads, src
 
 
-def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee", dvar=None):
+def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee", dvar=None, input_precision=None):
     """Step 4 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from dO [B, H, NC, C, V], the variance readout's gradient dvar [B, H, NC, C] (or
     None) and the gradient dS_ends [B, H, NC, K, V] of its end mean, and its covariance source
@@ -1727,15 +1868,17 @@ def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee"
     designmodel.chunked_adjoint._chunk_adjoint(..., dO, dvar, dS_ends, None, carry_mean=False)
     gives them. x: the inputs in chunks, c: step 2's quantities, states and covs: S and P at
     every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src)."""
-    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, precision=precision, dvar=dvar)
+    return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, precision=precision, dvar=dvar,
+                                 input_precision=input_precision)
 
 
-def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, precision="ieee"):
+def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, precision="ieee", input_precision=None):
     """Step 6 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from the gradient dP_ends [B, H, NC, K, K] of its end covariance, as
     designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them. Returns
     {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
-    return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, precision=precision)[0]
+    return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, precision=precision,
+                                 input_precision=input_precision)[0]
 
 
 # the parallel steps that run as kernels (the others run in PyTorch): 2, 4 and 6
@@ -1780,11 +1923,16 @@ def backward(q, k, v, g, p0, r, sigma, do, dht=None, dvar=None, scale=None, init
             _got = tuple(_x.shape) if isinstance(_x, torch.Tensor) else type(_x).__name__
             raise ValueError(f"{_name} must be {list(_shape)}, got {_got}")
     scale = K ** -0.5 if scale is None else float(scale)
-    _precision = _launch_config(K, V, config)["adjoint"]["precision"]
+    _adjoint = _launch_config(K, V, config)["adjoint"]
     # the backward kernels' float32 dots: "tf32x3" (three TF32 passes, near float32) for 16-bit
     # inputs, "ieee" for float32 ones. One-pass "tf32" gave infinite gradients for bf16 inputs
-    # with no decay and r = 1e-4, and 1.8e-1 off float64 at r = 1e-2 (an H100, session 12)
-    _precision = _precision if _precision is not None else ("tf32x3" if q.dtype != torch.float32 else "ieee")
+    # with no decay and r = 1e-4, and 1.8e-1 off float64 at r = 1e-2 (an H100, session 12).
+    # Each step may take its own; "inputs" None lets kalman_adjoint_chunks split only the
+    # computed operand of the dots with 16-bit keys or dO as loaded (tf32x2) in the steps
+    # where that kept the gradients' accuracy
+    _all = _adjoint["precision"] or ("tf32x3" if q.dtype != torch.float32 else "ieee")
+    _precision = {_s: _adjoint[f"precision_{_s}"] or _all for _s in _ADJOINT_GROUPS}
+    _precision["inputs"] = _adjoint["precision_inputs"]
     g = g.contiguous()
     p0 = p0.contiguous()
     r = r.contiguous()

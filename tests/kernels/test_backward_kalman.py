@@ -45,7 +45,11 @@ def _inputs(spec, B, T, H, K, gen):
     return out
 
 
-def _check(spec, B=1, T=70, H=2, K=16, V=8, initial=True, variance=True, cu=None, seed=0):
+def _check(spec, B=1, T=70, H=2, K=16, V=8, initial=True, variance=True, cu=None, seed=0, config=None,
+           bf16_values=False):
+    """The op's gradients of a random linear loss against autograd through the float64 filter,
+    on fp32 inputs (with bf16_values: q, k, v and the loss's weight on o rounded to bf16
+    values, as exact in tf32 as 16-bit inputs and their dO are) under `config`."""
     d = derive(spec)
     op = designmodel.compile(spec)
     gen = torch.Generator().manual_seed(seed)
@@ -61,12 +65,14 @@ def _check(spec, B=1, T=70, H=2, K=16, V=8, initial=True, variance=True, cu=None
     ws = torch.randn(N, H, K, V, generator=gen, dtype=torch.float64)
     wp = torch.randn(N, H, K, K, generator=gen, dtype=torch.float64)
     wv = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    if bf16_values:
+        q, k, v, wo = (t.to(torch.bfloat16).double() for t in (q, k, v, wo))
     cu_t = None if cu is None else torch.tensor(cu)
     leaves32 = {n: t.float().to(DEVICE).requires_grad_() for n, t in
                 [("q", q), ("k", k), ("v", v), *ins.items()] + ([("S0", S0), ("P0", P0)] if initial else [])}
     out = op(leaves32["q"], leaves32["k"], leaves32["v"], **{n: leaves32[n] for n in ins}, scale=0.5,
              initial_state=(leaves32["S0"], leaves32["P0"]) if initial else None, output_final_state=True,
-             output_variance=variance, cu_seqlens=None if cu_t is None else cu_t.to(DEVICE))
+             output_variance=variance, cu_seqlens=None if cu_t is None else cu_t.to(DEVICE), config=config)
     o, (S, P) = out[0], out[1]
     loss = (o * wo.float().to(DEVICE)).sum() + (S * ws.float().to(DEVICE)).sum() + (P * wp.float().to(DEVICE)).sum()
     if variance:
@@ -95,6 +101,16 @@ def _check(spec, B=1, T=70, H=2, K=16, V=8, initial=True, variance=True, cu=None
 @pytest.mark.parametrize("model", ["bayesian_layer", "rls", "bayesian_layer_diag"])
 def test_zoo_kalman_gradients_match_float64_filter(model):
     _check(model, variance=True, initial=True)
+
+
+@pytest.mark.parametrize("model", ["bayesian_layer", "rls"])
+def test_gradients_with_the_input_split_match_float64_filter(model):
+    """The backward's "tf32x2" split (config adjoint precision_inputs; the default for 16-bit
+    inputs under tf32x3): the dots with the keys or dO as loaded split only their other
+    operand, the decays moved off the input. fp32 inputs with bf16 values make that exact on a
+    GPU too; every step kernel runs it, and the gradients keep the fp32 bound."""
+    _check(model, T=100, K=24, config={"adjoint": {"precision": "tf32x3", "precision_inputs": "tf32x2"}},
+           bf16_values=True)
 
 
 def test_gradients_without_initial_state_reach_the_prior_variance():

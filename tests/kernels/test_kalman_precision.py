@@ -106,6 +106,53 @@ def test_each_group_precision_reaches_its_own_dots_and_matches_float64(model, do
         assert fast == bf16 + sum(n for g, n in per_group.items() if g != "update") + gain + mean
 
 
+def backward_dots(model, data, config, dtype, dots):
+    """The precisions of the dots the backward alone runs (a forward first, then the gradients
+    of sum(o w) w.r.t. q, k, v in dtype), counted."""
+    q, k, v, ins, p0 = data
+    leaves = [x.to(dtype).to(DEVICE).requires_grad_() for x in (q, k, v)]
+    o, _ = getattr(ops, model)(*leaves, **{n: x.to(DEVICE) for n, x in ins.items()}, p0=p0.to(DEVICE), config=config)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dots.clear()
+    torch.autograd.grad((o.float() * w).sum(), leaves)
+    return Counter(dots)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
+@pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
+def test_backward_precision_groups_and_the_split_of_16_bit_inputs_reach_their_dots(model, dots):
+    """The backward's config "adjoint": float32 inputs run every dot ieee; 16-bit ones tf32x3,
+    but for the dots with the keys or dO (or the 16-bit chunk-start means) as loaded, which
+    split only their other operand (precision_inputs None: tf32x2 in the quantities and
+    sweeps; "tf32x2" asks for it in the chunk adjoint too): each such tf32x3 dot becomes one
+    or two one-pass dots, both kinds present. Each step group's key alone marks
+    some dots tf32 and the groups together exactly those of `precision` (float32 inputs, where
+    nothing is split), as many as the bf16 backward's tf32x3 dots unsplit (the gradients' values
+    are checked in test_backward_kalman.py)."""
+    data = draw(model, 1, 100, 1, 32, 16, seed=13)
+    count = lambda cfg, dtype=torch.bfloat16: backward_dots(model, data, cfg, dtype, dots)
+    fp32 = count(None, torch.float32)
+    assert fp32["tf32"] == fp32["tf32x3"] == 0 and fp32["ieee"] > 0
+    whole = count({"adjoint": {"precision_inputs": "tf32x3"}})
+    assert whole["tf32"] == 0 and whole["tf32x3"] > 0
+    # by default the quantities and sweeps split, and every dot of the chunk adjoint stays
+    # tf32x3 (below: one-pass there, the default loses as many tf32x3 dots as it has)
+    moved = {}
+    for name, config in (("default", {}), ("asked", {"precision_inputs": "tf32x2"})):
+        split = count({"adjoint": config})
+        moved[name], added = whole["tf32x3"] - split["tf32x3"], split["tf32"]
+        assert 0 < moved[name] < added < 2 * moved[name], (name, moved[name], added)
+    assert moved["asked"] > moved["default"], moved
+    # the groups, on float32 inputs (no split): each marks its own dots
+    fp32 = lambda cfg: count({"adjoint": cfg}, torch.float32)
+    per_group = {g: fp32({"precision": "tf32x3", f"precision_{g}": "tf32"})["tf32"]
+                 for g in ("quantities", "sweeps", "chunk_adjoint")}
+    assert all(n > 0 for n in per_group.values()), per_group
+    assert sum(per_group.values()) == fp32({"precision": "tf32"})["tf32"] == whole["tf32x3"]
+    one_pass = count({"adjoint": {"precision_chunk_adjoint": "tf32"}})
+    assert count(None)["tf32x3"] - one_pass["tf32x3"] == per_group["chunk_adjoint"]
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
 @pytest.mark.parametrize("model", ["rls", "bayesian_layer"])
 def test_update_by_ldl_blocks_matches_float64(model, dots):
@@ -186,6 +233,9 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
         ("bayesian_layer_diag", {"covariance": {"precision_innovation": "tf32x2"}}, r"'precision_innovation'.*must be one of"),
         ("rls", {"mean": {"BV": 16, "num_warps": 8}}, r"config\['mean'\]: BV below 32 with 8 or more warps"),
         ("bayesian_layer_diag", {"mean": {"num_warps": 8, "precision": "tf32"}}, r"BV below 32 with 8 or more warps"),
+        ("bayesian_layer", {"adjoint": {"precision_inputs": "bf16x3"}}, r"'precision_inputs'.*must be one of"),
+        ("rls", {"adjoint": {"precision_sweeps": "tf32x2"}}, r"'precision_sweeps'.*must be one of"),
+        ("bayesian_layer", {"adjoint": {"precision_sweep": "tf32"}}, r"unknown setting 'precision_sweep'"),
     ]
     for model, cfg, message in cases:
         x = {"r": ins["r"]} if model == "rls" else bl
@@ -197,13 +247,16 @@ def test_bad_precision_settings_raise_one_value_error_before_any_launch(dots):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's dots")
-@pytest.mark.parametrize("config", ["default", "adjoint", "fast"])
+@pytest.mark.parametrize("config", ["default", "unsplit", "adjoint", "fast"])
 def test_backward_dots_follow_config_adjoint(config, dots):
     """Through the op's autograd the backward's kernels take config["adjoint"]: tf32x3 for
-    bf16 inputs by default (no one-pass tf32 dot, which made gradients infinite without decay
-    on a GPU), one-pass tf32 when it is named or with FAST_CONFIG. The gradients agree with
-    autograd through the float64 filter on the rounded inputs either way."""
-    cfg = {"default": None, "adjoint": {"adjoint": {"precision": "tf32"}},
+    bf16 inputs by default (no one-pass tf32 dot but the halves of the split of the dots with
+    an exact input operand, counted in the test above; without that split none: one-pass tf32
+    made gradients infinite without decay on a GPU), one-pass tf32 when it is named or with
+    FAST_CONFIG. The gradients agree with autograd through the float64 filter on the rounded
+    inputs every way."""
+    cfg = {"default": None, "unsplit": {"adjoint": {"precision_inputs": "tf32x3"}},
+           "adjoint": {"adjoint": {"precision": "tf32"}},
            "fast": runtime.load_zoo("bayesian_layer").FAST_CONFIG}[config]
     q, k, v, ins, p0 = draw("bayesian_layer", 1, 70, 1, 16, 16, seed=3)
     q, k, v = (x.bfloat16() for x in (q, k, v))
@@ -215,6 +268,8 @@ def test_backward_dots_follow_config_adjoint(config, dots):
     got = torch.autograd.grad((o.float() * w.float().to(DEVICE)).sum(), mine)
     seen = Counter(dots)
     if config == "default":
+        assert seen["tf32"] > 0 and seen["tf32x3"] > 0, seen
+    elif config == "unsplit":
         assert seen["tf32"] == 0 and seen["tf32x3"] > 0, seen
     else:
         assert seen["tf32x3"] == 0 and seen["tf32"] > 0, seen
