@@ -1821,7 +1821,12 @@ def chunk_adjoint_kernel(
 # (1.9 / 2.8 KB per thread for step 4 at (64, 64), 0.6 / 0.9 at (16, 32)). On an H200
 # (session 9, bench/tune_kalman_steps.py) step 4 takes 3.87 ms at (64, 64, 8), 3.94 at
 # (32, 64, 4) and 5.08 at (64, 128, 8); step 6 1.43 ms at (64, -, 4), 1.90 at (64, -, 8).
-CHUNK_ADJOINT_BLOCKS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
+# With tf32x3 dots (the default for 16-bit inputs since session 12) smaller tiles win: on an
+# H100 (session 14) step 4 takes 10.93 ms at (64, 64, 8), 10.59 at (64, 32, 8), 9.93 at
+# (32, 64, 4), 9.74 at (32, 32, 4) and 17.01 at (32, 64, 8); step 6 3.03 ms at (64, -, 4),
+# 4.87 at (64, -, 8) and 2.47 at (32, -, 4). One-pass tf32 (FAST_CONFIG) keeps the wider ones.
+CHUNK_ADJOINT_BLOCKS = dict(mean=(32, 32, 4), covariance=(32, 32, 4))
+CHUNK_ADJOINT_BLOCKS_ONE_PASS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, precision="ieee",
@@ -1834,7 +1839,8 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
     mean = dO is not None
-    bk, bv, warps = CHUNK_ADJOINT_BLOCKS["mean" if mean else "covariance"]
+    blocks = CHUNK_ADJOINT_BLOCKS_ONE_PASS if precision == "tf32" else CHUNK_ADJOINT_BLOCKS
+    bk, bv, warps = blocks["mean" if mean else "covariance"]
     BK, BV = _block(K, bk), _block(V, bv)
     (S, sS), (P, sP) = _chunk_starts(states), _chunk_starts(covs)
     f32 = lambda *ts: [t.float().contiguous() for t in ts]
