@@ -608,6 +608,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
     bounds = [0, T] if cu_seqlens is None else [int(b) for b in torch.as_tensor(cu_seqlens).tolist()]
     _check(q, k, v, log_decay, noise, process_noise, initial_state, chunk, (do, dvar, dht),
            None if cu_seqlens is None else len(bounds) - 1)
+    precisions = _step_precisions(precision, k, do)
     V = v.shape[-1]
     if cu_seqlens is not None and (B != 1 or bounds[0] != 0 or bounds[-1] != T
                                    or any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:]))):
@@ -645,7 +646,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
             {m: _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
             _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
             None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
-            one(dS_end), one(dP_end), prior_timing, sweeps, _step_precisions(precision, k, do),
+            one(dS_end), one(dP_end), prior_timing, sweeps, precisions,
             _use_compiled(q) if compiled is None else compiled, steps)
         parts.append(({m: _from_chunks(g_, e - b) for m, g_ in grads.items()}, dS0, dP0))
     if len(parts) == 1:                                                  # no copy for one sequence

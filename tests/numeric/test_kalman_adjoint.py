@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import designmodel.chunked_adjoint as ca
 from designmodel import zoo
 from designmodel.chunked import kalman_backward
-from designmodel.chunked_adjoint import (kalman_adjoint, kalman_adjoint_chunks, kalman_adjoint_two_sweeps,
-                                         kalman_checkpoints)
+from designmodel.chunked_adjoint import (ADJOINT_PRECISION_STEPS, kalman_adjoint, kalman_adjoint_chunks,
+                                         kalman_adjoint_two_sweeps, kalman_checkpoints)
 from designmodel.derive import derive
 from designmodel.reference import recurrent
 from designmodel.spec import DesignModel, Prior, Readout, Regression, Transition, exp, isotropic
@@ -242,6 +242,13 @@ def test_bad_arguments_raise_one_value_error_naming_them():
         for sweep in (kalman_adjoint, kalman_adjoint_two_sweeps, kalman_adjoint_chunks):
             with pytest.raises(ValueError, match=match):
                 sweep(**kw)
+    # the chunked adjoint's dot precisions: a string, or one per step (and optionally "inputs")
+    kw = dict(zip(names, args), do=do, chunk=4)
+    for precision, match in (({"quantities": "ieee"}, r"missing \['sweeps', 'chunk_adjoint'\]"),
+                             ({**dict.fromkeys(ADJOINT_PRECISION_STEPS, "ieee"), "input": "tf32x2"},
+                              r"unknown \['input'\]")):
+        with pytest.raises(ValueError, match=match):
+            kalman_adjoint_chunks(**kw, precision=precision)
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior_readout"])
