@@ -86,6 +86,31 @@ def bf16_pieces(b_x):
 
 
 @triton.jit
+def tf32x2_dot(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, HI_FIRST: tl.constexpr):
+    """acc + x y in two one-pass tf32 dots, the operand that is not the input (y if INPUT_LEFT
+    else x) split into tf32 hi (rounded to nearest) + lo: tf32x3's products where the input is
+    exact in tf32. HI_FIRST adds the hi pass first, as tf32x3 orders its passes; else lo first."""
+    if INPUT_LEFT:
+        b_hi = tf32_rounded(b_y)
+        b_xh = b_x
+        b_yh = b_hi
+        b_xl = b_x
+        b_yl = b_y - b_hi
+    else:
+        b_hi = tf32_rounded(b_x)
+        b_xh = b_hi
+        b_yh = b_y
+        b_xl = b_x - b_hi
+        b_yl = b_y
+    if HI_FIRST:
+        acc = tl.dot(b_xh, b_yh, acc, input_precision="tf32")
+        return tl.dot(b_xl, b_yl, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(b_xl, b_yl, acc, input_precision="tf32")
+        return tl.dot(b_xh, b_yh, acc, input_precision="tf32")
+
+
+@triton.jit
 def dot_input(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + x y where one operand is an input as loaded, x if INPUT_LEFT else y.
 
@@ -110,14 +135,7 @@ def dot_input(b_x, b_y, acc, INPUT_LEFT: tl.constexpr, PRECISION: tl.constexpr):
             acc = tl.dot(b_2, b_e, acc)
             return tl.dot(b_1, b_e, acc)
     elif PRECISION == "tf32x2":
-        if INPUT_LEFT:
-            b_hi = tf32_rounded(b_y)
-            acc = tl.dot(b_x, b_y - b_hi, acc, input_precision="tf32")
-            return tl.dot(b_x, b_hi, acc, input_precision="tf32")
-        else:
-            b_hi = tf32_rounded(b_x)
-            acc = tl.dot(b_x - b_hi, b_y, acc, input_precision="tf32")
-            return tl.dot(b_hi, b_y, acc, input_precision="tf32")
+        return tf32x2_dot(b_x, b_y, acc, INPUT_LEFT, False)
     else:
         return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
 
@@ -148,13 +166,9 @@ def dot_exact(b_x, b_y, acc, X_EXACT: tl.constexpr, Y_EXACT: tl.constexpr, SPLIT
         if X_EXACT and Y_EXACT:
             return tl.dot(b_x, b_y, acc, input_precision="tf32")
         elif X_EXACT:
-            b_hi = tf32_rounded(b_y)
-            acc = tl.dot(b_x, b_hi, acc, input_precision="tf32")
-            return tl.dot(b_x, b_y - b_hi, acc, input_precision="tf32")
+            return tf32x2_dot(b_x, b_y, acc, True, True)
         elif Y_EXACT:
-            b_hi = tf32_rounded(b_x)
-            acc = tl.dot(b_hi, b_y, acc, input_precision="tf32")
-            return tl.dot(b_x - b_hi, b_y, acc, input_precision="tf32")
+            return tf32x2_dot(b_x, b_y, acc, False, True)
         else:
             return tl.dot(b_x, b_y, acc, input_precision=PRECISION)
     else:
