@@ -130,18 +130,26 @@ def _record_kalman_backward(module, B, T, H, K, V, precision):
     x = dict(q=z(C, K), k=z(C, K), sigma=z(C))
     states, covs = z(K, V), z(K, K)
     x.update(v=z(C, V), g=z(C), r=z(C) + 1)
+    # 16-bit inputs: the chunk-start means stay 16-bit, and the dots with an exact operand split
+    # ("tf32x2": by default in the quantities and sweeps, asked for in the chunk adjoint)
+    split = "tf32x2" if precision == "tf32x3" else None
+    if split:
+        states = states.bfloat16()
     blocks = module.CHUNK_QUANTITIES_BLOCKS
     for factor_warps in (blocks[3], 0 if blocks[3] else 4):              # the default, then the other way
         module.CHUNK_QUANTITIES_BLOCKS = blocks[:3] + (factor_warps,)
-        module.ADJOINT_STEPS["quantities"](x, states, covs, False, precision=precision)
+        module.ADJOINT_STEPS["quantities"](x, states, covs, False, precision=precision, input_precision=split)
     module.CHUNK_QUANTITIES_BLOCKS = blocks
     mean_sweep, covariance_sweep = module.ADJOINT_SWEEPS
-    mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, precision=precision)
+    mean_sweep(c["Yt"], c["Kh"], c["Kh"], c["W"], z(C, V), c["aC"], None, precision=precision, input_precision=split)
     covariance_sweep(c["Yt"], c["Kh"], covs, c["aC"], None, precision=precision)
-    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision)
-    module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision, dvar=z(C))
-    module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, precision=precision)
-
+    for inputs in dict.fromkeys((None, split)):
+        module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision,
+                                     input_precision=inputs)
+        module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision, dvar=z(C),
+                                     input_precision=inputs)
+        module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, precision=precision,
+                                           input_precision=inputs)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
