@@ -1926,8 +1926,8 @@ ADJOINT_SWEEPS = (mean_adjoint_sweep, covariance_adjoint_sweep)
 # which PyTorch runs as a batched Cholesky, a triangular solve and some thirty products and
 # elementwise passes. What the sweeps and chunk_adjoint_kernel read comes out in float32
 # ([B H NC, C, *]): the decays a, e, the ratios gC to the chunk end and Gamma; the innovation
-# covariance's pieces M = K K^T and Cs, its Cholesky factor Lc and Lc^-1; the decayed keys K^
-# and queries Q^, K^P, the gain directions U, Q U^T, the scores R = (Gamma o Q U^T) Lc^-T and
+# covariance's pieces M = K K^T and Cs, its Cholesky factor Lc and Lc^-1; the decayed queries
+# Q^, K^P, the gain directions U, Q U^T, the scores R = (Gamma o Q U^T) Lc^-T and
 # their mask W; the whitened gains Yt = Lc^-1 (gC o U), keys Wk = Lc^-1 K^ and innovations
 # Et = Lc^-1 (V - K^ S).
 
@@ -1971,7 +1971,7 @@ def innovation_factor_kernel(Lc, Li, C: tl.constexpr):
 @triton.jit
 def chunk_quantities_kernel(
     Q, Kc, Vc, g, r, sigma, S, P,
-    a, e, gC, aC, Gam, M, Cs, QU, R, W, Lc, Li, Kh, Qh, KhP, U, Yt, Wk, Et,
+    a, e, gC, aC, Gam, M, Cs, QU, R, W, Lc, Li, Qh, KhP, U, Yt, Wk, Et,
     H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, PRECISION: tl.constexpr,
@@ -2037,7 +2037,6 @@ def chunk_quantities_kernel(
             b_KPK = dot_exact(b_KhP, tl.trans(b_Kj), b_KPK, False, True, INPUT_PRECISION, PRECISION)
             b_M = dot_exact(b_Kj, tl.trans(b_Kj), b_M, True, True, INPUT_PRECISION, PRECISION)
             b_QU += tl.dot(b_Qj, tl.trans(b_U), input_precision=PRECISION)
-            tl.store(Kh + p_ckj, b_a[:, None] * b_Kj, mask=m_ckj)
             tl.store(Qh + p_ckj, b_a[:, None] * b_Qj, mask=m_ckj)
             tl.store(KhP + p_ckj, b_KhP, mask=m_ckj)
             tl.store(U + p_ckj, b_U, mask=m_ckj)
@@ -2062,7 +2061,7 @@ def chunk_quantities_kernel(
             tl.store(W + p_cc, tl.where(o_c[:, None] > o_c[None, :], b_R, 0.))
         else:
             tl.store(W + p_cc, tl.where(m_low, b_R, 0.))
-        tl.debug_barrier()                                                  # U and K^ read back by other threads
+        tl.debug_barrier()                                                  # U read back by other threads
         # by key blocks: Yt = Lc^-1 (gC o U), Wk = Lc^-1 K^ = (Lc^-1 diag(a)) K
         b_La = b_Li * b_a[None, :]
         for j in range(NKB):
@@ -2120,7 +2119,7 @@ def chunk_quantities(x, states, covs, strict, precision="ieee", input_precision=
     _chunk_starts), as
     designmodel.chunked_adjoint._chunk_quantities gives them for the sweeps and the chunk
     adjoints: a dict of float32 tensors a, e, gC [B, H, NC, C], aC [B, H, NC], Gam, M, Cs, QU,
-    R, W, Lc, Li [B, H, NC, C, C], Kh, Qh, KhP, U, Yt, Wk [B, H, NC, C, K], Et [B, H, NC, C, V]
+    R, W, Lc, Li [B, H, NC, C, C], Qh, KhP, U, Yt, Wk [B, H, NC, C, K], Et [B, H, NC, C, V]
     (and per_key=False). precision: the dots' input precision; input_precision: that of the
     dots with the keys as loaded (and 16-bit chunk-start means) on one side, None for
     precision ("tf32x2" only where the keys are exact in tf32: dot_exact)."""
@@ -2133,7 +2132,7 @@ def chunk_quantities(x, states, covs, strict, precision="ieee", input_precision=
     new = lambda *s: f[0].new_empty(B, H, NC, *s)
     out = dict(a=new(C), e=new(C), gC=new(C), aC=new())
     out.update({m: new(C, C) for m in ("Gam", "M", "Cs", "QU", "R", "W", "Lc", "Li")})
-    out.update({m: new(C, K) for m in ("Kh", "Qh", "KhP", "U", "Yt", "Wk")}, Et=new(C, V))
+    out.update({m: new(C, K) for m in ("Qh", "KhP", "U", "Yt", "Wk")}, Et=new(C, V))
     grid = (B * H * NC,)
     launch = lambda part: chunk_quantities_kernel[grid](
         *f, *out.values(), H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV, NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV),
