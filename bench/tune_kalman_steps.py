@@ -44,7 +44,7 @@ def _inputs(B, T, H, K, V, C, seed=0):
     return x, c, S, P, dict(dO=r(C, V), dS=r(K, V), dP=r(K, K))
 
 
-def child(step, config, shape):
+def child(step, config, shape, unsplit=False):
     """One configuration of one step: its first call and its time per launch, one line."""
     import torch
     import triton
@@ -56,7 +56,10 @@ def child(step, config, shape):
     bk, bv, warps = config[:3]
     if step == "quantities":
         module.CHUNK_QUANTITIES_BLOCKS = config                          # and the factorization's warps (0: inline)
-        run = lambda: module.chunk_quantities(x, S, P, False, precision="tf32x3")
+        # as the backward runs it for 16-bit inputs: the chunk-start means in bf16, the dots with
+        # an exact operand split ("tf32x2"); --unsplit: as for float32 inputs at tf32x3
+        S_in, split = (S, None) if unsplit else (S.bfloat16(), "tf32x2")
+        run = lambda: module.chunk_quantities(x, S_in, P, False, precision="tf32x3", input_precision=split)
     else:
         module.CHUNK_ADJOINT_BLOCKS[step] = (bk, bv, warps)
         if step == "mean":
@@ -78,11 +81,13 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=300, help="start no configuration after this many seconds")
     for step, configs in DEFAULTS.items():
         ap.add_argument(f"--{step}", default=configs, help="BK,BV,warps;... ('' skips the step)")
+    ap.add_argument("--unsplit", action="store_true",
+                    help="step 2 as for float32 inputs (no bf16 means, no tf32x2 split)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     if args.child:
-        child(args.child[0], tuple(int(s) for s in args.child[1].split(",")), shape)
+        child(args.child[0], tuple(int(s) for s in args.child[1].split(",")), shape, args.unsplit)
         return 0
     out = Path(os.environ.get("OUT", ".")) / "tune_kalman_steps.txt"
     start, rows = time.time(), []
@@ -93,7 +98,8 @@ def main(argv=None) -> int:
             if time.time() - start > args.budget:
                 rows.append(f"{step:11s} {config}: skipped (budget)")
                 continue
-            run = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--child", step, config],
+            run = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--child", step, config]
+                                 + ["--unsplit"] * args.unsplit,
                                  capture_output=True, text=True, cwd=ROOT)
             lines = run.stdout.strip().splitlines()
             if run.returncode == 0 and lines:

@@ -1875,6 +1875,12 @@ def covariance_adjoint_sweep_kernel(
     tl.store(dP0 + i_bh * K * K + p_kk, b_dP, mask=m_kk)
 
 
+# num_warps of the two sweeps (one program per sequence and head, or per value block, walks all
+# chunks). Timed alone at (4, 4096, 16, 128), tf32x3 (bench/RESULTS.md, session 15): the mean
+# sweep 1.23 ms at 4 warps, 2.00 at 8; the covariance sweep 3.05 ms at 8
+ADJOINT_SWEEP_WARPS = dict(mean=4, covariance=8)
+
+
 def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee", input_precision=None):
     """Step 3: dS at every chunk end and at the start, from Yt, Wk, Qh [B, H, NC, C, K], the
     scores W [B, H, NC, C, C], dO [B, H, NC, C, V], a_C [B, H, NC] (or [B, H, NC, K] for a
@@ -1895,7 +1901,7 @@ def mean_adjoint_sweep(Yt, Wk, Qh, W, dO, aC, dS_end, precision="ieee", input_pr
     mean_adjoint_sweep_kernel[(triton.cdiv(V, BV), B * H)](
         *args, end, dS_ends, dS0, NC, K=K, V=V, C=C, BK=BK, BV=BV, HAS_END=end is not None,
         PER_KEY=aC.dim() == 4, PRECISION=precision, INPUT_PRECISION=input_precision or precision,
-        num_warps=4, num_stages=1)
+        num_warps=ADJOINT_SWEEP_WARPS["mean"], num_stages=1)
     return dS_ends, dS0
 
 
@@ -1912,7 +1918,7 @@ def covariance_adjoint_sweep(Yt, Wk, sources, aC, dP_end, precision="ieee", inpu
     end = None if dP_end is None else dP_end.float().contiguous()
     covariance_adjoint_sweep_kernel[(B * H,)](
         *args, end, dP_ends, dP0, NC, K=K, C=C, BK=BK, HAS_END=end is not None,
-        PER_KEY=aC.dim() == 4, PRECISION=precision, num_warps=8, num_stages=1)
+        PER_KEY=aC.dim() == 4, PRECISION=precision, num_warps=ADJOINT_SWEEP_WARPS["covariance"], num_stages=1)
     return dP_ends, dP0
 
 
@@ -2095,8 +2101,11 @@ def chunk_quantities_kernel(
 # runs in two parts around innovation_factor_kernel with that many warps. On an H200 at
 # C = 64, K = V = 128, tf32 (session 9, bench/tune_kalman_steps.py): 3.54 ms at (32, 64, 8, 0),
 # 2.61 at (64, 64, 4, 0), 2.12 at (32, 64, 8, 2), 2.39 at (32, 64, 8, 4), 2.10 at (64, 64, 8, 4):
-# the split wins, its pivots reducing across 2 to 4 warps instead of 8.
-CHUNK_QUANTITIES_BLOCKS = (64, 64, 8, 4)
+# the split wins, its pivots reducing across 2 to 4 warps instead of 8. On an H100 with the
+# backward's tf32x3 and the 16-bit inputs' split (session 15): 3.24 ms at (64, 64, 8, 4), 2.59
+# at (32, 64, 4, 4), 2.34 at (32, 64, 4, 2), 2.35 at (32, 128, 4, 2), 2.43 at (32, 32, 4, 2),
+# 2.71 at (64, 64, 4, 2), 3.11 at (32, 64, 8, 2), 3.09 at (32, 64, 4, 1), 3.16 at (32, 64, 4, 0).
+CHUNK_QUANTITIES_BLOCKS = (32, 64, 4, 2)
 
 
 def _chunk_starts(t):
@@ -2370,19 +2379,23 @@ def chunk_adjoint_kernel(
             b_dKhPi = tl.load(dKhP_s + p_cki, mask=m_cki, other=0.)
             b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
             if FROM_MEAN:
-                b_Kci = tl.load(Kc + p_cki, mask=m_cki, other=0.)
-                b_src = dot_exact(tl.trans(b_Kci), b_adKhPj, tl.zeros([BK, BK], dtype=tl.float32), True, False,
-                                  INPUT_PRECISION, PRECISION)
-                b_src = dot_exact(tl.trans(b_a[:, None] * b_dKhPi), b_Kcj, b_src, False, True,
-                                  INPUT_PRECISION, PRECISION)
-                b_src *= 0.5
-                if HAS_VAR:
-                    # the variance's share Q^^T diag(dvar) Q^ (symmetric already)
-                    b_av = tl.load(a + n * C + o_c)
-                    b_Qhi = b_av[:, None] * tl.load(Q + p_cki, mask=m_cki, other=0.)
-                    b_Qhj = (b_av * tl.load(dvar + n * C + o_c))[:, None] * tl.load(Q + p_ckj, mask=m_ckj, other=0.)
-                    b_src += tl.dot(tl.trans(b_Qhi), b_Qhj, input_precision=PRECISION)
-                tl.store(Src + p_kk, b_src, mask=m_kk)
+                # Src is symmetric: its block (i, j) for i <= j, stored at (j, i) transposed too
+                if i <= j:
+                    b_Kci = tl.load(Kc + p_cki, mask=m_cki, other=0.)
+                    b_src = dot_exact(tl.trans(b_Kci), b_adKhPj, tl.zeros([BK, BK], dtype=tl.float32), True, False,
+                                      INPUT_PRECISION, PRECISION)
+                    b_src = dot_exact(tl.trans(b_a[:, None] * b_dKhPi), b_Kcj, b_src, False, True,
+                                      INPUT_PRECISION, PRECISION)
+                    b_src *= 0.5
+                    if HAS_VAR:
+                        # the variance's share Q^^T diag(dvar) Q^ (symmetric already)
+                        b_av = tl.load(a + n * C + o_c)
+                        b_Qhi = b_av[:, None] * tl.load(Q + p_cki, mask=m_cki, other=0.)
+                        b_Qhj = (b_av * tl.load(dvar + n * C + o_c))[:, None] * tl.load(Q + p_ckj, mask=m_ckj, other=0.)
+                        b_src += tl.dot(tl.trans(b_Qhi), b_Qhj, input_precision=PRECISION)
+                    tl.store(Src + p_kk, b_src, mask=m_kk)
+                    if i < j:
+                        tl.store(Src + o_kj[None, :] * K + o_ki[:, None], b_src, mask=m_kk)
         b_da += tl.sum(b_dKh * b_Kcj, axis=1)
         b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
         b_dk = dot_exact(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, b_dk, False, True, INPUT_PRECISION, PRECISION)
