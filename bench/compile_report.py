@@ -150,6 +150,10 @@ def _record_kalman_backward(module, B, T, H, K, V, precision):
                                      input_precision=inputs)
         module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, precision=precision,
                                            input_precision=inputs)
+    # step 4 deferring its key gradient to step 6 (the backward's own path)
+    _, _, carry = module.ADJOINT_STEPS["mean"](x, c, states, covs, z(C, V), states, False, precision=precision,
+                                               input_precision=split, defer_keys=True)
+    module.ADJOINT_STEPS["covariance"](x, c, states, covs, covs, False, precision=precision, carry=carry)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

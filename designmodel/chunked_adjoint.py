@@ -784,7 +784,13 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
     dS_ends, dS = mean_sweep(c["Yt"], Wk, c["Qh"], c["W"], dO, c["aC"],
                              None if dS_end is None else dS_end.to(f), **at("sweeps"))
     # (4) the adjoint at (dO, dvar, dS'): most gradients, and each chunk's dP source
-    if "mean" in kernels:
+    carry = None
+    if "mean" in kernels and "covariance" in kernels:
+        # step 6 finishes step 4's key gradient (linear in what step 4 carries over): one pass
+        # of its last phase for both steps
+        grads, sources, carry = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, dvar=dvar,
+                                                defer_keys=True, **at("chunk_adjoint"))
+    elif "mean" in kernels:
         grads, sources = kernels["mean"](x, c, states, covs, dO, dS_ends, strict, dvar=dvar, **at("chunk_adjoint"))
     else:
         grads, _, sources = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, dO, dvar,
@@ -794,12 +800,12 @@ def _sweep_chunks(x, states, covs, dO, dvar, dS_end, dP_end, strict, sweeps=None
                                    None if dP_end is None else _sym(dP_end.to(f)), **at("sweeps"))
     # (6) the adjoint at dP' alone: the rest of the key, decay and noise gradients
     if "covariance" in kernels:
-        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, **at("chunk_adjoint"))
+        more = kernels["covariance"](x, c, states, covs, dP_ends, strict, carry=carry, **at("chunk_adjoint"))
     else:
         more, _, _ = adjoint(x["q"], x["k"], x["sigma"], states, covs, c, None, None, None,
                              dP_ends, strict, carry_mean=False, carry_covariance=False)
     for m in ("k", "g", "r", "sigma"):
-        grads[m] = grads[m] + more[m]
+        grads[m] = grads[m] + more[m] if m in grads else more[m]
     return grads, dS, dP
 
 

@@ -2009,12 +2009,12 @@ def chunk_quantities(x, states, covs, strict, precision="ieee", input_precision=
 def chunk_adjoint_kernel(
     Q, Kc, sigma, S, P, Yt, U, KhP, Et, Li, Lc, Rs, Wr, Gam, QU, Mk, Cs, a, e, gC, aC,
     dO, dS1, dP1, dvar,
-    dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
+    dU_s, dKhr_s, dKhP_s, dGam_s, dQU_s, Phi_s, dSin_s, tok_s, dq, dk, dv, dg, dr, dsigma, Src,
     H, NC, sSb, sSh, sSn, sPb, sPh, sPn,   # the strides of S and P per batch, head and chunk
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     NKB: tl.constexpr, NVB: tl.constexpr, STRICT: tl.constexpr, FROM_MEAN: tl.constexpr,
     FROM_COVARIANCE: tl.constexpr, HAS_VAR: tl.constexpr, PRECISION: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, S_EXACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, S_EXACT: tl.constexpr, KEYS: tl.constexpr, CARRY: tl.constexpr,
 ):
     # the dots with the keys or dO as loaded (and the chunk-start means where S_EXACT: stored
     # in a 16-bit dtype) on one side run INPUT_PRECISION (dot_exact); the decays a that K^ and
@@ -2153,6 +2153,9 @@ def chunk_adjoint_kernel(
             tl.store(dKhr_s + p_ckj, b_dKhr, mask=m_ckj)
         b_da += tl.sum(b_dU * tl.load(KhP + p_ckj, mask=m_ckj, other=0.), axis=1)
         b_de += tl.sum(b_dU * tl.load(Kc + p_ckj, mask=m_ckj, other=0.), axis=1)
+        if CARRY:
+            # step 4's dU (its sums above were step 4's): phases C and D run once for both steps
+            b_dU += tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
         tl.store(dU_s + p_ckj, b_dU, mask=m_ckj)
     tl.store(p_tok, b_da)
     tl.store(p_tok + C, b_de)
@@ -2174,6 +2177,12 @@ def chunk_adjoint_kernel(
     b_dCm = b_w * tl.load(Mk + p_cc)
     tl.store(dGam_s + p_cc, tl.load(dGam_s + p_cc) + b_dCm * tl.load(e + n * C + o_c)[None, :])
     tl.store(p_tok + 3 * C, tl.sum(b_dCm * tl.load(Gam + p_cc), axis=0))
+    if CARRY:
+        # step 4's dS_in joins for phases C and D (dr and the noise scores above took step 6's alone)
+        b_dS += tl.load(dSin_s + p_cc)
+    if not KEYS:
+        # left for step 6 with dU and the readout's dK^ (phase D's key gradient is linear in them)
+        tl.store(dSin_s + p_cc, b_dS)
     tl.debug_barrier()
     # (C) d(K^P) = a o dU + (dS_in diag(a)) K, kept for the product with P
     b_dSa = b_dS * tl.load(a + n * C + o_c)[None, :]
@@ -2187,7 +2196,8 @@ def chunk_adjoint_kernel(
         tl.store(dKhP_s + p_ckj, b_dKhP, mask=m_ckj)
     tl.debug_barrier()
     # (D) dK^ = (readout) + dS_in (K^P) + d(K^P) P; dk = e o dU + 2 (dS_in o Cs) K + a o dK^;
-    # step 4 also writes Src = sym(K^^T d(K^P)) = sym(K^T (a o d(K^P))), block (i, j)
+    # step 4 also writes Src = sym(K^^T d(K^P)) = sym(K^T (a o d(K^P))), block (i, j). Without
+    # KEYS (step 4 before a step 6 with CARRY) only Src: step 6 takes dK^ and dk for both steps
     b_da = tl.zeros([C], dtype=tl.float32)
     b_a = tl.load(a + n * C + o_c)
     for j in range(NKB):
@@ -2195,10 +2205,12 @@ def chunk_adjoint_kernel(
         m_kj = o_kj < K
         p_ckj = n * C * K + o_c[:, None] * K + o_kj[None, :]
         m_ckj = m_kj[None, :] & (o_c[:, None] < C)
-        b_dKh = tl.dot(b_dS, tl.load(KhP + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+        if KEYS:
+            b_dKh = tl.dot(b_dS, tl.load(KhP + p_ckj, mask=m_ckj, other=0.), input_precision=PRECISION)
+            if FROM_MEAN or CARRY:
+                b_dKh += tl.load(dKhr_s + p_ckj, mask=m_ckj, other=0.)
         b_Kcj = tl.load(Kc + p_ckj, mask=m_ckj, other=0.)
         if FROM_MEAN:
-            b_dKh += tl.load(dKhr_s + p_ckj, mask=m_ckj, other=0.)
             b_adKhPj = b_a[:, None] * tl.load(dKhP_s + p_ckj, mask=m_ckj, other=0.)
         for i in range(NKB):
             o_ki = i * BK + o_b
@@ -2208,7 +2220,8 @@ def chunk_adjoint_kernel(
             p_kk = o_ki[:, None] * K + o_kj[None, :]
             m_kk = m_ki[:, None] & m_kj[None, :]
             b_dKhPi = tl.load(dKhP_s + p_cki, mask=m_cki, other=0.)
-            b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
+            if KEYS:
+                b_dKh += tl.dot(b_dKhPi, tl.load(P + p_kk, mask=m_kk, other=0.), input_precision=PRECISION)
             if FROM_MEAN:
                 # Src is symmetric: its block (i, j) for i <= j, stored at (j, i) transposed too
                 if i <= j:
@@ -2227,11 +2240,12 @@ def chunk_adjoint_kernel(
                     tl.store(Src + p_kk, b_src, mask=m_kk)
                     if i < j:
                         tl.store(Src + o_kj[None, :] * K + o_ki[:, None], b_src, mask=m_kk)
-        b_da += tl.sum(b_dKh * b_Kcj, axis=1)
-        b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
-        b_dk = dot_exact(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, b_dk, False, True, INPUT_PRECISION, PRECISION)
-        b_dk += b_a[:, None] * b_dKh
-        tl.store(dk + p_ckj, b_dk, mask=m_ckj)
+        if KEYS:
+            b_da += tl.sum(b_dKh * b_Kcj, axis=1)
+            b_dk = tl.load(e + n * C + o_c)[:, None] * tl.load(dU_s + p_ckj, mask=m_ckj, other=0.)
+            b_dk = dot_exact(2. * b_dS * tl.load(Cs + p_cc), b_Kcj, b_dk, False, True, INPUT_PRECISION, PRECISION)
+            b_dk += b_a[:, None] * b_dKh
+            tl.store(dk + p_ckj, b_dk, mask=m_ckj)
     tl.store(p_tok + 4 * C, b_da)
     tl.debug_barrier()
     # (E) per token: the chunk end's a_C and e_C, the ratios gC (Gamma's last row), then
@@ -2268,12 +2282,13 @@ CHUNK_ADJOINT_BLOCKS_ONE_PASS = dict(mean=(64, 64, 8), covariance=(64, 64, 4))
 
 
 def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=None, strict=False, precision="ieee",
-                          dvar=None, input_precision=None):
+                          dvar=None, input_precision=None, keys=True, carry=None):
     """Launch chunk_adjoint_kernel on every chunk at once: step 4 with dO [B, H, NC, C, V],
     dS_ends [B, H, NC, K, V] and dvar [B, H, NC, C] or None, or step 6 with dP_ends
     [B, H, NC, K, K]. input_precision: the dots' with the keys or dO as loaded (or 16-bit
     chunk-start means) on one side, None for precision ("tf32x2" only where those are exact
-    in tf32: dot_exact)."""
+    in tf32: dot_exact). keys False (step 4): leave phase D's key gradient to step 6 and
+    return what it needs as a third item; carry (step 6): that item."""
     B, H, NC, C, K = c["Yt"].shape
     V = c["Et"].shape[-1]
     mean = dO is not None
@@ -2287,42 +2302,55 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
         c["Cs"], c["a"], c["e"], c["gC"], c["aC"])
     cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends, dvar)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
-    dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), ck()
+    dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), (ck() if keys else f[0])
     dGam, dQU = f[0].new_empty(B, H, NC, C, C), (f[0].new_empty(B, H, NC, C, C) if mean else f[0])
+    # dS_in for step 6 in dQU's rows, which step 4 has read by then
+    dSin = dQU if not keys else f[0]
+    if carry is not None:
+        dU, dKhr, dSin = carry["dU"], carry["dKhr"], carry["dS_in"]
     tok, Phi = f[0].new_empty(B, H, NC, 5, C), f[0].new_empty(B, H, NC, C, C)
     dq, dv = (ck(), f[0].new_empty(B, H, NC, C, V)) if mean else (f[0], f[0])
     dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
     src = f[0].new_empty(B, H, NC, K, K) if mean else f[0]
     chunk_adjoint_kernel[(B * H * NC,)](
-        *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, tok, dq, dk, dv, dg, dr, dsigma, src, H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV,
+        *f, *cot, dU, dKhr, dKhP, dGam, dQU, Phi, dSin, tok, dq, dk, dv, dg, dr, dsigma, src, H, NC, *sS, *sP, K=K, V=V, C=C, BK=BK, BV=BV,
         NKB=triton.cdiv(K, BK), NVB=triton.cdiv(V, BV), STRICT=strict, FROM_MEAN=mean,
         FROM_COVARIANCE=dP_ends is not None, HAS_VAR=dvar is not None, PRECISION=precision,
-        INPUT_PRECISION=input_precision or precision, S_EXACT=S.dtype != torch.float32, num_warps=warps, num_stages=1)
-    grads = dict(k=dk, g=dg, r=dr, sigma=dsigma)
+        INPUT_PRECISION=input_precision or precision, S_EXACT=S.dtype != torch.float32, KEYS=keys,
+        CARRY=carry is not None, num_warps=warps, num_stages=1)
+    grads = dict(k=dk, g=dg, r=dr, sigma=dsigma) if keys else dict(g=dg, r=dr, sigma=dsigma)
     if mean:
         grads.update(q=dq, v=dv)
+    if not keys:
+        return grads, src, dict(dU=dU, dKhr=dKhr, dS_in=dSin)
     return grads, src
 
 
-def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee", dvar=None, input_precision=None):
+def mean_chunk_adjoint(x, c, states, covs, dO, dS_ends, strict, precision="ieee", dvar=None, input_precision=None,
+                       defer_keys=False):
     """Step 4 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from dO [B, H, NC, C, V], the variance readout's gradient dvar [B, H, NC, C] (or
     None) and the gradient dS_ends [B, H, NC, K, V] of its end mean, and its covariance source
     Src [B, H, NC, K, K], as
     designmodel.chunked_adjoint._chunk_adjoint(..., dO, dvar, dS_ends, None, carry_mean=False)
     gives them. x: the inputs in chunks, c: step 2's quantities, states and covs: S and P at
-    every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src)."""
+    every chunk start. Returns ({q, k, v: [B, H, NC, C, *], g, r, sigma: [B, H, NC, C]}, Src).
+    defer_keys: leave the key gradient's last phase (dK^ = dS_in K^P + d(K^P) P and dk, linear
+    in dU, dS_in and the readout's dK^) to step 6, which does it once for both steps: returns
+    (grads without k, and g without that phase's share, Src, carry) for
+    covariance_chunk_adjoint(..., carry=carry)."""
     return _launch_chunk_adjoint(x, c, states, covs, dO=dO, dS_ends=dS_ends, strict=strict, precision=precision, dvar=dvar,
-                                 input_precision=input_precision)
+                                 input_precision=input_precision, keys=not defer_keys)
 
 
-def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, precision="ieee", input_precision=None):
+def covariance_chunk_adjoint(x, c, states, covs, dP_ends, strict, precision="ieee", input_precision=None, carry=None):
     """Step 6 on every chunk at once, for a scalar decay: the gradients that reach the chunk's
     inputs from the gradient dP_ends [B, H, NC, K, K] of its end covariance, as
     designmodel.chunked_adjoint._chunk_adjoint(..., dP1=dP_ends) gives them. Returns
-    {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}."""
+    {k: [B, H, NC, C, K], g, r, sigma: [B, H, NC, C]}. carry: what
+    mean_chunk_adjoint(..., defer_keys=True) left, whose key gradient is then added to k and g."""
     return _launch_chunk_adjoint(x, c, states, covs, dP_ends=dP_ends, strict=strict, precision=precision,
-                                 input_precision=input_precision)[0]
+                                 input_precision=input_precision, carry=carry)[0]
 
 
 # the parallel steps that run as kernels (the others run in PyTorch): 2, 4 and 6

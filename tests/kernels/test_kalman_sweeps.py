@@ -125,6 +125,41 @@ def test_generated_chunk_adjoint_steps_match_the_float64_chunk_adjoint(K, V, str
         assert got[m].shape == want[m].shape and relative_error(got[m].cpu().double(), want[m]) <= 1e-5, m
 
 
+@pytest.mark.parametrize("K,V", [(24, 8), (80, 72)])   # masked, two key blocks
+@pytest.mark.parametrize("variance", [False, True], ids=["", "variance"])
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_step_6_finishes_the_key_gradient_step_4_defers(K, V, variance, split):
+    """Step 4 with defer_keys leaves its last phase's key gradient (dK^ and dk, linear in dU,
+    dS_in and the readout's dK^) to step 6 with its carry: the two steps' sums of every
+    gradient, and step 4's q, v and covariance source, against _chunk_adjoint in float64."""
+    steps = designmodel.compile("bayesian_layer").kernels.ADJOINT_STEPS
+    x, S, P, dP = _chunk_inputs(2, 2, 2, 64, K, V, seed=K + 7)
+    x["k"] = _bf16_values(x["k"])
+    Sd, Pd, S, P = _chunk_starts(S, P, "chunk_major")
+    gen = torch.Generator().manual_seed(K + 8)
+    dO = _bf16_values(torch.randn(2, 2, 2, 64, V, generator=gen, dtype=torch.float64))
+    dS = torch.randn(2, 2, 2, K, V, generator=gen, dtype=torch.float64)
+    dvar = torch.randn(2, 2, 2, 64, generator=gen, dtype=torch.float64) if variance else None
+    precision, inputs = SPLITS[split]
+    c = _chunk_quantities(x["q"], x["k"], x["v"], x["g"], x["r"], x["sigma"], S, P, False)
+    dev = lambda t: t.float().to(DEVICE) if isinstance(t, torch.Tensor) else t
+    xd, cd = {m: dev(t) for m, t in x.items()}, {m: dev(t) for m, t in c.items()}
+    want4, _, want_src = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, dO, dvar, dS, None, False,
+                                        carry_mean=False)
+    want6, _, _ = _chunk_adjoint(x["q"], x["k"], x["sigma"], S, P, c, None, None, None, dP, False,
+                                 carry_mean=False, carry_covariance=False)
+    got4, src, carry = steps["mean"](xd, cd, Sd, Pd, dev(dO), dev(dS), False, dvar=dev(dvar), precision=precision,
+                                     input_precision=inputs, defer_keys=True)
+    got6 = steps["covariance"](xd, cd, Sd, Pd, dev(dP), False, precision=precision, input_precision=inputs,
+                               carry=carry)
+    assert "k" not in got4 and relative_error(src.cpu().double(), want_src) <= 1e-5
+    for m in ("q", "v"):
+        assert relative_error(got4[m].cpu().double(), want4[m]) <= 1e-5, m
+    for m in ("k", "g", "r", "sigma"):
+        got = got6[m].cpu().double() + (got4[m].cpu().double() if m in got4 else 0.)
+        assert relative_error(got, want4[m] + want6[m]) <= 1e-5, m
+
+
 @pytest.mark.parametrize("K,V", [(16, 16), (24, 8), (80, 72)])   # one key block, masked, three (32 + 32 + 16)
 @pytest.mark.parametrize("strict", [False, True], ids=["posterior", "prior"])
 @pytest.mark.parametrize("factor_warps", [0, 2], ids=["one_kernel", "split"])
