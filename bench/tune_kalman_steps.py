@@ -62,10 +62,16 @@ def child(step, config, shape, unsplit=False):
         run = lambda: module.chunk_quantities(x, S_in, P, False, precision="tf32x3", input_precision=split)
     else:
         module.CHUNK_ADJOINT_BLOCKS[step] = (bk, bv, warps)
+        # as the backward runs them: step 4 leaves the key gradient's last phase to step 6,
+        # which takes what step 4 carries over
+        mean = lambda: module.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, precision="tf32x3",
+                                                 defer_keys=True)
         if step == "mean":
-            run = lambda: module.mean_chunk_adjoint(x, c, S, P, cot["dO"], cot["dS"], False, precision="tf32x3")
+            run = mean
         else:
-            run = lambda: module.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, precision="tf32x3")
+            carry = mean()[2]
+            run = lambda: module.covariance_chunk_adjoint(x, c, S, P, cot["dP"], False, precision="tf32x3",
+                                                          carry=carry)
     t0 = time.time()
     run()
     torch.cuda.synchronize()
