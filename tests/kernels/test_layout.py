@@ -43,6 +43,8 @@ def test_to_chunk_layout_reads_a_slice_of_tokens():
     assert torch.equal(to_chunk_layout(view, 16), ref)
     ref_t = _in_chunks(x.transpose(1, 3).transpose(1, 2).float().contiguous(), 16, 0.0)
     assert torch.equal(to_chunk_layout(x.transpose(1, 3), 16), ref_t)  # a last stride other than 1
+    ones = torch.ones((), device=DEVICE).expand(2, 90, 3, 24)          # the gradient of o.sum(): strides 0
+    assert torch.equal(to_chunk_layout(ones, 16), _in_chunks(torch.ones(2, 3, 90, 24, device=DEVICE), 16, 0.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
