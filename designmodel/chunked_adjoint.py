@@ -380,19 +380,21 @@ def _contiguous(x, dtype):
     return x.to(dtype, memory_format=torch.contiguous_format)
 
 
+def _scaled(x, s):
+    """s x, a new tensor (x may be an argument itself), or x where s is 1."""
+    return x if s == 1.0 else x * s
+
+
 def _prepare(q, k, v, log_decay, noise, process_noise, prior, scale, initial_state, rows=None):
     """The inputs in the layout [B, H, T, *] in the compute dtype, and (S0, P0). rows: how q, k
-    and v are copied instead, (x [B, T, H, D], scale) -> scale * x in the compute dtype (the
-    chunked backward's chunk layout), or None."""
+    and v are copied, (x [B, T, H, D], scale) -> scale * x in the compute dtype (the chunked
+    backward's chunk layout), or None for [B, H, T, D] like the others."""
     B, T, H, K = q.shape
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = K ** -0.5 if scale is None else float(scale)
     # one copy each into the chunk layout and the compute dtype (later steps read them whole)
-    if rows is None:
-        Q, Kc, Vc = (_contiguous(x.transpose(1, 2), f) for x in (q, k, v))
-        Q = Q * scale                                                    # (not in place: Q may be q itself)
-    else:
-        Q, Kc, Vc = rows(q, scale), rows(k, 1.0), rows(v, 1.0)
+    rows = rows or (lambda x, s: _scaled(_contiguous(x.transpose(1, 2), f), s))
+    Q, Kc, Vc = rows(q, scale), rows(k, 1.0), rows(v, 1.0)
     z = torch.zeros(B, H, T, dtype=f, device=q.device)
     g, r, sigma = (z if x is None else _contiguous(x.transpose(1, 2), f)
                    for x in (log_decay, noise, process_noise))
@@ -631,12 +633,14 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
     f = torch.float64 if q.dtype == torch.float64 else torch.float32
     dS_end, dP_end = dht if dht is not None else (None, None)
     S0, P0 = initial_state if initial_state is not None else (None, None)
-    # the generated backward (kernel steps, float32): q, k, v and do into the chunk layout and
-    # the gradients back by one-pass copies (designmodel.layout)
-    rows = None
-    if steps and f == torch.float32:
+    # q, k, v and do into the chunk layout: for the generated backward (kernel steps, float32)
+    # by one-pass copies (designmodel.layout), which also take the gradients back; else PyTorch's
+    kernel_rows = bool(steps) and f == torch.float32
+    if kernel_rows:
         from designmodel.layout import to_chunk_layout
-        rows = lambda x, s: to_chunk_layout(x, chunk, f, s)
+        chunked = lambda x, s: to_chunk_layout(x, chunk, f, s)
+    else:
+        chunked = lambda x, s: _in_chunks(_scaled(_contiguous(x.transpose(1, 2), f), s), chunk, 0.0)
     parts = []
     for (n, b, e), NC, c0 in zip(seqs, counts, first):
         one = (lambda x: x) if n is None else (lambda x: None if x is None else x[n:n + 1])
@@ -652,10 +656,10 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
             pick = slice(c0, c0 + NC) if n is not None else slice(None)
             states, covs = (x[pick].reshape(-1, NC, *x.shape[1:]).transpose(1, 2) for x in checkpoints)
         x, _, _, scale_, p0 = _prepare(tok(q), tok(k), tok(v), tok(log_decay), tok(noise),
-                                       tok(process_noise), prior, scale, None, rows)
+                                       tok(process_noise), prior, scale, None, chunked)
         grads, dS0, dP0 = _sweep_chunks(
-            {m: x[m] if rows and m in ("q", "k", "v") else _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
-            rows(tok(do), 1.0) if rows else _in_chunks(_contiguous(tok(do).transpose(1, 2), f), chunk, 0.0),
+            {m: x[m] if m in ("q", "k", "v") else _in_chunks(x[m], chunk, _PAD[m]) for m in x}, states, covs,
+            chunked(tok(do), 1.0),
             None if dvar is None else _in_chunks(_contiguous(tok(dvar).transpose(1, 2), f), chunk, 0.0),
             one(dS_end), one(dP_end), prior_timing, sweeps, precisions,
             _use_compiled(q) if compiled is None else compiled, steps)
@@ -666,7 +670,7 @@ def kalman_adjoint_chunks(q, k, v, log_decay, noise, process_noise, prior, do, d
         grads = {m: torch.cat([p[0][m] for p in parts], 2) for m in parts[0][0]}
         dS0, dP0 = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     return _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p0,
-                    initial_state, scale_, rows is not None)
+                    initial_state, scale_, kernel_rows)
 
 
 ADJOINT_PRECISION_STEPS = ("quantities", "sweeps", "chunk_adjoint")
@@ -832,7 +836,7 @@ def _collect(grads, dS0, dP0, q, k, v, log_decay, noise, process_noise, prior, p
         if rows and gx.dim() == 4:
             from designmodel.layout import to_argument_layout
             return to_argument_layout(gx, like.dtype, s)
-        return _contiguous((gx * s if s != 1.0 else gx).transpose(1, 2), like.dtype)
+        return _contiguous(_scaled(gx, s).transpose(1, 2), like.dtype)
     out = dict(q=back(grads["q"], q, scale), k=back(grads["k"], k), v=back(grads["v"], v))
     if log_decay is not None:
         out["log_decay"] = back(grads["g"], log_decay)

@@ -2471,12 +2471,14 @@ def _launch_chunk_adjoint(x, c, states, covs, dO=None, dS_ends=None, dP_ends=Non
         c["Cs"], c["a"], c["e"], c["gC"], c["aC"])
     cot = [t.float().contiguous() if t is not None else f[0] for t in (dO, dS_ends, dP_ends, dvar)]
     ck = lambda: f[0].new_empty(B, H, NC, C, K)
-    dU, dKhr, dKhP, dk = ck(), (ck() if mean else f[0]), ck(), (ck() if keys else f[0])
+    dKhP, dk = ck(), (ck() if keys else f[0])
     dGam, dQU = f[0].new_empty(B, H, NC, C, C), (f[0].new_empty(B, H, NC, C, C) if mean else f[0])
-    # dS_in for step 6 in dQU's rows, which step 4 has read by then
-    dSin = dQU if not keys else f[0]
     if carry is not None:
+        # step 4's, which step 6 reads (and adds its dU to in place)
         dU, dKhr, dSin = carry["dU"], carry["dKhr"], carry["dS_in"]
+    else:
+        # dS_in for step 6 in dQU's rows, which step 4 has read by then
+        dU, dKhr, dSin = ck(), (ck() if mean else f[0]), (dQU if not keys else f[0])
     tok, Phi = f[0].new_empty(B, H, NC, 5, C), f[0].new_empty(B, H, NC, C, C)
     dq, dv = (ck(), f[0].new_empty(B, H, NC, C, V)) if mean else (f[0], f[0])
     dg, dr, dsigma = (f[0].new_empty(B, H, NC, C) for _ in range(3))
