@@ -33,6 +33,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from bench_bwd import profile  # noqa: E402  (device time per kernel, torch profiler)
+
 
 def draw(B, T, H, D, seed=5):
     """bf16 q, k (L2-normalized), v and float32 g, r, sigma on the GPU, as bench_kalman draws them."""
@@ -43,22 +45,6 @@ def draw(B, T, H, D, seed=5):
     r = torch.exp(torch.randn(B, T, H, generator=gen) * 0.5)
     sigma = 0.1 * torch.rand(B, T, H, generator=gen)
     return ([t.bfloat16().cuda() for t in (q, k, v)], [t.cuda() for t in (g, r, sigma)])
-
-
-def kernel_times(run, reps):
-    """{kernel: ms per call} of run (torch profiler, reps calls averaged)."""
-    from torch.profiler import ProfilerActivity, profile
-    run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if e.device_time_total > 0:
-            out[e.key[:40]] = out.get(e.key[:40], 0.0) + e.device_time_total / reps / 1000
-    return dict(sorted(out.items(), key=lambda a: -a[1]))
 
 
 def main(argv=None) -> int:
@@ -98,9 +84,7 @@ def main(argv=None) -> int:
             fn()
             torch.cuda.synchronize()
             times[name] = triton.testing.do_bench(fn, return_mode="median")
-        prof = {"ours": kernel_times(whole, args.reps), "ours_all_chunks_at_once": kernel_times(chunks, args.reps)}
-    for name, ks in prof.items():
-        print(f"profile {name}: " + ", ".join(f"{n} {t:.3f}" for n, t in ks.items()), flush=True)
+        prof = {name: profile(name, fn, args.reps) for name, fn in (("ours", whole), ("ours_all_chunks_at_once", chunks))}
     print(f"\nmax|o_b - o_a| / max|o_a| = {err:.2e} (the saved means are bf16)")
     gdn_ms = (times["fla_gdn"] + times["fla_gdn_again"]) / 2
     print(f"\n(B, T, H, D) = {(B, T, H, D)}, bf16; fla chunk_gated_delta_rule {times['fla_gdn']:.3f} / "
